@@ -188,8 +188,8 @@ def load_settings(
     # The address the app reaches itself on: a wildcard bind is still reachable on loopback.
     loopback = bind_host if bind_host.count(".") == 3 and bind_host != "0.0.0.0" else "127.0.0.1"  # noqa: S104
     internal_url = f"http://{_host_for_url(loopback)}:{bind_port}"
-    app_url = get("APP_URL", f"http://{_host_for_url(bind_host if bind_host != '0.0.0.0' else loopback)}:{bind_port}")  # noqa: S104
-    app_url = app_url.rstrip("/")
+    browser_host = loopback if bind_host == "0.0.0.0" else bind_host  # noqa: S104
+    app_url = get("APP_URL", f"http://{_host_for_url(browser_host)}:{bind_port}").rstrip("/")
     if urlsplit(app_url).scheme not in ("http", "https"):
         raise ConfigError("APP_URL must be an http(s) origin such as https://stylecast.example.com")
 
