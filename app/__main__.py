@@ -1,0 +1,47 @@
+"""`python -m app`: serve the whole product (sandbox mode unless every live key is set)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from app.settings import ConfigError, load_settings
+
+log = logging.getLogger("stylecast")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Serve Stylecast.")
+    parser.add_argument("--host", help="interface to bind (env STYLECAST_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (env STYLECAST_PORT, default 8000)")
+    parser.add_argument("--state-dir", type=Path, help="sandbox state directory (env STYLECAST_STATE_DIR)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(host=args.host, port=args.port, state_dir=args.state_dir)
+    except ConfigError as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
+
+    from app.factory import create_app
+
+    app = create_app(settings)
+    log.info("Stylecast in %s mode at %s", settings.mode.value, settings.app_url)
+    if settings.is_sandbox:
+        log.info(
+            "sandbox state in %s (Clerk and ChargeBee emulators, generated keys)",
+            settings.state_dir.resolve(),
+        )
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), proxy_headers=True
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`create_app()`: the whole web app from one `Settings`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from litestar import Litestar
+from litestar.contrib.jinja import JinjaTemplateEngine
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.logging.config import LoggingConfig
+from litestar.plugins.htmx import HTMXPlugin, HTMXRequest
+from litestar.static_files import create_static_files_router
+from litestar.template.config import TemplateConfig
+from litestar.types import ControllerRouterHandler
+
+from app.auth import (
+    SessionMiddleware,
+    SignInRequired,
+    provide_optional_user,
+    provide_user,
+    sign_in_required_handler,
+)
+from app.routes.pages import PagesController
+from app.routes.session import SessionController
+from app.security import SecurityHeadersMiddleware, csrf_config
+from app.services import services_lifespan
+from app.settings import Settings, load_settings
+
+PACKAGE_DIR = Path(__file__).parent
+TEMPLATES_DIR = PACKAGE_DIR / "templates"
+STATIC_DIR = PACKAGE_DIR / "static"
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or load_settings()
+    route_handlers: list[ControllerRouterHandler] = [
+        PagesController,
+        SessionController,
+        create_static_files_router(path="/static", directories=[STATIC_DIR], name="static"),
+    ]
+    state = State({"settings": settings})
+
+    if settings.is_sandbox:
+        from app.sandbox.clerk_emulator import ClerkEmulator
+
+        clerk_emulator = ClerkEmulator(settings.state_dir / "clerk-users.json", settings.clerk_secret_key)
+        state["clerk_emulator"] = clerk_emulator
+        route_handlers.append(clerk_emulator.router)
+
+    def template_globals(engine: JinjaTemplateEngine) -> None:
+        engine.engine.globals.update(
+            sandbox=settings.is_sandbox,
+            clerk_publishable_key=settings.clerk_publishable_key if not settings.is_sandbox else None,
+            clerk_frontend_api=settings.clerk_frontend_api,
+        )
+
+    return Litestar(
+        route_handlers=route_handlers,
+        state=state,
+        dependencies={
+            "settings": Provide(lambda: settings, sync_to_thread=False),
+            "user": Provide(provide_user),
+            "maybe_user": Provide(provide_optional_user),
+        },
+        middleware=[SecurityHeadersMiddleware(settings), SessionMiddleware(settings)],
+        csrf_config=csrf_config(settings),
+        request_class=HTMXRequest,
+        plugins=[HTMXPlugin()],
+        template_config=TemplateConfig(
+            directory=TEMPLATES_DIR, engine=JinjaTemplateEngine, engine_callback=template_globals
+        ),
+        exception_handlers={SignInRequired: sign_in_required_handler},
+        lifespan=[services_lifespan],
+        logging_config=LoggingConfig(
+            root={"level": settings.log_level, "handlers": ["queue_listener"]},
+            log_exceptions="always",
+            disable_stack_trace={401, 403, 404, 405, 429},
+        ),
+    )
+
+
+logging.getLogger("httpx").setLevel(logging.WARNING)

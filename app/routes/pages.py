@@ -1,0 +1,24 @@
+"""The product's pages: landing and studio, plus the health probe."""
+
+from __future__ import annotations
+
+from litestar import Controller, get
+from litestar.datastructures import State
+from litestar.response import Template
+
+from app.auth import SignedInUser, requires_user
+from app.settings import Settings
+
+
+class PagesController(Controller):
+    @get("/", name="landing")
+    async def landing(self, maybe_user: SignedInUser | None) -> Template:
+        return Template("landing.html", context={"user": maybe_user})
+
+    @get("/studio", name="studio", guards=[requires_user])
+    async def studio(self, user: SignedInUser, settings: Settings) -> Template:
+        return Template("studio.html", context={"user": user})
+
+    @get("/health", name="health", include_in_schema=False)
+    async def health(self, settings: Settings, state: State) -> dict[str, str]:
+        return {"status": "ok", "mode": settings.mode.value}

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.settings import LIVE_KEYS, ConfigError, Mode, frontend_api_from_publishable_key, load_settings
+from tests.conftest import ROOT, clean_environment
+
+PUBLISHABLE = "pk_test_" + base64.b64encode(b"brave-otter-12.clerk.accounts.dev$").decode()
+
+
+def live_environment() -> dict[str, str]:
+    return {
+        "CLERK_SECRET_KEY": "sk_live_x",
+        "CLERK_PUBLISHABLE_KEY": PUBLISHABLE,
+        "CLERK_JWT_KEY": "-----BEGIN PUBLIC KEY-----\\nMIIB\\n-----END PUBLIC KEY-----",
+        "CHARGEBEE_SITE": "stylecast",
+        "CHARGEBEE_API_KEY": "live_key",
+        "CHARGEBEE_WEBHOOK_USERNAME": "hook",
+        "CHARGEBEE_WEBHOOK_PASSWORD": "hook-password",
+        "STREAM_SECRET": "stream-secret-value",
+        "APP_URL": "https://stylecast.example.com/",
+    }
+
+
+def test_no_keys_means_sandbox_with_generated_secrets_kept_across_restarts(tmp_path: Path) -> None:
+    first = load_settings({}, state_dir=tmp_path, dotenv=None)
+    second = load_settings({}, state_dir=tmp_path, dotenv=None)
+    assert first.mode is Mode.SANDBOX
+    assert first.app_url == "http://127.0.0.1:8000"
+    assert first.clerk_api_url == "http://127.0.0.1:8000/sandbox/clerk/v1"
+    # The ChargeBee SDK joins site and domain with a dot; the result must be the emulator's endpoint.
+    assert f"http://{first.chargebee_site}.{first.chargebee_domain}/api/v2" == (
+        "http://127.0.0.1:8000/sandbox/chargebee/api/v2"
+    )
+    assert first.stream_secret == second.stream_secret
+    assert first.clerk_jwt_key == second.clerk_jwt_key
+    assert (tmp_path / "sandbox-secrets.json").stat().st_mode & 0o077 == 0
+
+
+def test_every_live_key_set_means_live(tmp_path: Path) -> None:
+    settings = load_settings(live_environment(), state_dir=tmp_path, dotenv=None)
+    assert settings.mode is Mode.LIVE
+    assert settings.app_url == "https://stylecast.example.com"
+    assert settings.clerk_frontend_api == "brave-otter-12.clerk.accounts.dev"
+    assert "\n" in settings.clerk_jwt_key  # escaped newlines in a one-line variable become a real PEM
+    assert not (tmp_path / "sandbox-secrets.json").exists()
+
+
+@pytest.mark.parametrize("dropped", [*LIVE_KEYS, "STREAM_SECRET", "APP_URL"])
+def test_half_configured_refuses_and_names_what_is_missing(tmp_path: Path, dropped: str) -> None:
+    env = live_environment()
+    del env[dropped]
+    with pytest.raises(ConfigError) as error:
+        load_settings(env, state_dir=tmp_path, dotenv=None)
+    assert dropped in str(error.value)
+
+
+def test_every_missing_variable_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings({"CHARGEBEE_SITE": "stylecast"}, state_dir=tmp_path, dotenv=None)
+    message = str(error.value)
+    for name in ("CLERK_SECRET_KEY", "CLERK_JWT_KEY", "CHARGEBEE_API_KEY", "STREAM_SECRET", "APP_URL"):
+        assert name in message
+
+
+def test_options_beat_environment_and_environment_beats_dotenv(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "# local overrides\nSTYLECAST_PORT=9100\nexport LOG_LEVEL='debug'\nFREE_PLAN_SECONDS=15\n"
+    )
+    from_files = load_settings({"FREE_PLAN_SECONDS": "30"}, state_dir=tmp_path, dotenv=dotenv)
+    assert from_files.port == 9100
+    assert from_files.log_level == "DEBUG"
+    assert from_files.free_plan_seconds == 30
+    explicit = load_settings(
+        {"STYLECAST_PORT": "9200"}, host="0.0.0.0", port=9300, state_dir=tmp_path, dotenv=dotenv
+    )
+    assert explicit.port == 9300
+    assert explicit.internal_url == "http://127.0.0.1:9300"
+
+
+def test_redacted_settings_hide_every_secret(tmp_path: Path) -> None:
+    settings = load_settings(live_environment(), state_dir=tmp_path, dotenv=None)
+    shown = repr(settings.redacted())
+    for secret in ("sk_live_x", "live_key", "hook-password", "stream-secret-value"):
+        assert secret not in shown
+
+
+def test_publishable_key_must_be_clerk_shaped() -> None:
+    assert frontend_api_from_publishable_key(PUBLISHABLE) == "brave-otter-12.clerk.accounts.dev"
+    with pytest.raises(ConfigError):
+        frontend_api_from_publishable_key("pk_test_bm90LWEta2V5")
+
+
+def test_python_m_app_refuses_half_configured_environment(tmp_path: Path) -> None:
+    env = clean_environment(CLERK_SECRET_KEY="sk_test_only_this", PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "--state-dir", str(tmp_path), "--port", "0"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "CLERK_PUBLISHABLE_KEY" in result.stderr
+    assert "CHARGEBEE_WEBHOOK_PASSWORD" in result.stderr
+    assert "sk_test_only_this" not in result.stderr  # the secret itself is never echoed
