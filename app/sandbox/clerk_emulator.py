@@ -1,0 +1,775 @@
+"""An emulator of the part of Clerk's Backend API that Stylecast uses, for sandbox mode (no Clerk keys).
+
+The web app talks to it only through the official `clerk-backend-api` SDK over HTTP, exactly as it would
+talk to api.clerk.com, so the emulator has to answer with Clerk's JSON shapes, status codes and error
+codes. It also enforces the limits real Clerk enforces on user metadata (8 KB, a per-user write rate),
+so code that would break in production breaks in the sandbox first.
+
+State lives in one JSON file, replaced atomically after every change, so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import os
+import re
+import secrets
+import string
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, delete, get, patch, post, put
+from litestar.enums import MediaType
+from litestar.exceptions import HTTPException
+from litestar.params import FromPath
+
+API_PATH = "/sandbox/clerk/v1"
+STORE_FORMAT = "stylecast-clerk-emulator/1"
+
+# Clerk documents 8 KB for user metadata; we count public and private together because both ride in the
+# same backend writes and both end up in the session token claims we build.
+METADATA_MAX_BYTES = 8 * 1024
+METADATA_WRITES_PER_WINDOW = 10
+METADATA_WRITE_WINDOW_S = 10.0
+LIST_LIMIT_MAX = 500
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+_EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
+_ORDERABLE = {
+    "created_at",
+    "updated_at",
+    "email_address",
+    "web3wallet",
+    "first_name",
+    "last_name",
+    "phone_number",
+    "username",
+    "last_active_at",
+    "last_sign_in_at",
+}
+_NULLABLE_STRINGS = ("external_id", "first_name", "last_name", "username", "locale")
+_OPTIONAL_BOOLS = ("delete_self_enabled", "create_organization_enabled", "bypass_client_trust")
+_METADATA_FIELDS = ("public_metadata", "private_metadata", "unsafe_metadata")
+# The SDK sends some of these by default (e.g. notify_primary_email_address_changed=false); they change
+# nothing the emulator models, so accepting them keeps SDK calls working.
+_NO_OP_CREATE = {
+    "skip_password_checks",
+    "skip_password_requirement",
+    "skip_legal_checks",
+    "skip_user_requirement",
+}
+_NO_OP_UPDATE = {"notify_primary_email_address_changed", "sign_out_of_other_sessions", "skip_password_checks"}
+_CREATE_FIELDS = {
+    *_NULLABLE_STRINGS,
+    *_OPTIONAL_BOOLS,
+    *_METADATA_FIELDS,
+    "email_address",
+    "create_organizations_limit",
+    "legal_accepted_at",
+    "created_at",
+    "banned",
+    "locked",
+    *_NO_OP_CREATE,
+}
+_UPDATE_FIELDS = {
+    *_NULLABLE_STRINGS,
+    *_OPTIONAL_BOOLS,
+    *_METADATA_FIELDS,
+    "primary_email_address_id",
+    "create_organizations_limit",
+    "legal_accepted_at",
+    "created_at",
+    *_NO_OP_UPDATE,
+}
+
+_BAD_KEY = "The provided Clerk Secret Key is invalid. Make sure that your Clerk Secret Key is correct."
+
+_json_encoder = msgspec.json.Encoder()
+
+
+class ClerkAPIError(Exception):
+    """An error the emulator answers in Clerk's shape: `{"errors": [...], "clerk_trace_id": ...}`."""
+
+    def __init__(
+        self,
+        status_code: int,
+        code: str,
+        message: str,
+        long_message: str | None = None,
+        *,
+        meta: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{status_code} {code}: {message}")
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.long_message = long_message or message
+        self.meta = meta or {}
+        self.headers = headers or {}
+
+    def to_response(self) -> Response[bytes]:
+        body = {
+            "errors": [
+                {
+                    "message": self.message,
+                    "long_message": self.long_message,
+                    "code": self.code,
+                    "meta": self.meta,
+                }
+            ],
+            "clerk_trace_id": secrets.token_hex(16),
+        }
+        return Response(
+            content=_json_encoder.encode(body),
+            status_code=self.status_code,
+            media_type=MediaType.JSON,
+            headers=self.headers,
+        )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _new_id(prefix: str) -> str:
+    # Clerk ids are a prefix plus a 27-character base62 KSUID; random base62 keeps the same look.
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(27))
+
+
+def _json_response(content: Any, status_code: int = 200) -> Response[bytes]:
+    return Response(content=_json_encoder.encode(content), status_code=status_code, media_type=MediaType.JSON)
+
+
+def _param_error(status_code: int, code: str, param: str, message: str, long_message: str) -> ClerkAPIError:
+    return ClerkAPIError(status_code, code, message, long_message, meta={"param_name": param})
+
+
+def _invalid_format(param: str, expected: str) -> ClerkAPIError:
+    return _param_error(422, "form_param_format_invalid", param, "is invalid", f"{param} must be {expected}.")
+
+
+def _not_found(user_id: str) -> ClerkAPIError:
+    return ClerkAPIError(404, "resource_not_found", "not found", f"No user was found with id {user_id}")
+
+
+def merge_metadata(current: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """Clerk's metadata merge (RFC 7396 JSON merge patch): objects merge key by key at every depth, a
+    null deletes the key, and any other value replaces what was there."""
+    merged = dict(current)
+    for key, value in change.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict):
+            existing = merged.get(key)
+            merged[key] = merge_metadata(existing if isinstance(existing, dict) else {}, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _metadata_size(user: dict[str, Any]) -> int:
+    return len(_json_encoder.encode(user["public_metadata"])) + len(
+        _json_encoder.encode(user["private_metadata"])
+    )
+
+
+def _normalize_email(value: Any) -> str:
+    if not isinstance(value, str) or not _EMAIL_SHAPE.match(value.strip()):
+        raise _param_error(
+            422,
+            "form_param_format_invalid",
+            "email_address",
+            "is invalid",
+            "email_address must be a valid email address.",
+        )
+    return value.strip().lower()
+
+
+def _parse_rfc3339_ms(param: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _invalid_format(param, "an RFC 3339 date-time string")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise _invalid_format(param, "an RFC 3339 date-time string") from None
+    if parsed.tzinfo is None:
+        raise _invalid_format(param, "an RFC 3339 date-time string with a time zone")
+    return int(parsed.timestamp() * 1000)
+
+
+def _split_signed(values: Iterable[str]) -> tuple[set[str], set[str]]:
+    """Clerk's `+id` / `-id` filter syntax. An unencoded `+` arrives as a space, so that counts too."""
+    include: set[str] = set()
+    exclude: set[str] = set()
+    for raw in values:
+        if raw.startswith("-"):
+            exclude.add(raw[1:])
+        elif raw[:1] in {"+", " "}:
+            include.add(raw[1:])
+        elif raw:
+            include.add(raw)
+    return include, exclude
+
+
+def _email_verification() -> dict[str, Any]:
+    # Addresses added through the Backend API are verified by the admin, which is what Clerk reports.
+    return {
+        "status": "verified",
+        "strategy": "admin",
+        "attempts": None,
+        "expire_at": None,
+        "object": "verification_admin",
+    }
+
+
+def _email_object(address: str, now: int) -> dict[str, Any]:
+    return {
+        "id": _new_id("idn_"),
+        "object": "email_address",
+        "email_address": address,
+        "reserved": False,
+        "verification": _email_verification(),
+        "linked_to": [],
+        "matches_sso_connection": False,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+class _Body:
+    """A request's JSON object, read once, with the checks every write shares."""
+
+    def __init__(self, data: dict[str, Any], allowed: set[str]) -> None:
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise _param_error(
+                422,
+                "form_param_unknown",
+                unknown[0],
+                "is unknown",
+                f"{unknown[0]} is not a parameter this endpoint accepts in the sandbox Clerk emulator.",
+            )
+        self.data = data
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def nullable_str(self, key: str) -> str | None:
+        value = self.data[key]
+        if value is not None and not isinstance(value, str):
+            raise _invalid_format(key, "a string or null")
+        return value
+
+    def optional_bool(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise _invalid_format(key, "a boolean")
+        return value
+
+    def optional_int(self, key: str) -> int | None:
+        value = self.data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise _invalid_format(key, "a non-negative integer")
+        return value
+
+    def metadata(self, key: str) -> dict[str, Any] | None:
+        """The object given for `key`; None when absent. An explicit null clears the metadata."""
+        if key not in self.data:
+            return None
+        value = self.data[key]
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _invalid_format(key, "a JSON object")
+        return value
+
+
+async def _read_json_object(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise ClerkAPIError(
+            400, "request_body_invalid", "Request body invalid", "The request body is not valid JSON."
+        ) from None
+    if not isinstance(data, dict):
+        raise ClerkAPIError(
+            400, "request_body_invalid", "Request body invalid", "The request body must be a JSON object."
+        )
+    return data
+
+
+def _query_int(request: Request[Any, Any, Any], name: str, default: int, low: int, high: int | None) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _invalid_format(name, "an integer") from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise _param_error(422, "form_param_value_invalid", name, "is invalid", f"{name} must be {bound}.")
+    return value
+
+
+class ClerkEmulator:
+    """The Clerk Backend API users endpoints, served by `.router` under `/sandbox/clerk/v1`.
+
+    `request_count`, `metadata_write_count()` and `reset_counters()` let tests see how hard the app leans
+    on Clerk (e.g. that usage is batched rather than written per frame).
+    """
+
+    def __init__(
+        self,
+        store_path: Path,
+        secret_key: str,
+        *,
+        metadata_writes_per_window: int = METADATA_WRITES_PER_WINDOW,
+        metadata_write_window_s: float = METADATA_WRITE_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not secret_key:
+            raise ValueError("the Clerk emulator needs a non-empty secret key")
+        self._store_path = Path(store_path)
+        self._secret_key = secret_key.encode()
+        self._writes_per_window = metadata_writes_per_window
+        self._window_s = metadata_write_window_s
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._users: dict[str, dict[str, Any]] = self._load()
+        self._recent_writes: dict[str, deque[float]] = {}
+        self._request_count = 0
+        self._metadata_writes: dict[str, int] = {}
+        self.router = self._build_router()
+
+    # ---- observable counters ---------------------------------------------------------------------------
+
+    @property
+    def request_count(self) -> int:
+        """Requests that reached the emulator since construction or the last `reset_counters()`."""
+        return self._request_count
+
+    def metadata_write_count(self, user_id: str) -> int:
+        """Successful metadata writes to `user_id` (merge, replace, or metadata given to an update)."""
+        return self._metadata_writes.get(user_id, 0)
+
+    def metadata_write_counts(self) -> dict[str, int]:
+        return dict(self._metadata_writes)
+
+    def reset_counters(self) -> None:
+        """Zero the counters. The rate limiter keeps its window: resetting statistics is not waiting."""
+        self._request_count = 0
+        self._metadata_writes.clear()
+
+    # ---- persistence -----------------------------------------------------------------------------------
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if not self._store_path.exists():
+            return {}
+        stored = msgspec.json.decode(self._store_path.read_bytes())
+        if not isinstance(stored, dict) or stored.get("format") != STORE_FORMAT:
+            raise ValueError(f"{self._store_path} is not a Clerk emulator store ({STORE_FORMAT})")
+        return {user["id"]: user for user in stored["users"]}
+
+    def _write_store(self, payload: bytes) -> None:
+        directory = self._store_path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{self._store_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        # Private metadata is in here, so the file is readable by its owner only.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self._store_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    async def _commit(self, users: dict[str, dict[str, Any]]) -> None:
+        """Make `users` the state: on disk first, then in memory, so nothing is served that a restart
+        would lose. Callers hold `self._lock`, which keeps file writes in the order of the changes."""
+        payload = _json_encoder.encode({"format": STORE_FORMAT, "users": list(users.values())})
+        write = asyncio.ensure_future(asyncio.to_thread(self._write_store, payload))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The thread keeps writing whatever happens to this request. Wait for it, so the lock is not
+            # released mid-write and memory never falls behind what is on disk.
+            await asyncio.wait([write])
+            if not write.cancelled() and write.exception() is None:
+                self._users = users
+            raise
+        self._users = users
+
+    # ---- rules -----------------------------------------------------------------------------------------
+
+    def _user_or_404(self, user_id: str) -> dict[str, Any]:
+        user = self._users.get(user_id)
+        if user is None:
+            raise _not_found(user_id)
+        return user
+
+    def _check_rate(self, user_id: str) -> None:
+        now = self._clock()
+        recent = self._recent_writes.setdefault(user_id, deque())
+        while recent and now - recent[0] >= self._window_s:
+            recent.popleft()
+        if len(recent) >= self._writes_per_window:
+            retry_after = max(1, math.ceil(self._window_s - (now - recent[0])))
+            raise ClerkAPIError(
+                429,
+                "too_many_requests",
+                "Too many requests",
+                "Too many requests, retry later",
+                headers={"Retry-After": str(retry_after)},
+            )
+        recent.append(now)
+
+    @staticmethod
+    def _check_metadata_size(user: dict[str, Any], written: Iterable[str]) -> None:
+        size = _metadata_size(user)
+        if size > METADATA_MAX_BYTES:
+            param = next((key for key in written if key != "unsafe_metadata"), "public_metadata")
+            message = (
+                f"The given {param} exceeds the maximum allowed size of {METADATA_MAX_BYTES} bytes (8 KB); "
+                f"public and private metadata together would be {size} bytes."
+            )
+            raise _param_error(422, "form_param_exceeds_allowed_size", param, message, message)
+
+    def _check_identifiers_free(
+        self, emails: Iterable[str], username: str | None, skip_user: str | None
+    ) -> None:
+        wanted = set(emails)
+        for user in self._users.values():
+            if user["id"] == skip_user:
+                continue
+            if wanted & {entry["email_address"] for entry in user["email_addresses"]}:
+                message = "That email address is taken. Please try another."
+                raise _param_error(422, "form_identifier_exists", "email_address", message, message)
+            if username is not None and user["username"] == username:
+                message = "That username is taken. Please try another."
+                raise _param_error(422, "form_identifier_exists", "username", message, message)
+
+    async def _write_metadata(
+        self, user_id: str, change: Callable[[dict[str, Any]], list[str]]
+    ) -> dict[str, Any]:
+        """Apply a metadata `change` (which edits a copy and names the fields it touched) under the
+        per-user rate limit and the size limit, then persist it."""
+        async with self._lock:
+            current = self._user_or_404(user_id)
+            self._check_rate(user_id)
+            updated = {**current}
+            written = change(updated)
+            self._check_metadata_size(updated, written)
+            updated["updated_at"] = _now_ms()
+            await self._commit({**self._users, user_id: updated})
+            self._metadata_writes[user_id] = self._metadata_writes.get(user_id, 0) + 1
+            return updated
+
+    # ---- listing ---------------------------------------------------------------------------------------
+
+    def _filtered(self, request: Request[Any, Any, Any]) -> list[dict[str, Any]]:
+        params = request.query_params
+        users = list(self._users.values())
+        emails = {value.strip().lower() for value in params.getall("email_address", [])}
+        if emails:
+            users = [u for u in users if emails & {e["email_address"] for e in u["email_addresses"]}]
+        for param, field in (("user_id", "id"), ("external_id", "external_id")):
+            include, exclude = _split_signed(params.getall(param, []))
+            if include:
+                users = [u for u in users if u[field] in include]
+            if exclude:
+                users = [u for u in users if u[field] not in exclude]
+        usernames = set(params.getall("username", []))
+        if usernames:
+            users = [u for u in users if u["username"] in usernames]
+        query = (params.get("query") or "").strip().lower()
+        if query:
+            users = [u for u in users if any(query in text for text in _searchable(u))]
+        email_query = (params.get("email_address_query") or "").strip().lower()
+        if email_query:
+            users = [u for u in users if any(email_query in e["email_address"] for e in u["email_addresses"])]
+        name_query = (params.get("name_query") or "").strip().lower()
+        if name_query:
+            users = [u for u in users if name_query in _full_name(u).lower()]
+        banned = params.get("banned")
+        if banned in {"true", "false"}:
+            users = [u for u in users if u["banned"] is (banned == "true")]
+        return users
+
+    def _ordered(self, users: list[dict[str, Any]], order_by: str) -> list[dict[str, Any]]:
+        descending = order_by.startswith("-")
+        field = order_by.lstrip("+- ")
+        if field not in _ORDERABLE:
+            raise _param_error(
+                422,
+                "form_param_value_invalid",
+                "order_by",
+                "is invalid",
+                f"order_by must be one of {', '.join(sorted(_ORDERABLE))}, optionally prefixed with + or -.",
+            )
+        position = {user_id: index for index, user_id in enumerate(self._users)}
+
+        def key(user: dict[str, Any]) -> tuple[bool, Any, int]:
+            value = _order_value(user, field)
+            # Like Postgres: NULLs sort after every value ascending, before them descending.
+            return (value is None, value if value is not None else 0, position[user["id"]])
+
+        return sorted(users, key=key, reverse=descending)
+
+    # ---- routes ----------------------------------------------------------------------------------------
+
+    def _build_router(self) -> Router:
+        emulator = self
+
+        async def authenticate(request: Request[Any, Any, Any]) -> Response[bytes] | None:
+            emulator._request_count += 1
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), emulator._secret_key
+            ):
+                return ClerkAPIError(401, "clerk_key_invalid", _BAD_KEY, _BAD_KEY).to_response()
+            return None
+
+        @get("/users")
+        async def list_users(request: Request[Any, Any, Any]) -> Response[bytes]:
+            limit = _query_int(request, "limit", 10, 1, LIST_LIMIT_MAX)
+            offset = _query_int(request, "offset", 0, 0, None)
+            order_by = request.query_params.get("order_by") or "-created_at"
+            users = emulator._ordered(emulator._filtered(request), order_by)
+            return _json_response(users[offset : offset + limit])
+
+        @get("/users/count")
+        async def count_users(request: Request[Any, Any, Any]) -> Response[bytes]:
+            return _json_response({"object": "total_count", "total_count": len(emulator._filtered(request))})
+
+        @get("/users/{user_id:str}")
+        async def get_user(user_id: FromPath[str]) -> Response[bytes]:
+            return _json_response(emulator._user_or_404(user_id))
+
+        @post("/users", status_code=200)
+        async def create_user(request: Request[Any, Any, Any]) -> Response[bytes]:
+            body = _Body(await _read_json_object(request), _CREATE_FIELDS)
+            return _json_response(await emulator._create(body))
+
+        @patch("/users/{user_id:str}")
+        async def update_user(user_id: FromPath[str], request: Request[Any, Any, Any]) -> Response[bytes]:
+            body = _Body(await _read_json_object(request), _UPDATE_FIELDS)
+            return _json_response(await emulator._update(user_id, body))
+
+        @patch("/users/{user_id:str}/metadata")
+        async def merge_user_metadata(
+            user_id: FromPath[str], request: Request[Any, Any, Any]
+        ) -> Response[bytes]:
+            body = _Body(await _read_json_object(request), set(_METADATA_FIELDS))
+
+            def merge(user: dict[str, Any]) -> list[str]:
+                written = []
+                for field in _METADATA_FIELDS:
+                    change = body.metadata(field)
+                    if change is not None:
+                        # A null in place of the whole object deletes all of it, as a null deletes a key.
+                        cleared = body.data[field] is None
+                        user[field] = {} if cleared else merge_metadata(user[field], change)
+                        written.append(field)
+                return written
+
+            return _json_response(await emulator._write_metadata(user_id, merge))
+
+        @put("/users/{user_id:str}/metadata", status_code=200)
+        async def replace_user_metadata(
+            user_id: FromPath[str], request: Request[Any, Any, Any]
+        ) -> Response[bytes]:
+            body = _Body(await _read_json_object(request), set(_METADATA_FIELDS))
+
+            def replace(user: dict[str, Any]) -> list[str]:
+                written = []
+                for field in _METADATA_FIELDS:
+                    value = body.metadata(field)
+                    if value is not None:
+                        user[field] = value
+                        written.append(field)
+                return written
+
+            return _json_response(await emulator._write_metadata(user_id, replace))
+
+        @delete("/users/{user_id:str}", status_code=200)
+        async def delete_user(user_id: FromPath[str]) -> Response[bytes]:
+            async with emulator._lock:
+                emulator._user_or_404(user_id)
+                remaining = {uid: user for uid, user in emulator._users.items() if uid != user_id}
+                await emulator._commit(remaining)
+            emulator._recent_writes.pop(user_id, None)
+            return _json_response({"object": "user", "id": user_id, "deleted": True})
+
+        def clerk_error(_: Request[Any, Any, Any], exc: ClerkAPIError) -> Response[bytes]:
+            return exc.to_response()
+
+        def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+            return ClerkAPIError(
+                exc.status_code, "request_invalid", str(exc.detail), str(exc.detail)
+            ).to_response()
+
+        return Router(
+            path=API_PATH,
+            route_handlers=[
+                list_users,
+                count_users,
+                get_user,
+                create_user,
+                update_user,
+                merge_user_metadata,
+                replace_user_metadata,
+                delete_user,
+            ],
+            before_request=authenticate,
+            exception_handlers={ClerkAPIError: clerk_error, HTTPException: http_error},
+            include_in_schema=False,
+        )
+
+    # ---- writes ----------------------------------------------------------------------------------------
+
+    async def _create(self, body: _Body) -> dict[str, Any]:
+        raw_emails = body.data.get("email_address") or []
+        if not isinstance(raw_emails, list):
+            raise _invalid_format("email_address", "a list of email addresses")
+        emails = list(dict.fromkeys(_normalize_email(value) for value in raw_emails))
+        if not emails:
+            raise _param_error(
+                422, "form_param_missing", "email_address", "is missing", "email_address must be included."
+            )
+        metadata = {field: body.metadata(field) or {} for field in _METADATA_FIELDS}
+        now = _now_ms()
+        addresses = [_email_object(address, now) for address in emails]
+        user: dict[str, Any] = {
+            "id": _new_id("user_"),
+            "object": "user",
+            "external_id": None,
+            "primary_email_address_id": addresses[0]["id"],
+            "primary_phone_number_id": None,
+            "primary_web3_wallet_id": None,
+            "username": None,
+            "first_name": None,
+            "last_name": None,
+            "locale": None,
+            "has_image": False,
+            **metadata,
+            "email_addresses": addresses,
+            "phone_numbers": [],
+            "web3_wallets": [],
+            "passkeys": [],
+            "password_enabled": False,
+            "two_factor_enabled": False,
+            "totp_enabled": False,
+            "backup_code_enabled": False,
+            "mfa_enabled_at": None,
+            "mfa_disabled_at": None,
+            "password_last_updated_at": None,
+            "external_accounts": [],
+            "saml_accounts": [],
+            "enterprise_accounts": [],
+            "organization_memberships": [],
+            "last_sign_in_at": None,
+            "banned": bool(body.optional_bool("banned")),
+            "locked": bool(body.optional_bool("locked")),
+            "lockout_expires_in_seconds": None,
+            "verification_attempts_remaining": None,
+            "created_at": now,
+            "updated_at": now,
+            "delete_self_enabled": True,
+            "create_organization_enabled": True,
+            "create_organizations_limit": None,
+            "bypass_client_trust": False,
+            "last_active_at": None,
+            "legal_accepted_at": None,
+        }
+        self._apply_profile_fields(user, body)
+        self._check_metadata_size(user, [field for field in _METADATA_FIELDS if field in body])
+        async with self._lock:
+            self._check_identifiers_free(emails, user["username"], skip_user=None)
+            await self._commit({**self._users, user["id"]: user})
+        return user
+
+    async def _update(self, user_id: str, body: _Body) -> dict[str, Any]:
+        written = [field for field in _METADATA_FIELDS if field in body]
+        async with self._lock:
+            current = self._user_or_404(user_id)
+            if written:
+                self._check_rate(user_id)
+            updated = {**current}
+            self._apply_profile_fields(updated, body)
+            if "primary_email_address_id" in body:
+                primary = body.nullable_str("primary_email_address_id")
+                if primary is not None:
+                    if primary not in {entry["id"] for entry in updated["email_addresses"]}:
+                        raise _param_error(
+                            422,
+                            "form_param_value_invalid",
+                            "primary_email_address_id",
+                            "is invalid",
+                            f"primary_email_address_id {primary} is not an email address of user {user_id}.",
+                        )
+                    updated["primary_email_address_id"] = primary
+            # Metadata given to an update replaces the stored value whole, unlike the metadata endpoint.
+            for field in written:
+                updated[field] = body.metadata(field)
+            self._check_metadata_size(updated, written)
+            if updated["username"] != current["username"]:
+                self._check_identifiers_free((), updated["username"], skip_user=user_id)
+            updated["updated_at"] = _now_ms()
+            await self._commit({**self._users, user_id: updated})
+            if written:
+                self._metadata_writes[user_id] = self._metadata_writes.get(user_id, 0) + 1
+            return updated
+
+    @staticmethod
+    def _apply_profile_fields(user: dict[str, Any], body: _Body) -> None:
+        for field in _NULLABLE_STRINGS:
+            if field in body:
+                user[field] = body.nullable_str(field)
+        for field in _OPTIONAL_BOOLS:
+            value = body.optional_bool(field)
+            if value is not None:
+                user[field] = value
+        if "create_organizations_limit" in body:
+            user["create_organizations_limit"] = body.optional_int("create_organizations_limit")
+        if "legal_accepted_at" in body:
+            user["legal_accepted_at"] = _parse_rfc3339_ms("legal_accepted_at", body.data["legal_accepted_at"])
+        if "created_at" in body and body.data["created_at"] is not None:
+            user["created_at"] = _parse_rfc3339_ms("created_at", body.data["created_at"])
+
+
+def _full_name(user: dict[str, Any]) -> str:
+    return " ".join(part for part in (user["first_name"], user["last_name"]) if part)
+
+
+def _searchable(user: dict[str, Any]) -> list[str]:
+    texts = [user["id"].lower(), _full_name(user).lower()]
+    texts += [entry["email_address"] for entry in user["email_addresses"]]
+    texts += [value.lower() for value in (user["username"], user["external_id"]) if value]
+    return texts
+
+
+def _order_value(user: dict[str, Any], field: str) -> Any:
+    if field == "email_address":
+        primary = user["primary_email_address_id"]
+        return next((e["email_address"] for e in user["email_addresses"] if e["id"] == primary), None)
+    if field in {"web3wallet", "phone_number"}:
+        return None
+    value = user[field]
+    return value.lower() if isinstance(value, str) else value

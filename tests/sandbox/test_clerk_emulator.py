@@ -1,0 +1,438 @@
+"""The sandbox Clerk emulator, driven the way the app drives Clerk: the official SDK over a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from clerk_backend_api import Clerk, models
+from litestar import Litestar, get
+
+from app.clerk import create_clerk_client, find_or_create_user_by_email, normalize_email
+from app.sandbox.clerk_emulator import API_PATH, ClerkEmulator
+from tests.live_server import free_port, serve
+
+# The SDK itself trips this by reading a deprecated list filter while building every list query.
+pytestmark = pytest.mark.filterwarnings(r"ignore:.*\*\* DEPRECATED \*\*:DeprecationWarning")
+
+SECRET = "sk_test_emulator_suite"
+T = TypeVar("T")
+
+
+@dataclass
+class Sandbox:
+    emulator: ClerkEmulator
+    api_url: str
+    store_path: Path
+
+    def call(self, body: Callable[[Clerk], Awaitable[T]], *, secret: str = SECRET) -> T:
+        """Run `body` with a fresh SDK client on a fresh event loop, as a request handler would."""
+
+        async def main() -> T:
+            async with create_clerk_client(secret, self.api_url) as clerk:
+                return await body(clerk)
+
+        return asyncio.run(main())
+
+
+@contextmanager
+def serving(emulator: ClerkEmulator, store_path: Path) -> Iterator[Sandbox]:
+    with serve(Litestar(route_handlers=[emulator.router])) as base_url:
+        yield Sandbox(emulator, base_url + API_PATH, store_path)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    store = tmp_path / "clerk.json"
+    with serving(ClerkEmulator(store, SECRET), store) as running:
+        yield running
+
+
+def error_codes(exc: models.ClerkErrors) -> list[str]:
+    return [item.code for item in exc.data.errors]
+
+
+# ---- users: create, get, list, filter -----------------------------------------------------------------
+
+
+def test_created_user_reads_back_with_clerks_shape(sandbox: Sandbox) -> None:
+    async def body(clerk: Clerk) -> tuple[models.User, models.User]:
+        created = await clerk.users.create_async(
+            email_address=["Ada@Example.COM"],
+            first_name="Ada",
+            last_name="Lovelace",
+            external_id="ext-1",
+            public_metadata={"plan": "free"},
+            private_metadata={"chargebee_customer": "cb_1"},
+            unsafe_metadata={"theme": "dark"},
+        )
+        return created, await clerk.users.get_async(user_id=created.id)
+
+    created, fetched = sandbox.call(body)
+    assert created.id.startswith("user_")
+    assert created.object == models.UserObject.USER
+    assert fetched == created
+    [email] = fetched.email_addresses
+    assert email.email_address == "ada@example.com"  # Clerk stores addresses lower-cased
+    assert email.id is not None
+    assert email.id.startswith("idn_")
+    assert fetched.primary_email_address_id == email.id
+    assert isinstance(email.verification, models.Admin)
+    assert email.verification.status == models.VerificationAdminVerificationStatus.VERIFIED
+    assert (fetched.first_name, fetched.last_name, fetched.external_id) == ("Ada", "Lovelace", "ext-1")
+    assert fetched.public_metadata == {"plan": "free"}
+    assert fetched.private_metadata == {"chargebee_customer": "cb_1"}
+    assert fetched.unsafe_metadata == {"theme": "dark"}
+    # Milliseconds since the epoch, like Clerk, not seconds.
+    assert abs(fetched.created_at - time.time() * 1000) < 60_000
+    assert fetched.updated_at >= fetched.created_at
+
+
+def test_list_filters_by_repeated_email_user_id_and_query(sandbox: Sandbox) -> None:
+    async def body(clerk: Clerk) -> dict[str, Any]:
+        ada = await clerk.users.create_async(email_address=["ada@example.com"], first_name="Ada")
+        bob = await clerk.users.create_async(email_address=["bob@example.com"], first_name="Bob")
+        cyd = await clerk.users.create_async(email_address=["cyd@other.org"], last_name="Lovelace")
+        return {
+            "ids": (ada.id, bob.id, cyd.id),
+            "two_emails": await clerk.users.list_async(
+                request={"email_address": ["ADA@example.com", "cyd@other.org", "nobody@example.com"]}
+            ),
+            "by_ids": await clerk.users.list_async(request={"user_id": [ada.id, bob.id]}),
+            "excluding": await clerk.users.list_async(request={"user_id": [f"-{bob.id}"]}),
+            "query": await clerk.users.list_async(request={"query": "example.com"}),
+            "query_name": await clerk.users.list_async(request={"query": "lovel"}),
+            "oldest_first": await clerk.users.list_async(request={"order_by": "+created_at"}),
+            "newest_first": await clerk.users.list_async(),
+            "page": await clerk.users.list_async(
+                request={"order_by": "+created_at", "limit": 1, "offset": 1}
+            ),
+            "count_all": await clerk.users.count_async(),
+            "count_query": await clerk.users.count_async(request={"query": "example.com"}),
+        }
+
+    result = sandbox.call(body)
+    ada, bob, cyd = result["ids"]
+
+    def ids(users: list[models.User]) -> list[str]:
+        return [user.id for user in users]
+
+    assert sorted(ids(result["two_emails"])) == sorted([ada, cyd])
+    assert sorted(ids(result["by_ids"])) == sorted([ada, bob])
+    assert sorted(ids(result["excluding"])) == sorted([ada, cyd])
+    assert sorted(ids(result["query"])) == sorted([ada, bob])
+    assert ids(result["query_name"]) == [cyd]
+    assert ids(result["oldest_first"]) == [ada, bob, cyd]
+    assert ids(result["newest_first"]) == [cyd, bob, ada]  # Clerk's default order is -created_at
+    assert ids(result["page"]) == [bob]
+    assert result["count_all"].total_count == 3
+    assert result["count_query"].total_count == 2
+
+
+def test_deleted_user_is_gone_and_frees_its_address(sandbox: Sandbox) -> None:
+    async def body(clerk: Clerk) -> tuple[models.DeletedObject, list[models.User], models.User]:
+        user = await clerk.users.create_async(email_address=["gone@example.com"])
+        deleted = await clerk.users.delete_async(user_id=user.id)
+        remaining = await clerk.users.list_async(request={"email_address": ["gone@example.com"]})
+        again = await clerk.users.create_async(email_address=["gone@example.com"])
+        return deleted, remaining, again
+
+    deleted, remaining, again = sandbox.call(body)
+    assert (deleted.object, deleted.deleted) == ("user", True)
+    assert remaining == []
+    assert again.id != deleted.id
+
+
+# ---- metadata: merge, replace, limits -------------------------------------------------------------------
+
+
+def test_metadata_patch_deep_merges_and_null_deletes(sandbox: Sandbox) -> None:
+    async def body(clerk: Clerk) -> models.User:
+        user = await clerk.users.create_async(
+            email_address=["merge@example.com"],
+            public_metadata={"plan": "pro", "usage": {"seconds": 10, "month": "2026-01"}, "flag": True},
+            private_metadata={"billing": {"customer": "cb_1", "subscription": "sub_1"}},
+        )
+        return await clerk.users.update_metadata_async(
+            user_id=user.id,
+            public_metadata={"usage": {"seconds": 25, "resets": {"day": 1}}, "flag": None},
+            private_metadata={"billing": {"subscription": None}},
+        )
+
+    user = sandbox.call(body)
+    assert user.public_metadata == {
+        "plan": "pro",
+        "usage": {"seconds": 25, "month": "2026-01", "resets": {"day": 1}},
+    }
+    assert user.private_metadata == {"billing": {"customer": "cb_1"}}
+    assert user.unsafe_metadata == {}
+
+
+def test_replace_metadata_and_update_leave_no_stale_keys(sandbox: Sandbox) -> None:
+    async def body(clerk: Clerk) -> tuple[models.User, models.User]:
+        user = await clerk.users.create_async(
+            email_address=["replace@example.com"],
+            public_metadata={"plan": "pro", "usage": {"seconds": 10}},
+            private_metadata={"keep": "me"},
+        )
+        replaced = await clerk.users.replace_metadata_async(user_id=user.id, public_metadata={"plan": "free"})
+        renamed = await clerk.users.update_async(user_id=user.id, first_name="Renamed")
+        return replaced, renamed
+
+    replaced, renamed = sandbox.call(body)
+    assert replaced.public_metadata == {"plan": "free"}  # replaced whole, nested usage gone
+    assert replaced.private_metadata == {"keep": "me"}  # not given, so untouched
+    assert renamed.first_name == "Renamed"
+    assert renamed.public_metadata == {"plan": "free"}
+    assert renamed.updated_at >= replaced.updated_at
+
+
+def test_metadata_over_8kb_is_rejected_and_nothing_changes(sandbox: Sandbox) -> None:
+    async def body(clerk: Clerk) -> tuple[models.ClerkErrors, models.ClerkErrors, models.User]:
+        user = await clerk.users.create_async(email_address=["big@example.com"])
+        await clerk.users.update_metadata_async(user_id=user.id, public_metadata={"blob": "p" * 5000})
+        # Each half alone is under 8 KB; public and private together are not.
+        with pytest.raises(models.ClerkErrors) as merged:
+            await clerk.users.update_metadata_async(user_id=user.id, private_metadata={"blob": "q" * 3500})
+        with pytest.raises(models.ClerkErrors) as created:
+            await clerk.users.create_async(
+                email_address=["bigger@example.com"], public_metadata={"b": "x" * 9000}
+            )
+        return merged.value, created.value, await clerk.users.get_async(user_id=user.id)
+
+    merged, created, user = sandbox.call(body)
+    for error in (merged, created):
+        assert error.raw_response.status_code == 422
+        assert error_codes(error) == ["form_param_exceeds_allowed_size"]
+    assert merged.data.errors[0].meta == {"param_name": "private_metadata"}
+    assert user.public_metadata == {"blob": "p" * 5000}
+    assert user.private_metadata == {}
+    assert sandbox.call(lambda clerk: clerk.users.count_async()).total_count == 1
+
+
+def test_metadata_writes_are_rate_limited_per_user_with_retry_after(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = tmp_path / "clerk.json"
+    emulator = ClerkEmulator(store, SECRET, clock=lambda: now[0])
+
+    async def eleven_writes(clerk: Clerk) -> tuple[str, str, models.SDKError]:
+        busy = await clerk.users.create_async(email_address=["busy@example.com"])
+        calm = await clerk.users.create_async(email_address=["calm@example.com"])
+        for i in range(10):
+            await clerk.users.update_metadata_async(user_id=busy.id, public_metadata={"n": i})
+        with pytest.raises(models.SDKError) as limited:
+            await clerk.users.update_metadata_async(user_id=busy.id, public_metadata={"n": 10})
+        # The limit is per user: another user's write still goes through.
+        await clerk.users.update_metadata_async(user_id=calm.id, public_metadata={"n": 0})
+        return busy.id, calm.id, limited.value
+
+    with serving(emulator, store) as sandbox:
+        busy, calm, limited = sandbox.call(eleven_writes)
+        assert limited.status_code == 429
+        assert limited.raw_response.headers["Retry-After"] == "10"
+        payload = json.loads(limited.body)
+        assert [item["code"] for item in payload["errors"]] == ["too_many_requests"]
+        assert set(payload["errors"][0]) == {"message", "long_message", "code", "meta"}
+        assert "clerk_trace_id" in payload
+        assert emulator.metadata_write_count(busy) == 10
+        assert emulator.metadata_write_count(calm) == 1
+
+        now[0] += 10.0  # the window has passed
+        user = sandbox.call(
+            lambda clerk: clerk.users.update_metadata_async(user_id=busy, public_metadata={"n": 11})
+        )
+        assert user.public_metadata == {"n": 11}
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
+
+
+def test_errors_surface_as_the_sdks_typed_clerk_errors(sandbox: Sandbox) -> None:
+    async def body(clerk: Clerk) -> dict[str, models.ClerkErrors]:
+        await clerk.users.create_async(email_address=["taken@example.com"])
+        errors = {}
+        with pytest.raises(models.ClerkErrors) as missing:
+            await clerk.users.get_async(user_id="user_doesnotexist")
+        errors["missing"] = missing.value
+        with pytest.raises(models.ClerkErrors) as missing_metadata:
+            await clerk.users.update_metadata_async(user_id="user_doesnotexist", public_metadata={"a": 1})
+        errors["missing_metadata"] = missing_metadata.value
+        with pytest.raises(models.ClerkErrors) as duplicate:
+            await clerk.users.create_async(email_address=["Taken@Example.com"])
+        errors["duplicate"] = duplicate.value
+        with pytest.raises(models.ClerkErrors) as junk:
+            await clerk.users.create_async(email_address=["not an address"])
+        errors["junk"] = junk.value
+        return errors
+
+    errors = sandbox.call(body)
+    for key in ("missing", "missing_metadata"):
+        assert errors[key].raw_response.status_code == 404
+        assert error_codes(errors[key]) == ["resource_not_found"]
+        assert "user_doesnotexist" in errors[key].data.errors[0].long_message
+    assert errors["duplicate"].raw_response.status_code == 422
+    assert error_codes(errors["duplicate"]) == ["form_identifier_exists"]
+    assert errors["duplicate"].data.errors[0].meta == {"param_name": "email_address"}
+    assert error_codes(errors["junk"]) == ["form_param_format_invalid"]
+    assert "clerk_trace_id" in json.loads(errors["duplicate"].body)
+
+
+def test_wrong_secret_key_is_refused_with_401(sandbox: Sandbox) -> None:
+    with pytest.raises(models.ClerkErrors) as refused:
+        sandbox.call(lambda clerk: clerk.users.list_async(), secret="sk_test_wrong")
+    assert refused.value.raw_response.status_code == 401
+    assert error_codes(refused.value) == ["clerk_key_invalid"]
+    assert sandbox.emulator.request_count == 1  # refused requests are still served, and counted
+
+
+# ---- persistence and concurrency ------------------------------------------------------------------------
+
+
+def test_state_survives_a_restart_on_the_same_file(tmp_path: Path) -> None:
+    store = tmp_path / "state" / "clerk.json"
+
+    async def populate(clerk: Clerk) -> models.User:
+        user = await clerk.users.create_async(email_address=["keep@example.com"], first_name="Kept")
+        await clerk.users.update_metadata_async(user_id=user.id, public_metadata={"plan": "pro"})
+        await clerk.users.update_metadata_async(user_id=user.id, private_metadata={"cb": "cust_1"})
+        doomed = await clerk.users.create_async(email_address=["doomed@example.com"])
+        await clerk.users.delete_async(user_id=doomed.id)
+        return await clerk.users.get_async(user_id=user.id)
+
+    with serving(ClerkEmulator(store, SECRET), store) as first:
+        before = first.call(populate)
+
+    # Private metadata is in the file, so only its owner may read it.
+    assert stat.S_IMODE(os.stat(store).st_mode) == 0o600
+    assert [p.name for p in store.parent.iterdir()] == ["clerk.json"]  # no temp files left behind
+
+    async def read_back(clerk: Clerk) -> tuple[models.User, list[models.User]]:
+        return await clerk.users.get_async(user_id=before.id), await clerk.users.list_async()
+
+    with serving(ClerkEmulator(store, SECRET), store) as second:
+        after, everyone = second.call(read_back)
+    assert after == before
+    assert [user.id for user in everyone] == [before.id]
+
+
+def test_concurrent_metadata_patches_to_one_user_lose_nothing(tmp_path: Path) -> None:
+    store = tmp_path / "clerk.json"
+    writers = 25
+    emulator = ClerkEmulator(store, SECRET, metadata_writes_per_window=writers)
+
+    async def body(clerk: Clerk) -> models.User:
+        user = await clerk.users.create_async(email_address=["busy@example.com"])
+        await asyncio.gather(
+            *(
+                clerk.users.update_metadata_async(user_id=user.id, public_metadata={"usage": {f"s{i}": i}})
+                for i in range(writers)
+            )
+        )
+        return await clerk.users.get_async(user_id=user.id)
+
+    with serving(emulator, store) as sandbox:
+        user = sandbox.call(body)
+    assert user.public_metadata == {"usage": {f"s{i}": i for i in range(writers)}}
+    assert emulator.metadata_write_count(user.id) == writers
+    with serving(ClerkEmulator(store, SECRET), store) as restarted:
+        reloaded = restarted.call(lambda clerk: clerk.users.get_async(user_id=user.id))
+    assert reloaded.public_metadata == user.public_metadata
+
+
+def test_counters_count_requests_and_metadata_writes_and_reset(sandbox: Sandbox) -> None:
+    async def body(clerk: Clerk) -> str:
+        user = await clerk.users.create_async(email_address=["count@example.com"])
+        await clerk.users.update_metadata_async(user_id=user.id, public_metadata={"a": 1})
+        await clerk.users.replace_metadata_async(user_id=user.id, public_metadata={"b": 2})
+        await clerk.users.update_async(user_id=user.id, first_name="NoMetadata")
+        await clerk.users.get_async(user_id=user.id)
+        return user.id
+
+    user_id = sandbox.call(body)
+    assert sandbox.emulator.request_count == 5
+    assert sandbox.emulator.metadata_write_counts() == {user_id: 2}
+    sandbox.emulator.reset_counters()
+    assert sandbox.emulator.request_count == 0
+    assert sandbox.emulator.metadata_write_count(user_id) == 0
+
+
+# ---- app/clerk.py -----------------------------------------------------------------------------------------
+
+
+def test_find_or_create_user_by_email_is_idempotent(sandbox: Sandbox) -> None:
+    async def body(clerk: Clerk) -> list[models.User]:
+        first = await find_or_create_user_by_email(clerk, "Pat@Example.com")
+        second = await find_or_create_user_by_email(clerk, "  pat@example.COM ")
+        # Concurrent first sign-ins for one new address: the creates race, everyone gets the winner.
+        racing = await asyncio.gather(
+            *(find_or_create_user_by_email(clerk, "race@example.com") for _ in range(6))
+        )
+        return [first, second, *racing]
+
+    first, second, *racing = sandbox.call(body)
+    assert second.id == first.id
+    assert [e.email_address for e in first.email_addresses] == ["pat@example.com"]
+    assert len({user.id for user in racing}) == 1
+    assert sandbox.call(lambda clerk: clerk.users.count_async()).total_count == 2
+
+
+def test_find_or_create_rejects_junk_before_calling_clerk(sandbox: Sandbox) -> None:
+    for junk in [
+        "",
+        "   ",
+        "no-at-sign",
+        "a@b",
+        "a@@b.com",
+        "a b@c.com",
+        "@example.com",
+        "x@.com",
+        "x@a..com",
+    ]:
+        with pytest.raises(ValueError, match="not a valid email address"):
+            sandbox.call(lambda clerk, junk=junk: find_or_create_user_by_email(clerk, junk))
+    assert sandbox.emulator.request_count == 0
+
+
+def test_normalize_email_lowercases_and_trims() -> None:
+    assert normalize_email("  Mixed.Case+tag@Sub.Example.ORG ") == "mixed.case+tag@sub.example.org"
+
+
+def test_client_does_not_retry_a_dead_server() -> None:
+    dead_url = f"http://127.0.0.1:{free_port()}{API_PATH}"
+
+    async def body() -> None:
+        async with create_clerk_client(SECRET, dead_url) as clerk:
+            await clerk.users.list_async()
+
+    started = time.monotonic()
+    with pytest.raises(httpx.ConnectError):
+        asyncio.run(body())
+    # The SDK's default would keep retrying with backoff for up to an hour.
+    assert time.monotonic() - started < 2
+
+
+def test_client_gives_up_after_its_timeout() -> None:
+    @get("/sandbox/clerk/v1/users")
+    async def slow() -> list[Any]:
+        await asyncio.sleep(0.8)
+        return []
+
+    async def body(api_url: str) -> None:
+        async with create_clerk_client(SECRET, api_url, timeout_ms=150) as clerk:
+            await clerk.users.list_async()
+
+    with serve(Litestar(route_handlers=[slow])) as base_url:
+        started = time.monotonic()
+        with pytest.raises(httpx.TimeoutException):
+            asyncio.run(body(base_url + API_PATH))
+        assert time.monotonic() - started < 0.6
