@@ -7,6 +7,7 @@ from litestar.datastructures import State
 from litestar.response import Template
 
 from app.auth import SignedInUser, requires_user
+from app.presets import DEFAULT_PRESET, STYLE_PRESETS
 from app.settings import Settings
 
 
@@ -17,7 +18,9 @@ class PagesController(Controller):
 
     @get("/studio", name="studio", guards=[requires_user])
     async def studio(self, user: SignedInUser, settings: Settings) -> Template:
-        return Template("studio.html", context={"user": user})
+        return Template(
+            "studio.html", context={"user": user, "presets": STYLE_PRESETS, "default_preset": DEFAULT_PRESET}
+        )
 
     @get("/health", name="health", include_in_schema=False)
     async def health(self, settings: Settings, state: State) -> dict[str, str]:

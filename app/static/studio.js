@@ -1,0 +1,471 @@
+// Stylecast studio: webcam → GPU worker → styled canvas, speaking the protocol in docs/protocol.md.
+//
+// Hot-path rules: frames are captured with the async canvas.toBlob (never toDataURL), at most
+// MAX_IN_FLIGHT frames are unanswered at any time (no queue can grow), output frames are decoded with
+// createImageBitmap and drawn in requestAnimationFrame, and the HUD updates a few text nodes a few times
+// a second — nothing per frame touches the DOM.
+
+const SIZE = 512;
+const MAX_IN_FLIGHT = 2;
+const MAX_CAPTURE_FPS = 30;
+const JPEG_QUALITY = 0.8;
+const HEADER_BYTES = 8; // uint32 frame id + uint32 milliseconds, little-endian
+const PARAMS_DEBOUNCE_MS = 250;
+const STALE_FRAME_MS = 4000; // an unanswered frame older than this no longer counts as in flight
+const CLOSE_BAD_TICKET = 4401;
+const CLOSE_ALLOWANCE_USED = 4402;
+const CLOSE_NORMAL = 1000;
+
+const $ = (id) => document.getElementById(id);
+const root = $("studio");
+const output = $("output");
+const outputContext = output.getContext("2d", { alpha: false });
+const camera = $("camera");
+const capture = document.createElement("canvas");
+capture.width = SIZE;
+capture.height = SIZE;
+const captureContext = capture.getContext("2d", { alpha: false, willReadFrequently: false });
+const csrfToken = document.querySelector('meta[name="csrf-token"]').content;
+
+const ui = {
+  start: $("start"),
+  stop: $("stop"),
+  snapshot: $("snapshot"),
+  record: $("record"),
+  prompt: $("prompt"),
+  steps: $("steps"),
+  seed: $("seed"),
+  reseed: $("reseed"),
+  status: $("status"),
+  statusDot: $("status-dot"),
+  fps: $("fps"),
+  latency: $("latency"),
+  engine: $("engine-label"),
+  rec: $("rec-indicator"),
+  empty: $("stage-empty"),
+  countdown: $("countdown"),
+  paywall: $("paywall"),
+  presets: [...document.querySelectorAll(".preset")],
+};
+
+const STATUS_TEXT = {
+  idle: "Ready when you are.",
+  camera: "Waiting for your camera…",
+  connecting: "Connecting to the GPU…",
+  warming: "Warming up the GPU (cold start, not billed)…",
+  streaming: "Streaming",
+  reconnecting: "Connection lost — reconnecting…",
+  "out-of-minutes": "You're out of minutes.",
+  error: "Something went wrong.",
+};
+
+const session = {
+  wanted: false, // the user pressed Start and not Stop
+  socket: null,
+  ready: false,
+  stream: null,
+  nextFrameId: 1,
+  inFlight: new Map(), // frame id -> performance.now() when sent
+  lastCaptureAt: 0,
+  capturing: false,
+  reconnectAttempt: 0,
+  reconnectTimer: 0,
+  pendingBitmap: null,
+  delivered: [], // timestamps of delivered frames within the last second
+  lastLatency: null,
+  hasOutput: false,
+  secondsRemaining: null,
+  usageAt: 0,
+  recorder: null,
+};
+
+// ---------------------------------------------------------------- status and HUD
+
+function setStatus(state, detail) {
+  ui.status.dataset.state = state;
+  ui.statusDot.dataset.state = state;
+  ui.status.textContent = detail ? `${STATUS_TEXT[state]} ${detail}` : STATUS_TEXT[state];
+  root.dataset.state = state;
+}
+
+function updateControls() {
+  const running = session.wanted;
+  ui.start.disabled = running;
+  ui.stop.disabled = !running;
+  ui.snapshot.disabled = !session.hasOutput;
+  ui.record.disabled = !session.hasOutput && !session.recorder;
+}
+
+setInterval(() => {
+  const now = performance.now();
+  while (session.delivered.length && now - session.delivered[0] > 1000) session.delivered.shift();
+  ui.fps.textContent = session.delivered.length.toFixed(1);
+  ui.latency.textContent = session.lastLatency === null ? "–" : String(Math.round(session.lastLatency));
+  if (session.secondsRemaining !== null) {
+    // Smooth local countdown between the worker's usage messages; the worker's count is the truth.
+    const flowing = session.ready && session.delivered.length > 0;
+    const elapsed = flowing ? (now - session.usageAt) / 1000 : 0;
+    const left = Math.max(0, session.secondsRemaining - Math.min(elapsed, 1.5));
+    ui.countdown.hidden = false;
+    ui.countdown.textContent = `${formatClock(left)} left`;
+  }
+}, 250);
+
+function formatClock(seconds) {
+  const whole = Math.ceil(seconds);
+  return `${Math.floor(whole / 60)}:${String(whole % 60).padStart(2, "0")}`;
+}
+
+// ---------------------------------------------------------------- camera
+
+async function openCamera() {
+  if (session.stream) return session.stream;
+  setStatus("camera");
+  const stream = await navigator.mediaDevices.getUserMedia({
+    video: { width: { ideal: SIZE }, height: { ideal: SIZE }, facingMode: "user" },
+    audio: false,
+  });
+  session.stream = stream;
+  camera.srcObject = stream;
+  camera.dataset.live = "";
+  await camera.play();
+  return stream;
+}
+
+function closeCamera() {
+  session.stream?.getTracks().forEach((track) => track.stop());
+  session.stream = null;
+  camera.srcObject = null;
+  delete camera.dataset.live;
+}
+
+// Center-crop whatever the camera gives to a square and scale it to SIZE².
+function drawCameraSquare() {
+  const width = camera.videoWidth;
+  const height = camera.videoHeight;
+  if (!width || !height) return false;
+  const side = Math.min(width, height);
+  captureContext.drawImage(camera, (width - side) / 2, (height - side) / 2, side, side, 0, 0, SIZE, SIZE);
+  return true;
+}
+
+// ---------------------------------------------------------------- sending frames
+
+function forgetStaleFrames(now) {
+  for (const [id, sentAt] of session.inFlight) {
+    if (now - sentAt > STALE_FRAME_MS) session.inFlight.delete(id);
+  }
+}
+
+function maybeCapture() {
+  const socket = session.socket;
+  if (!session.ready || !socket || socket.readyState !== WebSocket.OPEN || session.capturing) return;
+  const now = performance.now();
+  forgetStaleFrames(now);
+  if (session.inFlight.size >= MAX_IN_FLIGHT) return;
+  if (now - session.lastCaptureAt < 1000 / MAX_CAPTURE_FPS) return;
+  if (!drawCameraSquare()) return;
+  session.capturing = true;
+  session.lastCaptureAt = now;
+  capture.toBlob(
+    async (blob) => {
+      try {
+        if (!blob || socket !== session.socket || socket.readyState !== WebSocket.OPEN) return;
+        const jpeg = new Uint8Array(await blob.arrayBuffer());
+        const message = new Uint8Array(HEADER_BYTES + jpeg.byteLength);
+        const id = session.nextFrameId;
+        session.nextFrameId = id >= 0xffffffff ? 1 : id + 1;
+        new DataView(message.buffer).setUint32(0, id, true);
+        message.set(jpeg, HEADER_BYTES);
+        session.inFlight.set(id, performance.now());
+        socket.send(message);
+      } finally {
+        session.capturing = false;
+      }
+    },
+    "image/jpeg",
+    JPEG_QUALITY,
+  );
+}
+
+// Capture is paced by the display (and by flow control), so a hidden tab sends nothing and is not billed.
+function captureLoop() {
+  if (!session.wanted) return;
+  maybeCapture();
+  if (session.pendingBitmap) {
+    const bitmap = session.pendingBitmap;
+    session.pendingBitmap = null;
+    outputContext.drawImage(bitmap, 0, 0, SIZE, SIZE);
+    bitmap.close();
+    if (!session.hasOutput) {
+      session.hasOutput = true;
+      ui.empty.hidden = true;
+      updateControls();
+    }
+  }
+  requestAnimationFrame(captureLoop);
+}
+
+// ---------------------------------------------------------------- receiving
+
+async function onBinary(buffer) {
+  if (buffer.byteLength <= HEADER_BYTES) return;
+  const view = new DataView(buffer);
+  const id = view.getUint32(0, true);
+  const sentAt = session.inFlight.get(id);
+  // The worker keeps only the latest frame of a session, so an answer to `id` means every older frame
+  // still unanswered was replaced and will never come back.
+  for (const pending of session.inFlight.keys()) {
+    if (pending <= id) session.inFlight.delete(pending);
+  }
+  const now = performance.now();
+  if (sentAt !== undefined) session.lastLatency = now - sentAt;
+  session.delivered.push(now);
+  try {
+    const bitmap = await createImageBitmap(new Blob([new Uint8Array(buffer, HEADER_BYTES)], { type: "image/jpeg" }));
+    session.pendingBitmap?.close(); // a newer frame arrived before the last was drawn: drop the older
+    session.pendingBitmap = bitmap;
+  } catch (error) {
+    console.warn("undecodable output frame", id, error);
+  }
+}
+
+function onText(data) {
+  let message;
+  try {
+    message = JSON.parse(data);
+  } catch {
+    return;
+  }
+  switch (message.type) {
+    case "warming":
+      setStatus("warming");
+      break;
+    case "ready":
+      session.ready = true;
+      session.reconnectAttempt = 0;
+      ui.engine.hidden = !message.preview;
+      ui.engine.textContent = message.preview ? "PREVIEW · CPU filters" : message.model;
+      setStatus("streaming", message.preview ? "(preview engine — no GPU model)" : "");
+      sendParams();
+      break;
+    case "usage":
+      session.secondsRemaining = message.seconds_remaining;
+      session.usageAt = performance.now();
+      break;
+    case "error":
+      console.warn("worker error", message.code, message.message);
+      if (message.code === "render_failed") setStatus("streaming", "(a frame failed to render)");
+      break;
+    default:
+      break;
+  }
+}
+
+// ---------------------------------------------------------------- connection
+
+async function fetchTicket() {
+  const response = await fetch(root.dataset.ticketUrl, {
+    method: "POST",
+    headers: { "x-csrftoken": csrfToken, accept: "application/json" },
+    credentials: "same-origin",
+  });
+  if (response.status === 402) return { outOfMinutes: true };
+  if (response.status === 401) {
+    window.location.assign(`/sign-in?next=${encodeURIComponent(location.pathname)}`);
+    throw new Error("signed out");
+  }
+  if (!response.ok) throw new Error(`ticket request failed: ${response.status}`);
+  return response.json();
+}
+
+async function connect() {
+  setStatus(session.reconnectAttempt ? "reconnecting" : "connecting");
+  let ticket;
+  try {
+    ticket = await fetchTicket();
+  } catch (error) {
+    console.warn(error);
+    return scheduleReconnect();
+  }
+  if (!session.wanted) return;
+  if (ticket.outOfMinutes) return outOfMinutes();
+  const socket = new WebSocket(ticket.url);
+  socket.binaryType = "arraybuffer";
+  session.socket = socket;
+  session.ready = false;
+  session.inFlight.clear();
+  socket.addEventListener("open", () => socket.send(JSON.stringify({ type: "hello", ticket: ticket.ticket })));
+  socket.addEventListener("message", (event) => {
+    if (socket !== session.socket) return;
+    if (typeof event.data === "string") onText(event.data);
+    else onBinary(event.data);
+  });
+  socket.addEventListener("close", (event) => onClose(socket, event));
+}
+
+function onClose(socket, event) {
+  if (socket !== session.socket) return;
+  session.socket = null;
+  session.ready = false;
+  session.inFlight.clear();
+  htmx.trigger(document.body, "usage-refresh");
+  if (event.code === CLOSE_ALLOWANCE_USED) return outOfMinutes();
+  if (!session.wanted || event.code === CLOSE_NORMAL) return;
+  scheduleReconnect();
+}
+
+function scheduleReconnect() {
+  if (!session.wanted) return;
+  const delay = Math.min(10_000, 500 * 2 ** session.reconnectAttempt) * (0.75 + Math.random() * 0.5);
+  session.reconnectAttempt += 1;
+  setStatus("reconnecting");
+  clearTimeout(session.reconnectTimer);
+  session.reconnectTimer = setTimeout(connect, delay);
+}
+
+// ---------------------------------------------------------------- params
+
+function currentParams() {
+  const seed = Number.parseInt(ui.seed.value, 10);
+  return {
+    type: "params",
+    prompt: ui.prompt.value.trim().slice(0, 500) || root.dataset.defaultPrompt,
+    steps: Number.parseInt(ui.steps.value, 10),
+    seed: Number.isFinite(seed) && seed >= 0 ? Math.min(seed, 0xffffffff) : 0,
+  };
+}
+
+function sendParams() {
+  const socket = session.socket;
+  if (socket && socket.readyState === WebSocket.OPEN && session.ready) {
+    socket.send(JSON.stringify(currentParams()));
+  }
+}
+
+let paramsTimer = 0;
+function sendParamsSoon() {
+  clearTimeout(paramsTimer);
+  paramsTimer = setTimeout(sendParams, PARAMS_DEBOUNCE_MS);
+}
+
+function choosePreset(button) {
+  for (const other of ui.presets) other.setAttribute("aria-pressed", String(other === button));
+  ui.prompt.value = button.dataset.prompt;
+  clearTimeout(paramsTimer);
+  sendParams(); // a click is deliberate: no need to wait
+}
+
+// ---------------------------------------------------------------- start / stop
+
+async function start() {
+  if (session.wanted) return;
+  session.wanted = true;
+  session.reconnectAttempt = 0;
+  updateControls();
+  try {
+    await openCamera();
+  } catch (error) {
+    session.wanted = false;
+    updateControls();
+    setStatus("error", "Camera unavailable — allow camera access and try again.");
+    console.warn(error);
+    return;
+  }
+  requestAnimationFrame(captureLoop);
+  connect();
+}
+
+function stop(finalState = "idle") {
+  session.wanted = false;
+  clearTimeout(session.reconnectTimer);
+  const socket = session.socket;
+  session.socket = null;
+  session.ready = false;
+  session.inFlight.clear();
+  if (socket && socket.readyState <= WebSocket.OPEN) socket.close(CLOSE_NORMAL, "stopped");
+  if (session.recorder) stopRecording();
+  closeCamera();
+  setStatus(finalState);
+  updateControls();
+  htmx.trigger(document.body, "usage-refresh");
+}
+
+function outOfMinutes() {
+  stop("out-of-minutes");
+  session.secondsRemaining = 0;
+  htmx.ajax("GET", "/partials/plan-cards", { target: "#paywall-plans", swap: "innerHTML" });
+  if (!ui.paywall.open) ui.paywall.showModal();
+}
+
+// ---------------------------------------------------------------- record and snapshot
+
+function download(blob, filename) {
+  const url = URL.createObjectURL(blob);
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = filename;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
+function timestamp() {
+  return new Date().toISOString().replace(/[:.]/g, "-").slice(0, 19);
+}
+
+function snapshot() {
+  output.toBlob((blob) => blob && download(blob, `stylecast-${timestamp()}.png`), "image/png");
+}
+
+function pickRecordingType() {
+  const candidates = ["video/webm;codecs=vp9", "video/webm;codecs=vp8", "video/webm"];
+  return candidates.find((type) => MediaRecorder.isTypeSupported(type)) ?? "";
+}
+
+function startRecording() {
+  const mimeType = pickRecordingType();
+  const recorder = new MediaRecorder(output.captureStream(30), mimeType ? { mimeType } : undefined);
+  const chunks = [];
+  recorder.addEventListener("dataavailable", (event) => event.data.size && chunks.push(event.data));
+  recorder.addEventListener("stop", () => {
+    download(new Blob(chunks, { type: recorder.mimeType || "video/webm" }), `stylecast-${timestamp()}.webm`);
+  });
+  recorder.start(1000);
+  session.recorder = recorder;
+  ui.record.setAttribute("aria-pressed", "true");
+  ui.record.textContent = "Stop recording";
+  ui.rec.hidden = false;
+}
+
+function stopRecording() {
+  session.recorder?.stop();
+  session.recorder = null;
+  ui.record.setAttribute("aria-pressed", "false");
+  ui.record.textContent = "Record";
+  ui.rec.hidden = true;
+  updateControls();
+}
+
+// ---------------------------------------------------------------- wiring
+
+ui.start.addEventListener("click", start);
+ui.stop.addEventListener("click", () => stop());
+ui.snapshot.addEventListener("click", snapshot);
+ui.record.addEventListener("click", () => (session.recorder ? stopRecording() : startRecording()));
+ui.prompt.addEventListener("input", () => {
+  for (const preset of ui.presets) preset.setAttribute("aria-pressed", String(preset.dataset.prompt === ui.prompt.value));
+  sendParamsSoon();
+});
+ui.steps.addEventListener("change", sendParams);
+ui.seed.addEventListener("change", sendParams);
+ui.reseed.addEventListener("click", () => {
+  ui.seed.value = String(Math.floor(Math.random() * 0xffffffff));
+  sendParams();
+});
+for (const button of ui.presets) button.addEventListener("click", () => choosePreset(button));
+window.addEventListener("pagehide", () => session.wanted && stop());
+
+setStatus("idle");
+updateControls();
