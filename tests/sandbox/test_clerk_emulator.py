@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -273,6 +274,9 @@ def test_errors_surface_as_the_sdks_typed_clerk_errors(sandbox: Sandbox) -> None
         with pytest.raises(models.ClerkErrors) as junk:
             await clerk.users.create_async(email_address=["not an address"])
         errors["junk"] = junk.value
+        with pytest.raises(models.ClerkErrors) as bad_order:
+            await clerk.users.list_async(request={"order_by": "-shoe_size"})
+        errors["bad_order"] = bad_order.value
         return errors
 
     errors = sandbox.call(body)
@@ -284,6 +288,8 @@ def test_errors_surface_as_the_sdks_typed_clerk_errors(sandbox: Sandbox) -> None
     assert error_codes(errors["duplicate"]) == ["form_identifier_exists"]
     assert errors["duplicate"].data.errors[0].meta == {"param_name": "email_address"}
     assert error_codes(errors["junk"]) == ["form_param_format_invalid"]
+    assert errors["bad_order"].raw_response.status_code == 422
+    assert errors["bad_order"].data.errors[0].meta == {"param_name": "order_by"}
     assert "clerk_trace_id" in json.loads(errors["duplicate"].body)
 
 
@@ -387,19 +393,14 @@ def test_find_or_create_user_by_email_is_idempotent(sandbox: Sandbox) -> None:
 
 
 def test_find_or_create_rejects_junk_before_calling_clerk(sandbox: Sandbox) -> None:
-    for junk in [
-        "",
-        "   ",
-        "no-at-sign",
-        "a@b",
-        "a@@b.com",
-        "a b@c.com",
-        "@example.com",
-        "x@.com",
-        "x@a..com",
-    ]:
-        with pytest.raises(ValueError, match="not a valid email address"):
-            sandbox.call(lambda clerk, junk=junk: find_or_create_user_by_email(clerk, junk))
+    junk = ["", "   ", "no-at-sign", "a@b", "a@@b.com", "a b@c.com", "@example.com", "x@.com", "x@a..com"]
+
+    async def body(clerk: Clerk) -> None:
+        for address in junk:
+            with pytest.raises(ValueError, match="not a valid email address"):
+                await find_or_create_user_by_email(clerk, address)
+
+    sandbox.call(body)
     assert sandbox.emulator.request_count == 0
 
 
@@ -422,17 +423,23 @@ def test_client_does_not_retry_a_dead_server() -> None:
 
 
 def test_client_gives_up_after_its_timeout() -> None:
+    release = threading.Event()
+
     @get("/sandbox/clerk/v1/users")
-    async def slow() -> list[Any]:
-        await asyncio.sleep(0.8)
+    async def stuck() -> list[Any]:
+        # Answers only once the test is done, so a client that waited would hang well past the bound.
+        await asyncio.to_thread(release.wait, 10)
         return []
 
     async def body(api_url: str) -> None:
         async with create_clerk_client(SECRET, api_url, timeout_ms=150) as clerk:
             await clerk.users.list_async()
 
-    with serve(Litestar(route_handlers=[slow])) as base_url:
-        started = time.monotonic()
-        with pytest.raises(httpx.TimeoutException):
-            asyncio.run(body(base_url + API_PATH))
-        assert time.monotonic() - started < 0.6
+    with serve(Litestar(route_handlers=[stuck])) as base_url:
+        try:
+            started = time.monotonic()
+            with pytest.raises(httpx.TimeoutException):
+                asyncio.run(body(base_url + API_PATH))
+            assert time.monotonic() - started < 2
+        finally:
+            release.set()
