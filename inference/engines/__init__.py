@@ -1,0 +1,64 @@
+"""Engines by name. Each is imported only when chosen, so the preview worker (and the web app that mounts
+it) never imports torch or diffusers."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from inference.engines.base import Engine
+
+if TYPE_CHECKING:
+    from inference.config import WorkerConfig
+
+
+def _preview(config: WorkerConfig) -> Engine:
+    module = importlib.import_module("inference.engines.preview")
+    return module.create_preview_engine(config)
+
+
+def flux2_options(config: WorkerConfig) -> dict[str, Any]:
+    """The worker's settings as `create_flux2_engine` keyword options; unset ones keep the engine's
+    defaults."""
+    options: dict[str, Any] = {
+        "model": config.model_path or config.model_id,
+        "steps": config.default_steps,
+        "max_batch": config.max_batch,
+        "compile": config.compile,
+        "random_weights": config.weights == "random",
+        "tiny": config.weights == "tiny",
+    }
+    optional = {"cache_dir": config.cache_dir, "device": config.device, "dtype": config.dtype}
+    options.update({name: value for name, value in optional.items() if value is not None})
+    return options
+
+
+def _flux2(config: WorkerConfig) -> Engine:
+    module = importlib.import_module("inference.engines.flux2")  # imports torch and diffusers
+    return module.create_flux2_engine(**flux2_options(config))
+
+
+# name -> factory taking the WorkerConfig and returning an Engine that is not yet warmed up.
+ENGINES: Final[dict[str, Callable[[WorkerConfig], Engine]]] = {"preview": _preview, "flux2": _flux2}
+
+
+def create_engine(config: WorkerConfig) -> Engine:
+    """Build the engine named by config.engine. Importing an engine's stack can take seconds, so the
+    worker calls this from its render thread, never from the event loop."""
+    try:
+        factory = ENGINES[config.engine]
+    except KeyError:
+        raise ValueError(f"unknown engine {config.engine!r}; choose one of {', '.join(ENGINES)}") from None
+    engine = factory(config)
+    if not isinstance(engine, Engine):
+        raise TypeError(
+            f"engine {config.engine!r} is a {type(engine).__name__}, which does not implement Engine"
+        )
+    return engine
+
+
+def is_preview(engine: Engine) -> bool:
+    """Whether the engine's pixels are a stand-in for the model (shown as such to the user). An engine may
+    say so with a `preview` attribute; the classical-filter engine is always one."""
+    return bool(getattr(engine, "preview", engine.name == "preview"))

@@ -1,0 +1,138 @@
+"""Every setting of the GPU worker, read from the environment in one place.
+
+The web app builds a `WorkerConfig` from its own settings when it serves the worker in-process (sandbox);
+the standalone worker (`python -m inference`) reads it with `load_worker_config()`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+from inference.protocol import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS
+
+ENGINE_NAMES: Final = ("preview", "flux2")
+# HS256 keys shorter than the hash output weaken the signature; PyJWT warns below 32 bytes too.
+MIN_SECRET_BYTES: Final = 32
+DEFAULT_MODEL_ID: Final = "black-forest-labs/FLUX.2-klein-4B"
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class WorkerConfigError(Exception):
+    """The environment does not describe a worker that can start."""
+
+
+class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    stream_secret: str  # shared with the app: verifies tickets, signs usage reports
+    engine: str = "preview"  # a name in inference.engines.ENGINES
+    worker_id: str = msgspec.field(default_factory=socket.gethostname)
+    # The app's `POST /api/usage/report`; None turns usage reporting off.
+    usage_report_url: str | None = None
+    usage_report_interval_seconds: PositiveFloat = 5.0
+    # First retry delay of a failed usage report; doubles per attempt up to usage_retry_max_seconds.
+    usage_retry_base_seconds: PositiveFloat = 0.5
+    usage_retry_max_seconds: PositiveFloat = 8.0
+    # How many times the end-of-stream (final) report is attempted before it is given up and logged.
+    usage_final_attempts: int = 8
+    # How long a client may take to send `hello` after connecting.
+    hello_timeout_seconds: PositiveFloat = 5.0
+
+    # Steps of a session that has not chosen any.
+    default_steps: int = DEFAULT_STEPS
+
+    # FLUX.2 engine: a Hugging Face repo id, or a local directory that wins over it when set.
+    model_id: str = DEFAULT_MODEL_ID
+    model_path: str | None = None
+    cache_dir: str | None = None  # where weights are downloaded; a persistent volume in production
+    max_batch: int = 4
+    device: str | None = None  # "cuda", "cuda:1", "cpu"; None: CUDA when available
+    dtype: str | None = None  # "bfloat16", "float16", "float32"; None: the engine's default for the device
+    compile: bool = False  # torch.compile the transformer: slower start, faster frames
+    # "pretrained": the checkpoint; "random": klein-4B's architecture with random weights (benchmarks
+    # without the download); "tiny": a tiny random model that runs on a CPU (tests).
+    weights: Literal["pretrained", "random", "tiny"] = "pretrained"
+
+    # Preview engine: sleep this long per render call and during warm-up, so browser tests can simulate a
+    # slow engine and a slow model load.
+    preview_delay_seconds: float = 0.0
+    preview_warmup_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINE_NAMES:
+            raise WorkerConfigError(f"INFERENCE_ENGINE must be one of {', '.join(ENGINE_NAMES)}")
+        if not MIN_STEPS <= self.default_steps <= MAX_STEPS:
+            raise WorkerConfigError(f"DEFAULT_STEPS must be between {MIN_STEPS} and {MAX_STEPS}")
+        if self.max_batch < 1:
+            raise WorkerConfigError("MAX_BATCH must be at least 1")
+        if self.preview_delay_seconds < 0 or self.preview_warmup_seconds < 0:
+            raise WorkerConfigError("PREVIEW_DELAY_MS and PREVIEW_WARMUP_MS must be >= 0")
+        if self.usage_final_attempts < 1:
+            raise WorkerConfigError("usage_final_attempts must be at least 1")
+
+
+# Environment variable -> field, for everything optional.
+_OPTIONAL_ENV: Final = {
+    "INFERENCE_ENGINE": "engine",
+    "WORKER_ID": "worker_id",
+    "USAGE_REPORT_URL": "usage_report_url",
+    "USAGE_REPORT_INTERVAL_SECONDS": "usage_report_interval_seconds",
+    "FLUX2_MODEL_ID": "model_id",
+    "FLUX2_MODEL_PATH": "model_path",
+    "MODEL_CACHE_DIR": "cache_dir",
+    "DEFAULT_STEPS": "default_steps",
+    "MAX_BATCH": "max_batch",
+    "FLUX2_DEVICE": "device",
+    "FLUX2_DTYPE": "dtype",
+    "FLUX2_COMPILE": "compile",
+    "FLUX2_WEIGHTS": "weights",
+}
+
+
+def load_worker_config(environ: Mapping[str, str] | None = None, **overrides: object) -> WorkerConfig:
+    """Read the worker's settings; keyword overrides (the CLI's options) win over the environment."""
+    env = os.environ if environ is None else environ
+
+    def get(name: str) -> str:
+        return env.get(name, "").strip()
+
+    missing = [name for name in ("STREAM_SECRET",) if not get(name)]
+    if missing:
+        raise WorkerConfigError(
+            f"Missing required environment variables: {', '.join(missing)}. STREAM_SECRET must be the same "
+            "value the web app uses to issue stream tickets."
+        )
+    secret = get("STREAM_SECRET")
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise WorkerConfigError(f"STREAM_SECRET must be at least {MIN_SECRET_BYTES} bytes long")
+
+    values: dict[str, object] = {"stream_secret": secret}
+    for variable, field in _OPTIONAL_ENV.items():
+        if get(variable):
+            values[field] = get(variable)
+    for variable, field in (
+        ("PREVIEW_DELAY_MS", "preview_delay_seconds"),
+        ("PREVIEW_WARMUP_MS", "preview_warmup_seconds"),
+    ):
+        if get(variable):
+            values[field] = _number(variable, get(variable)) / 1000
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        # strict=False converts the environment's strings to the fields' numbers.
+        return msgspec.convert(values, WorkerConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        for variable, field in _OPTIONAL_ENV.items():  # name the variable the operator set, not the field
+            message = message.replace(f"`$.{field}`", variable)
+        raise WorkerConfigError(f"Invalid worker setting: {message}") from exc
+
+
+def _number(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise WorkerConfigError(f"{name} must be a number") from exc

@@ -1,0 +1,182 @@
+"""The worker's wire protocol, defined once: WebSocket messages, binary frame framing, close codes and the
+usage report the worker posts to the app. docs/protocol.md describes the same thing for humans and JS.
+
+Text messages are JSON objects tagged by their "type" field. Binary messages are video frames: an 8-byte
+little-endian header followed by JPEG bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum, StrEnum
+from typing import Annotated, Final
+
+import msgspec
+
+# Limits a client must respect; anything beyond is answered with an `error` and the session goes on.
+MAX_PROMPT_CHARS: Final = 500
+MIN_STEPS: Final = 1
+MAX_STEPS: Final = 4
+DEFAULT_STEPS: Final = 2
+MAX_SEED: Final = 2**32 - 1  # every UI and generator agrees on uint32; larger values lose precision in JS
+MAX_FRAME_JPEG_BYTES: Final = 1024 * 1024
+MAX_TEXT_MESSAGE_BYTES: Final = 16 * 1024  # a 500-char prompt is at most ~3 KiB of escaped JSON
+
+# Binary frame header, both directions: uint32 frame id, uint32 "milliseconds" (little-endian).
+# Input frames: the client picks the id (the worker echoes it) and sends 0 as the second word.
+# Output frames: the id of the input frame they were rendered from, and how long the render took.
+FRAME_HEADER: Final = struct.Struct("<II")
+FRAME_HEADER_BYTES: Final = FRAME_HEADER.size
+MAX_FRAME_ID: Final = 2**32 - 1
+
+Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+Steps = Annotated[int, msgspec.Meta(ge=MIN_STEPS, le=MAX_STEPS)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class CloseCode(IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001  # the worker is shutting down; reconnect with a new ticket
+    INTERNAL_ERROR = 1011  # the engine failed to load; the worker cannot render
+    BAD_TICKET = 4401  # first message was not a valid, unexpired, unused `hello` ticket
+    ALLOWANCE_USED = 4402  # the ticket's allowance of billable seconds is used up
+    HELLO_TIMEOUT = 4408  # no `hello` within HELLO_TIMEOUT_SECONDS of connecting
+
+
+class ErrorCode(StrEnum):
+    """Stable codes of `error` messages. None of them ends the session."""
+
+    BAD_JSON = "bad_json"  # a text message that is not a JSON object with a string "type"
+    UNKNOWN_TYPE = "unknown_type"  # a "type" this worker does not know
+    BAD_PARAMS = "bad_params"  # a `params` message with an invalid field; nothing of it was applied
+    UNEXPECTED_HELLO = "unexpected_hello"  # `hello` after the session was already authenticated
+    MESSAGE_TOO_LARGE = "message_too_large"  # a text message over MAX_TEXT_MESSAGE_BYTES
+    BAD_FRAME = "bad_frame"  # a binary message shorter than the frame header
+    NOT_JPEG = "not_jpeg"  # the frame's payload is not a baseline/progressive JPEG
+    FRAME_TOO_LARGE = "frame_too_large"  # over MAX_FRAME_JPEG_BYTES, or pixel dimensions too large
+    RENDER_FAILED = "render_failed"  # the engine could not render this frame; later frames may work
+
+
+# ---- client -> worker (text) ----
+
+
+class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True):
+    """Must be the first message, within HELLO_TIMEOUT_SECONDS."""
+
+    ticket: str
+
+
+class Params(msgspec.Struct, tag="params", tag_field="type", frozen=True):
+    """Style settings for the frames sent after it. Omitted (or null) fields keep their current value."""
+
+    prompt: Prompt | None = None
+    steps: Steps | None = None
+    seed: Seed | None = None
+
+
+ClientMessage = Hello | Params
+
+
+# ---- worker -> client (text) ----
+
+
+class Warming(msgspec.Struct, tag="warming", tag_field="type", frozen=True):
+    """The model is loading. Frames sent now are kept (the latest one) and rendered once ready; not billed."""
+
+
+class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True):
+    engine: str  # "preview", "flux2"
+    model: str  # human label of what produces the pixels, e.g. "FLUX.2 [klein] 4B"
+    worker_id: str
+    preview: bool  # True: classical filters standing in for the model; the UI must say so
+
+
+class Usage(msgspec.Struct, tag="usage", tag_field="type", frozen=True):
+    seconds_used: int  # billable seconds of this stream so far
+    seconds_remaining: int  # of the ticket's allowance
+
+
+class Error(msgspec.Struct, tag="error", tag_field="type", frozen=True):
+    code: ErrorCode
+    message: str
+
+
+ServerMessage = Warming | Ready | Usage | Error
+
+
+# ---- worker -> app (HTTP) ----
+
+
+class UsageReport(msgspec.Struct, frozen=True, kw_only=True):
+    """Body of `POST USAGE_REPORT_URL`. `seconds` is CUMULATIVE for the stream: the app keeps the maximum
+    it has seen per stream_id, so retries, reordering and duplicates can never double-bill."""
+
+    stream_id: str
+    user_id: str
+    worker_id: str
+    seconds: NonNegative
+    final: bool  # the stream has ended; no further report for this stream_id follows
+    sent_at: float  # worker's Unix time when this attempt was signed
+
+
+# ---- codecs ----
+
+_client_decoder: Final = msgspec.json.Decoder(ClientMessage)
+_encoder: Final = msgspec.json.Encoder()
+_CLIENT_TYPES: Final = frozenset({"hello", "params"})
+
+
+class ProtocolError(Exception):
+    """A client message the worker rejects; `code` is what the client is told."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def decode_client_message(data: str | bytes) -> Hello | Params:
+    """Parse one text message, classifying failures into the stable error codes."""
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > MAX_TEXT_MESSAGE_BYTES:
+        raise ProtocolError(
+            ErrorCode.MESSAGE_TOO_LARGE, f"text messages are limited to {MAX_TEXT_MESSAGE_BYTES} bytes"
+        )
+    try:
+        return _client_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        # Valid JSON of the wrong shape: tell "what is this type?" apart from "bad field of a known type".
+        loose = msgspec.json.decode(raw)
+        kind = loose.get("type") if isinstance(loose, dict) else None
+        if not isinstance(kind, str):
+            raise ProtocolError(ErrorCode.BAD_JSON, 'expected a JSON object with a string "type"') from exc
+        if kind not in _CLIENT_TYPES:
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}") from exc
+        code = ErrorCode.BAD_PARAMS if kind == "params" else ErrorCode.BAD_JSON
+        raise ProtocolError(code, f"invalid {kind!r} message: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from exc
+
+
+def encode_message(message: ServerMessage | ClientMessage) -> str:
+    return _encoder.encode(message).decode()
+
+
+def decode_server_message(data: str | bytes) -> Warming | Ready | Usage | Error:
+    """For clients written in Python (tests, load generators)."""
+    return msgspec.json.decode(data, type=ServerMessage)
+
+
+def pack_frame(frame_id: int, jpeg: bytes, milliseconds: int = 0) -> bytes:
+    return FRAME_HEADER.pack(frame_id, min(max(milliseconds, 0), MAX_FRAME_ID)) + jpeg
+
+
+def unpack_frame(data: bytes) -> tuple[int, int, bytes]:
+    """(frame_id, milliseconds, jpeg); raises ProtocolError(BAD_FRAME) when there is no header."""
+    if len(data) < FRAME_HEADER_BYTES:
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, f"binary messages start with a {FRAME_HEADER_BYTES}-byte frame header"
+        )
+    frame_id, milliseconds = FRAME_HEADER.unpack_from(data)
+    return frame_id, milliseconds, data[FRAME_HEADER_BYTES:]

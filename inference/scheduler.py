@@ -1,0 +1,149 @@
+"""The render loop: one per process, in one dedicated thread, so the asyncio loop never blocks on the engine
+and a GPU engine sees every call from the same thread.
+
+Each session has at most one pending frame. A newer frame replaces an unrendered one (latest frame wins),
+so a slow engine shows the freshest picture with bounded latency instead of working through a backlog.
+Every iteration renders the pending frames of all waiting sessions as one batch (up to engine.max_batch),
+first come first served: a session that was just served queues behind everyone already waiting, which is
+round-robin when there are more sessions than batch slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from inference.engines.base import Engine, FrameJob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderResult:
+    job: FrameJob
+    jpeg: bytes | None  # None when rendering this frame failed
+    render_ms: int  # wall time of the engine call that produced it
+    error: str | None = None
+
+
+Deliver = Callable[[RenderResult], None]  # called on the event loop
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerHooks:
+    """Called on the event loop when the engine's state changes, and in the render thread per batch."""
+
+    on_ready: Callable[[Engine], None]
+    on_failed: Callable[[BaseException], None]
+    on_batch: Callable[[int, float], None] = lambda size, seconds: None
+
+
+class Scheduler:
+    def __init__(self, engine_factory: Callable[[], Engine]) -> None:
+        self._engine_factory = engine_factory
+        self._cond = threading.Condition()
+        self._pending: OrderedDict[str, tuple[FrameJob, Deliver]] = OrderedDict()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._hooks: SchedulerHooks | None = None
+        self.engine: Engine | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, hooks: SchedulerHooks) -> None:
+        if self._thread is not None:
+            raise RuntimeError("scheduler already started")
+        self._loop = loop
+        self._hooks = hooks
+        self._thread = threading.Thread(target=self._run, name="render-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: FrameJob, deliver: Deliver) -> bool:
+        """Make `job` its session's pending frame; True when it replaced one that was never rendered."""
+        with self._cond:
+            replaced = job.session_id in self._pending
+            # Assigning to an existing key keeps its place in line: replacing a frame does not lose a turn.
+            self._pending[job.session_id] = (job, deliver)
+            self._cond.notify()
+        return replaced
+
+    def cancel(self, session_id: str) -> None:
+        with self._cond:
+            self._pending.pop(session_id, None)
+
+    @property
+    def pending_count(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in flight and end the thread. Blocking: call it via asyncio.to_thread."""
+        with self._cond:
+            self._stopping = True
+            self._pending.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- render thread ----
+
+    def _run(self) -> None:
+        assert self._hooks is not None
+        try:
+            engine = self._engine_factory()
+            started = time.perf_counter()
+            engine.warm_up()
+            log.info(
+                "engine %s (%s) ready in %.1f s", engine.name, engine.model, time.perf_counter() - started
+            )
+        except BaseException as exc:
+            log.exception("engine failed to load")
+            self._call_soon(self._hooks.on_failed, exc)
+            return
+        self.engine = engine
+        self._call_soon(self._hooks.on_ready, engine)
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch = [
+                    self._pending.popitem(last=False)[1]
+                    for _ in range(min(engine.max_batch, len(self._pending)))
+                ]
+            self._render(engine, batch)
+
+    def _render(self, engine: Engine, batch: list[tuple[FrameJob, Deliver]]) -> None:
+        assert self._hooks is not None
+        started = time.perf_counter()
+        try:
+            outputs = engine.render([job for job, _ in batch])
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"engine returned {len(outputs)} frames for a batch of {len(batch)}")
+        except Exception as exc:
+            if len(batch) > 1:
+                # One bad frame must not cost everyone else theirs: retry one by one to isolate it.
+                for item in batch:
+                    self._render(engine, [item])
+                return
+            job, deliver = batch[0]
+            log.warning("render failed for session %s frame %d: %s", job.session_id, job.frame_id, exc)
+            self._call_soon(deliver, RenderResult(job, None, 0, error=str(exc) or type(exc).__name__))
+            return
+        seconds = time.perf_counter() - started
+        self._hooks.on_batch(len(batch), seconds)
+        render_ms = round(seconds * 1000)
+        for (job, deliver), jpeg in zip(batch, outputs, strict=True):
+            self._call_soon(deliver, RenderResult(job, jpeg, render_ms))
+
+    def _call_soon(self, callback: Callable[..., object], *args: object) -> None:
+        assert self._loop is not None
+        # RuntimeError: the event loop is closed, the process is shutting down.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)

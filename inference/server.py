@@ -1,0 +1,72 @@
+"""HTTP/WebSocket surface of the worker.
+
+* `worker_router(worker)`: the `/ws` stream endpoint, for the standalone worker and for the web app, which
+  mounts it in its own process in sandbox mode (and then starts/stops the Worker in its lifespan).
+* `worker_ops_router(worker)`: `/health` and Prometheus `/metrics`.
+* `create_inference_app(config)`: the standalone worker app, both routers plus the Worker's lifecycle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+from litestar import Litestar, Response, Router, get, websocket
+from litestar.connection import WebSocket
+from litestar.datastructures import State
+
+from inference.config import WorkerConfig
+from inference.engines.base import Engine
+from inference.metering import Clock
+from inference.metrics import METRICS_CONTENT_TYPE
+from inference.worker import Worker, WorkerStatus
+
+__all__ = ["Worker", "WorkerStatus", "create_inference_app", "worker_ops_router", "worker_router"]
+
+
+def worker_router(worker: Worker, *, path: str = "/") -> Router:
+    @websocket("/ws")
+    async def stream_socket(socket: WebSocket) -> None:
+        await worker.handle(socket)
+
+    return Router(path=path, route_handlers=[stream_socket])
+
+
+def worker_ops_router(worker: Worker, *, path: str = "/") -> Router:
+    @get("/health", sync_to_thread=False)
+    def health() -> Response[dict[str, object]]:
+        body: dict[str, object] = {
+            "status": worker.status.value,
+            "worker_id": worker.worker_id,
+            "engine": worker.engine.name if worker.engine else worker.config.engine,
+            "model": worker.engine.model if worker.engine else None,
+            "sessions": len(worker.sessions),
+        }
+        if worker.failure:
+            body["error"] = worker.failure
+        # 503 until warm, so a load balancer only routes streams to a worker that can render them.
+        return Response(body, status_code=200 if worker.status is WorkerStatus.READY else 503)
+
+    @get("/metrics", sync_to_thread=False)
+    def metrics() -> Response[bytes]:
+        return Response(worker.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    return Router(path=path, route_handlers=[health, metrics])
+
+
+def create_inference_app(
+    config: WorkerConfig,
+    *,
+    engine_factory: Callable[[], Engine] | None = None,
+    clock: Clock = time.time,
+    http_client: httpx.AsyncClient | None = None,
+) -> Litestar:
+    """The standalone worker. The Worker is at `app.state.worker`."""
+    worker = Worker(config, engine_factory=engine_factory, clock=clock, http_client=http_client)
+    return Litestar(
+        route_handlers=[worker_router(worker), worker_ops_router(worker)],
+        on_startup=[worker.start],
+        on_shutdown=[worker.stop],
+        state=State({"worker": worker}),
+    )

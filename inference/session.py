@@ -1,0 +1,302 @@
+"""One client's WebSocket session: authentication, per-session settings, frame intake, delivery, billing.
+
+Two tasks per connection: the handler's task reads from the socket, and a sender task owns every write
+(results, text messages, the close), so nothing writes to the socket concurrently and a slow client only
+delays its own frames. Results waiting for the sender are latest-wins too: at most one is ever held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from litestar.connection import WebSocket
+from litestar.exceptions import WebSocketDisconnect
+
+from inference.engines import is_preview
+from inference.engines.base import Engine, FrameJob
+from inference.imaging import ImageTooLarge, InvalidJpeg, inspect_jpeg
+from inference.metering import BillingMeter
+from inference.protocol import (
+    MAX_FRAME_JPEG_BYTES,
+    CloseCode,
+    Error,
+    ErrorCode,
+    Hello,
+    Params,
+    ProtocolError,
+    Ready,
+    ServerMessage,
+    Usage,
+    Warming,
+    decode_client_message,
+    encode_message,
+    pack_frame,
+    unpack_frame,
+)
+from inference.scheduler import RenderResult
+from inference.tickets import Ticket, TicketError, verify_ticket
+
+if TYPE_CHECKING:
+    from inference.usage import StreamUsage
+    from inference.worker import Worker
+
+log = logging.getLogger(__name__)
+
+# How often the sender wakes up without news, to notice an allowance that ran out while no frame came.
+TICK_SECONDS: Final = 0.2
+# Error messages queued beyond this are dropped: a client spamming garbage cannot grow our memory.
+MAX_QUEUED_MESSAGES: Final = 64
+# Close reasons are limited to 123 bytes by RFC 6455.
+MAX_CLOSE_REASON: Final = 120
+_session_ids = itertools.count(1)
+
+_SOCKET_ERRORS: Final = (WebSocketDisconnect, OSError, RuntimeError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    code: int
+    reason: str
+
+
+async def serve_connection(worker: Worker, socket: WebSocket) -> None:
+    """The whole life of one connection, from accept to close."""
+    await socket.accept()
+    ticket = await _authenticate(worker, socket)
+    if ticket is None:
+        return
+    await StreamSession(worker, socket, ticket).run()
+
+
+async def _close(socket: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(*_SOCKET_ERRORS):
+        await socket.close(code=code, reason=reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore"))
+
+
+async def _authenticate(worker: Worker, socket: WebSocket) -> Ticket | None:
+    """Wait for `hello`; close with 4408 (too slow) or 4401 (anything but a valid, unused ticket)."""
+    timeout = worker.config.hello_timeout_seconds
+    try:
+        event = await asyncio.wait_for(socket.receive(), timeout=timeout)
+    except TimeoutError:
+        await _close(socket, CloseCode.HELLO_TIMEOUT, f"send hello within {timeout:g} s")
+        return None
+    except WebSocketDisconnect:
+        return None
+    if event["type"] != "websocket.receive":
+        return None
+    text = event.get("text")
+    if text is None:
+        await _close(socket, CloseCode.BAD_TICKET, "the first message must be hello")
+        return None
+    try:
+        message = decode_client_message(text)
+    except ProtocolError:
+        message = None
+    if not isinstance(message, Hello):
+        await _close(socket, CloseCode.BAD_TICKET, "the first message must be hello")
+        return None
+    try:
+        ticket = verify_ticket(worker.config.stream_secret, message.ticket)
+    except TicketError as exc:
+        await _close(socket, CloseCode.BAD_TICKET, str(exc))
+        return None
+    if not worker.claim_ticket(ticket):
+        await _close(socket, CloseCode.BAD_TICKET, "ticket already used")
+        return None
+    return ticket
+
+
+class StreamSession:
+    def __init__(self, worker: Worker, socket: WebSocket, ticket: Ticket) -> None:
+        self.worker = worker
+        self.socket = socket
+        self.ticket = ticket
+        self.session_id = f"{ticket.stream_id}#{next(_session_ids)}"
+        self.meter = BillingMeter(ticket.allowance_seconds)
+        self.prompt = ""
+        self.steps = worker.config.default_steps
+        self.seed = 0
+        self._outbox: deque[ServerMessage | _Close] = deque()
+        self._result: RenderResult | None = None
+        self._wakeup = asyncio.Event()
+        self._finished = False
+        self._usage: StreamUsage | None = None
+        self.ended = asyncio.Event()
+
+    async def run(self) -> None:
+        worker = self.worker
+        worker.metrics.sessions.inc()
+        worker.sessions.add(self)
+        if worker.reporter is not None:
+            self._usage = worker.reporter.open(self.ticket, lambda: self.meter.seconds_used)
+        if worker.engine is not None:
+            self.engine_ready(worker.engine)
+        else:
+            self._queue(Warming())
+        sender = asyncio.create_task(self._send_loop(), name=f"send-{self.session_id}")
+        try:
+            await self._receive_loop()
+        finally:
+            self._finished = True
+            worker.scheduler.cancel(self.session_id)
+            self._wakeup.set()
+            # The sender exits on its own once it has written what is queued (a close, usually).
+            try:
+                await asyncio.wait_for(sender, timeout=2)
+            except (TimeoutError, asyncio.CancelledError):
+                sender.cancel()
+            if self._usage is not None:
+                self._usage.finish()
+            worker.sessions.discard(self)
+            worker.metrics.sessions.dec()
+            self.ended.set()
+
+    # ---- called by the worker, on the event loop ----
+
+    def engine_ready(self, engine: Engine) -> None:
+        worker = self.worker
+        self._queue(
+            Ready(
+                engine=engine.name, model=engine.model, worker_id=worker.worker_id, preview=is_preview(engine)
+            )
+        )
+        self._queue(self._usage_message())
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask the sender to close the socket after what is already queued."""
+        self._outbox.append(_Close(code, reason))
+        self._wakeup.set()
+
+    # ---- reading ----
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                event = await self.socket.receive()
+            except WebSocketDisconnect:
+                return
+            if event["type"] != "websocket.receive":
+                return
+            data = event.get("bytes")
+            if data is not None:
+                self._on_frame(data)
+                continue
+            text = event.get("text")
+            if text is not None:
+                self._on_text(text)
+
+    def _on_text(self, text: str) -> None:
+        try:
+            message = decode_client_message(text)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message)
+            return
+        if isinstance(message, Params):
+            if message.prompt is not None:
+                self.prompt = message.prompt
+            if message.steps is not None:
+                self.steps = message.steps
+            if message.seed is not None:
+                self.seed = message.seed
+        else:
+            self._error(ErrorCode.UNEXPECTED_HELLO, "this session is already authenticated")
+
+    def _on_frame(self, data: bytes) -> None:
+        metrics = self.worker.metrics
+        metrics.frames_in.inc()
+        try:
+            frame_id, _, jpeg = unpack_frame(data)
+            if len(jpeg) > MAX_FRAME_JPEG_BYTES:
+                raise ProtocolError(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"frame {frame_id} is {len(jpeg)} bytes; the limit is {MAX_FRAME_JPEG_BYTES}",
+                )
+            try:
+                inspect_jpeg(jpeg)
+            except ImageTooLarge as exc:
+                raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"frame {frame_id}: {exc}") from exc
+            except InvalidJpeg as exc:
+                raise ProtocolError(ErrorCode.NOT_JPEG, f"frame {frame_id}: {exc}") from exc
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message)
+            return
+        job = FrameJob(self.session_id, frame_id, jpeg, self.prompt, self.steps, self.seed)
+        if self.worker.scheduler.submit(job, self._on_rendered):
+            metrics.frames_dropped.labels("input").inc()
+
+    def _on_rendered(self, result: RenderResult) -> None:
+        if self._finished:
+            return
+        if self._result is not None:
+            self.worker.metrics.frames_dropped.labels("output").inc()
+        self._result = result
+        self._wakeup.set()
+
+    # ---- writing (sender task only) ----
+
+    def _queue(self, message: ServerMessage) -> None:
+        self._outbox.append(message)
+        self._wakeup.set()
+
+    def _error(self, code: ErrorCode, message: str) -> None:
+        self.worker.metrics.frame_errors.labels(code.value).inc()
+        if len(self._outbox) < MAX_QUEUED_MESSAGES:
+            self._queue(Error(code=code, message=message))
+
+    def _usage_message(self) -> Usage:
+        return Usage(seconds_used=self.meter.seconds_used, seconds_remaining=self.meter.seconds_remaining)
+
+    async def _send_loop(self) -> None:
+        clock = self.worker.clock
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=TICK_SECONDS)
+                self._wakeup.clear()
+                while self._outbox:
+                    item = self._outbox.popleft()
+                    if isinstance(item, _Close):
+                        await _close(self.socket, item.code, item.reason)
+                        return
+                    await self.socket.send_text(encode_message(item))
+                if self._finished:
+                    return
+                if self.meter.exhausted(clock()):
+                    await self._end_allowance()
+                    return
+                result, self._result = self._result, None
+                if result is not None and not await self._deliver(result):
+                    return
+        except _SOCKET_ERRORS:
+            return  # the client is gone; the receive loop sees the disconnect and cleans up
+
+    async def _deliver(self, result: RenderResult) -> bool:
+        """Send one result; False when the session has ended instead (allowance used up)."""
+        job = result.job
+        if result.jpeg is None:
+            self._error(
+                ErrorCode.RENDER_FAILED, f"frame {job.frame_id} could not be rendered: {result.error}"
+            )
+            return True
+        # Read the clock after the render: the second the user sees the frame in is the one billed.
+        now = self.worker.clock()
+        if self.meter.exhausted(now):
+            await self._end_allowance()
+            return False
+        await self.socket.send_bytes(pack_frame(job.frame_id, result.jpeg, result.render_ms))
+        self.worker.metrics.frames_out.inc()
+        if self.meter.record_delivery(now):
+            self.worker.metrics.billable_seconds.inc()
+            await self.socket.send_text(encode_message(self._usage_message()))
+        return True
+
+    async def _end_allowance(self) -> None:
+        await self.socket.send_text(encode_message(self._usage_message()))
+        await _close(self.socket, CloseCode.ALLOWANCE_USED, "allowance used up")

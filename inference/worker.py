@@ -1,0 +1,143 @@
+"""The worker's lifecycle: engine, render loop, usage reporter and the live sessions, in one object that
+either the standalone worker app or the web app (sandbox, in-process) starts and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from enum import StrEnum
+
+import httpx
+from litestar.connection import WebSocket
+
+from inference.config import WorkerConfig
+from inference.engines import create_engine
+from inference.engines.base import Engine
+from inference.metering import Clock
+from inference.metrics import WorkerMetrics
+from inference.protocol import CloseCode
+from inference.scheduler import Scheduler, SchedulerHooks
+from inference.session import StreamSession, serve_connection
+from inference.tickets import LEEWAY_SECONDS, Ticket
+from inference.usage import UsageReporter
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStatus(StrEnum):
+    STOPPED = "stopped"
+    WARMING = "warming"  # loading and warming the engine; clients are told `warming`
+    READY = "ready"
+    FAILED = "failed"  # the engine could not load; clients are closed with 1011
+
+
+class Worker:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        engine_factory: Callable[[], Engine] | None = None,
+        clock: Clock = time.time,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        """`engine_factory` defaults to the engine named in the config; `clock` is the billing clock;
+        `http_client` is what usage reports are posted with (one of the worker's own by default)."""
+        self.config = config
+        self.worker_id = config.worker_id
+        self.clock = clock
+        self.metrics = WorkerMetrics()
+        self._engine_factory = engine_factory or (lambda: create_engine(config))
+        self.scheduler = Scheduler(self._engine_factory)
+        self.reporter: UsageReporter | None = None
+        self._http_client = http_client
+        self.sessions: set[StreamSession] = set()
+        self.status = WorkerStatus.STOPPED
+        self.engine: Engine | None = None
+        self.failure: str | None = None
+        self._used_tickets: dict[str, int] = {}
+
+    async def start(self) -> None:
+        """Returns at once; the engine loads and warms up in the render thread."""
+        if self.status is not WorkerStatus.STOPPED:
+            return
+        if self.config.usage_report_url:
+            self.reporter = UsageReporter(
+                url=self.config.usage_report_url,
+                secret=self.config.stream_secret,
+                worker_id=self.worker_id,
+                interval=self.config.usage_report_interval_seconds,
+                retry_base=self.config.usage_retry_base_seconds,
+                retry_max=self.config.usage_retry_max_seconds,
+                final_attempts=self.config.usage_final_attempts,
+                client=self._http_client,
+            )
+        self.status = WorkerStatus.WARMING
+        self.engine = None
+        self.scheduler = Scheduler(self._engine_factory)  # a render thread runs once; restart gets a new one
+        hooks = SchedulerHooks(
+            on_ready=self._engine_ready, on_failed=self._engine_failed, on_batch=self.metrics.observe_batch
+        )
+        self.scheduler.start(asyncio.get_running_loop(), hooks)
+
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """Close every session (1001), stop the render loop, then flush final usage reports."""
+        if self.status is WorkerStatus.STOPPED:
+            return
+        for session in list(self.sessions):
+            session.close(CloseCode.GOING_AWAY, "worker shutting down")
+        if self.sessions:
+            waiters = [asyncio.ensure_future(session.ended.wait()) for session in self.sessions]
+            _, late = await asyncio.wait(waiters, timeout=3.0)
+            for waiter in late:
+                waiter.cancel()
+        await asyncio.to_thread(self.scheduler.stop, grace_seconds)
+        if self.reporter is not None:
+            await self.reporter.aclose(grace_seconds)
+        self.status = WorkerStatus.STOPPED
+        self.metrics.engine_ready.set(0)
+
+    async def handle(self, socket: WebSocket) -> None:
+        """Serve one WebSocket connection (the `/ws` route)."""
+        if self.status is WorkerStatus.STOPPED:
+            await socket.accept()
+            await socket.close(code=CloseCode.INTERNAL_ERROR, reason="worker not started")
+            return
+        if self.status is WorkerStatus.FAILED:
+            await socket.accept()
+            await socket.close(code=CloseCode.INTERNAL_ERROR, reason=self._failure_reason())
+            return
+        await serve_connection(self, socket)
+
+    def claim_ticket(self, ticket: Ticket) -> bool:
+        """One ticket, one connection: False if this ticket was already used on this worker."""
+        now = time.time()
+        # Forget tickets that could no longer verify anyway, so the memory stays bounded.
+        expired = [jti for jti, expires_at in self._used_tickets.items() if expires_at + LEEWAY_SECONDS < now]
+        for jti in expired:
+            del self._used_tickets[jti]
+        if ticket.ticket_id in self._used_tickets:
+            return False
+        self._used_tickets[ticket.ticket_id] = ticket.expires_at
+        return True
+
+    # ---- render-thread callbacks, delivered on the event loop ----
+
+    def _engine_ready(self, engine: Engine) -> None:
+        if self.status is not WorkerStatus.WARMING:
+            return
+        self.engine = engine
+        self.status = WorkerStatus.READY
+        self.metrics.engine_ready.set(1)
+        for session in list(self.sessions):
+            session.engine_ready(engine)
+
+    def _engine_failed(self, exc: BaseException) -> None:
+        self.status = WorkerStatus.FAILED
+        self.failure = f"{type(exc).__name__}: {exc}"
+        for session in list(self.sessions):
+            session.close(CloseCode.INTERNAL_ERROR, self._failure_reason())
+
+    def _failure_reason(self) -> str:
+        return f"engine failed to load: {self.failure}"
