@@ -25,8 +25,9 @@ from app.auth import (
 from app.routes.pages import PagesController
 from app.routes.session import SessionController
 from app.security import SecurityHeadersMiddleware, csrf_config
-from app.services import services_lifespan
+from app.services import in_process_worker, services_lifespan
 from app.settings import Settings, load_settings
+from inference.server import worker_router
 
 PACKAGE_DIR = Path(__file__).parent
 TEMPLATES_DIR = PACKAGE_DIR / "templates"
@@ -48,6 +49,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         clerk_emulator = ClerkEmulator(settings.state_dir / "clerk-users.json", settings.clerk_secret_key)
         state["clerk_emulator"] = clerk_emulator
         route_handlers.append(clerk_emulator.router)
+
+    if settings.inference_url is None:
+        # No remote worker: serve the worker's /ws from this process (preview engine unless configured).
+        worker = in_process_worker(settings)
+        state["worker"] = worker
+        route_handlers.append(worker_router(worker))
 
     def template_globals(engine: JinjaTemplateEngine) -> None:
         engine.engine.globals.update(

@@ -37,6 +37,9 @@ LIVE_KEYS: tuple[str, ...] = (
 # Live mode also needs these: the secret shared with the GPU worker and the public origin.
 LIVE_ALSO_REQUIRED: tuple[str, ...] = ("STREAM_SECRET", "APP_URL")
 
+# HS256 keys shorter than the hash output weaken ticket and report signatures.
+MIN_STREAM_SECRET_BYTES = 32
+
 SANDBOX_CLERK_PREFIX = "/sandbox/clerk/v1"
 SANDBOX_CHARGEBEE_PREFIX = "/sandbox/chargebee"
 SANDBOX_CHARGEBEE_SITE = "stylecast-sandbox"
@@ -217,6 +220,8 @@ def load_settings(
             "chargebee_webhook_password": get("CHARGEBEE_WEBHOOK_PASSWORD"),
         }
         stream_secret = get("STREAM_SECRET")
+        if len(stream_secret.encode()) < MIN_STREAM_SECRET_BYTES:
+            raise ConfigError(f"STREAM_SECRET must be at least {MIN_STREAM_SECRET_BYTES} bytes long")
         csrf_secret = get("CSRF_SECRET") or _derive_csrf_secret(stream_secret)
 
     try:

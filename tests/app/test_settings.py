@@ -22,7 +22,8 @@ def live_environment() -> dict[str, str]:
         "CHARGEBEE_API_KEY": "live_key",
         "CHARGEBEE_WEBHOOK_USERNAME": "hook",
         "CHARGEBEE_WEBHOOK_PASSWORD": "hook-password",
-        "STREAM_SECRET": "stream-secret-value",
+        "STREAM_SECRET": "stream-secret-value-that-is-long-enough-1234",
+        "INFERENCE_URL": "wss://worker.example.com/ws",
         "APP_URL": "https://stylecast.example.com/",
     }
 
@@ -87,7 +88,7 @@ def test_options_beat_environment_and_environment_beats_dotenv(tmp_path: Path) -
 def test_redacted_settings_hide_every_secret(tmp_path: Path) -> None:
     settings = load_settings(live_environment(), state_dir=tmp_path, dotenv=None)
     shown = repr(settings.redacted())
-    for secret in ("sk_live_x", "live_key", "hook-password", "stream-secret-value"):
+    for secret in ("sk_live_x", "live_key", "hook-password", "stream-secret-value-that"):
         assert secret not in shown
 
 
@@ -111,3 +112,9 @@ def test_python_m_app_refuses_half_configured_environment(tmp_path: Path) -> Non
     assert "CLERK_PUBLISHABLE_KEY" in result.stderr
     assert "CHARGEBEE_WEBHOOK_PASSWORD" in result.stderr
     assert "sk_test_only_this" not in result.stderr  # the secret itself is never echoed
+
+
+def test_live_stream_secret_must_be_long_enough(tmp_path: Path) -> None:
+    env = {**live_environment(), "STREAM_SECRET": "short"}
+    with pytest.raises(ConfigError, match="STREAM_SECRET"):
+        load_settings(env, state_dir=tmp_path, dotenv=None)
