@@ -1,0 +1,74 @@
+"""The GPU worker on Modal: serverless H100s that scale to zero.
+
+    modal secret create stylecast-worker HF_TOKEN=hf_... STREAM_SECRET=... USAGE_REPORT_URL=https://.../api/usage/report
+    modal deploy modal_app.py
+
+then set the web app's INFERENCE_URL to the printed URL with `wss://` and `/ws` (docs/deployment.md).
+The same `inference` package serves `python -m inference` on any CUDA box and the app's in-process worker.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import modal
+
+APP_NAME = "stylecast-inference"
+CACHE_DIR = "/cache"  # Hugging Face downloads land on the Volume, so only the first cold start downloads
+SECRET_NAME = "stylecast-worker"  # noqa: S105 (the name of a Modal Secret, not a secret)
+
+
+def inference_requirements() -> list[str]:
+    """The worker's pip requirements, read from pyproject.toml so there is one list to maintain: the
+    project's dependencies plus the `inference` extra. Only read where the image is defined (locally);
+    inside the container the image already exists and the file is not there."""
+    if not modal.is_local():
+        return []
+    project = tomllib.loads((Path(__file__).parent / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["inference"]]
+
+
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .uv_pip_install(*inference_requirements())
+    .env({"HF_HOME": f"{CACHE_DIR}/huggingface", "INFERENCE_ENGINE": "flux2", "MODEL_CACHE_DIR": CACHE_DIR})
+    .add_local_python_source("inference")
+)
+model_cache = modal.Volume.from_name("stylecast-model-cache", create_if_missing=True)
+worker_secret = modal.Secret.from_name(SECRET_NAME, required_keys=["STREAM_SECRET"])
+
+app = modal.App(APP_NAME, image=image)
+
+
+@app.cls(
+    gpu="H100",
+    scaledown_window=120,  # two idle minutes before scaling to zero: short gaps between streams stay warm
+    timeout=60 * 60,  # a stream is one long WebSocket request; an Ultra period is 60 minutes
+    volumes={CACHE_DIR: model_cache},
+    secrets=[worker_secret],
+)
+@modal.concurrent(max_inputs=8)  # several sessions per GPU: the scheduler batches their frames
+class Inference:
+    @modal.enter()
+    def load(self) -> None:
+        """Load and warm the engine once per container, before it takes any connection."""
+        from inference.config import load_worker_config
+        from inference.engines import create_engine
+
+        worker_id = os.environ.get("MODAL_TASK_ID", "modal")
+        self.config = load_worker_config(worker_id=worker_id)
+        self.engine = create_engine(self.config)
+        self.engine.warm_up()
+        if modal.is_local():
+            return
+        model_cache.commit()  # keep what the first container downloaded for the next cold start
+
+    @modal.asgi_app()
+    def web(self) -> Any:
+        from inference.server import create_inference_app
+
+        engine = self.engine
+        return create_inference_app(self.config, engine_factory=lambda: engine)
