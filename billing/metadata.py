@@ -66,13 +66,22 @@ class PublicBilling(msgspec.Struct, frozen=True, kw_only=True):
     period_end: int | None = None
 
 
-class StreamUsage(msgspec.Struct, frozen=True, kw_only=True):
-    """One stream's entry in the usage ledger (owned by metering)."""
+class StreamUsage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One stream's entry in the usage ledger (owned by metering: billing/ledger.py; docs/metering.md).
+
+    The stream's issue time is part of its id, so it is not stored again. Defaults are left out of the
+    stored JSON: the ledger has to fit next to everything else in Clerk's 8 KB of metadata.
+    """
 
     # Cumulative billable seconds of this stream already folded into the counters above.
     seconds: int
-    # Unix seconds of the last report folded in; old entries are pruned by this.
+    # Unix seconds (app clock) of the last sign of life: the ticket's issue, or the last report folded in.
     reported_at: int
+    # Billable seconds the stream's ticket granted (reserved at issue); None for a stream the ledger first
+    # heard of through a report. A stream is never billed more than this.
+    allowance: int | None = None
+    # The worker sent the stream's final report: it is closed for good and reserves nothing.
+    final: bool = False
 
 
 class PrivateBilling(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,6 +98,9 @@ class PrivateBilling(msgspec.Struct, frozen=True, kw_only=True):
     term_start: int | None = None
     # Usage ledger, stream id -> what has been counted, so repeated worker reports count once.
     streams: dict[str, StreamUsage] = msgspec.field(default_factory=dict)
+    # Issue time (unix seconds) of the newest stream pruned from the ledger: a report for a stream that is
+    # not in the ledger and was issued at or before this is refused, so a pruned stream never counts twice.
+    streams_pruned_before: int = 0
 
 
 class BillingMetadata(msgspec.Struct, frozen=True, kw_only=True):
