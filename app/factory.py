@@ -22,6 +22,7 @@ from app.auth import (
     provide_user,
     sign_in_required_handler,
 )
+from app.routes.billing import BillingPlugin
 from app.routes.pages import PagesController
 from app.routes.session import SessionController
 from app.security import SecurityHeadersMiddleware, csrf_config
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[SecurityHeadersMiddleware(settings), SessionMiddleware(settings)],
         csrf_config=csrf_config(settings),
         request_class=HTMXRequest,
-        plugins=[HTMXPlugin()],
+        plugins=[HTMXPlugin(), BillingPlugin(settings)],
         template_config=TemplateConfig(
             directory=TEMPLATES_DIR, engine=JinjaTemplateEngine, engine_callback=template_globals
         ),

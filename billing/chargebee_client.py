@@ -156,16 +156,21 @@ async def retrieve_checkout(client: Chargebee, hosted_page_id: str) -> CheckoutR
 
 async def live_subscription(client: Chargebee, customer_id: str) -> SubscriptionSnapshot | None:
     """The customer's newest subscription that still bills (or may again), if any."""
-    response = await _call(
-        client.Subscription.list(
-            {
-                "customer_id": {"is": customer_id},
-                "status": {"in": list(LIVE_STATUSES)},
-                "sort_by": {"desc": "created_at"},
-                "limit": 1,
-            }
-        )
-    )
+    return await newest_subscription(client, customer_id, statuses=LIVE_STATUSES)
+
+
+async def newest_subscription(
+    client: Chargebee, customer_id: str, *, statuses: tuple[str, ...] | None = None
+) -> SubscriptionSnapshot | None:
+    """The customer's most recently created subscription (optionally among `statuses`), if any."""
+    params: dict[str, Any] = {
+        "customer_id": {"is": customer_id},
+        "sort_by": {"desc": "created_at"},
+        "limit": 1,
+    }
+    if statuses:
+        params["status"] = {"in": list(statuses)}
+    response = await _call(client.Subscription.list(params))
     for entry in response.list:
         return msgspec.convert(entry.subscription.raw_data, SubscriptionSnapshot)
     return None

@@ -25,16 +25,17 @@ import base64
 import binascii
 import calendar
 import contextlib
+import functools
 import hmac
 import logging
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -162,6 +163,36 @@ def _bad_value(param: str, message: str) -> ChargebeeAPIError:
 
 def _invalid_state(message: str) -> ChargebeeAPIError:
     return ChargebeeAPIError(400, "invalid_state_for_request", message)
+
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def _api_errors(handler: _Handler) -> _Handler:
+    """Answer ChargeBee errors as the API does, without letting them reach the app's error logging (a
+    404 for a customer that does not exist yet is part of the normal checkout flow)."""
+
+    @functools.wraps(handler)
+    async def answering(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except ChargebeeAPIError as error:
+            return error.to_response()
+
+    return cast("_Handler", answering)
+
+
+def _page_errors(handler: _Handler) -> _Handler:
+    """The hosted pages answer errors in words, for the person looking at them."""
+
+    @functools.wraps(handler)
+    async def answering(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except ChargebeeAPIError as error:
+            return Response(error.message, status_code=error.status_code, media_type="text/plain")
+
+    return cast("_Handler", answering)
 
 
 def _new_id(prefix: str) -> str:
@@ -432,6 +463,44 @@ class ChargebeeEmulator:
             "expires_at": session.expires_at,
             "customer_id": session.customer_id,
             "object": "portal_session",
+        }
+
+    def _portal_view(self, subscription: dict[str, Any]) -> dict[str, Any]:
+        """What the sandbox portal shows for a subscription, and the actions its status allows."""
+        status = subscription["status"]
+        [item] = subscription["subscription_items"]
+        price = self.item_prices.get(item["item_price_id"])
+        actions = {
+            "active": [
+                "cancel_end_of_term",
+                "cancel_now",
+                "change_plan",
+                "advance_term",
+                "advance_term_payment_fails",
+            ],
+            "non_renewing": ["remove_scheduled_cancellation", "cancel_now", "change_plan", "advance_term"],
+            "cancelled": ["reactivate"],
+        }.get(status, [])
+        if subscription.get("due_invoices_count"):
+            actions.append("pay_due")
+
+        def day(timestamp: int | None) -> str:
+            return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%-d %b %Y") if timestamp else ""
+
+        return {
+            "id": subscription["id"],
+            "name": price.name if price else item["item_price_id"],
+            "price": price.price_display if price else "",
+            "item_price_id": item["item_price_id"],
+            "status": status,
+            "term_start": day(subscription.get("current_term_start")),
+            "term_end": day(subscription.get("current_term_end")),
+            "cancelled_at": day(subscription.get("cancelled_at")),
+            "due": int(subscription.get("due_invoices_count") or 0),
+            "actions": actions,
+            "other_prices": [
+                other for other in self.item_prices.values() if other.id != item["item_price_id"]
+            ],
         }
 
     def _with_customer(self, subscription: dict[str, Any]) -> dict[str, Any]:
@@ -740,33 +809,40 @@ class ChargebeeEmulator:
             return dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
 
         @post("/customers", status_code=200)
+        @_api_errors
         async def create_customer(request: Request[Any, Any, Any]) -> Response[bytes]:
             customer = await emulator.create_customer(await form(request))
             return _api_response({"customer": customer})
 
         @get("/customers/{customer_id:str}")
+        @_api_errors
         async def retrieve_customer(customer_id: FromPath[str]) -> Response[bytes]:
             return _api_response({"customer": emulator._customer_or_404(customer_id)})
 
         @post("/hosted_pages/checkout_new_for_items", status_code=200)
+        @_api_errors
         async def checkout_new_for_items(request: Request[Any, Any, Any]) -> Response[bytes]:
             page = await emulator.checkout_new_for_items(await form(request))
             return _api_response({"hosted_page": emulator._page_json(page)})
 
         @get("/hosted_pages/{page_id:str}")
+        @_api_errors
         async def retrieve_hosted_page(page_id: FromPath[str]) -> Response[bytes]:
             return _api_response({"hosted_page": emulator._page_json(emulator.checkout_page(page_id))})
 
         @post("/portal_sessions", status_code=200)
+        @_api_errors
         async def create_portal_session(request: Request[Any, Any, Any]) -> Response[bytes]:
             session = await emulator.create_portal_session(await form(request))
             return _api_response({"portal_session": emulator._portal_json(session)})
 
         @get("/subscriptions/{subscription_id:str}")
+        @_api_errors
         async def retrieve_subscription(subscription_id: FromPath[str]) -> Response[bytes]:
             return _api_response(emulator._with_customer(emulator._subscription_or_404(subscription_id)))
 
         @get("/subscriptions")
+        @_api_errors
         async def list_subscriptions(request: Request[Any, Any, Any]) -> Response[bytes]:
             query = request.query_params
             found = list(emulator._store.subscriptions.values())
@@ -796,6 +872,7 @@ class ChargebeeEmulator:
             return _api_response(emulator._with_customer(subscription))
 
         @post("/subscriptions/{subscription_id:str}/cancel_for_items", status_code=200)
+        @_api_errors
         async def cancel_for_items(
             subscription_id: FromPath[str], request: Request[Any, Any, Any]
         ) -> Response[bytes]:
@@ -808,14 +885,17 @@ class ChargebeeEmulator:
             )
 
         @post("/subscriptions/{subscription_id:str}/remove_scheduled_cancellation", status_code=200)
+        @_api_errors
         async def remove_scheduled_cancellation(subscription_id: FromPath[str]) -> Response[bytes]:
             return await subscription_action(subscription_id, "remove_scheduled_cancellation")
 
         @post("/subscriptions/{subscription_id:str}/reactivate", status_code=200)
+        @_api_errors
         async def reactivate(subscription_id: FromPath[str]) -> Response[bytes]:
             return await subscription_action(subscription_id, "reactivate")
 
         @post("/subscriptions/{subscription_id:str}/update_for_items", status_code=200)
+        @_api_errors
         async def update_for_items(
             subscription_id: FromPath[str], request: Request[Any, Any, Any]
         ) -> Response[bytes]:
@@ -823,6 +903,7 @@ class ChargebeeEmulator:
             return await subscription_action(subscription_id, "change_plan", item)
 
         @post("/subscriptions/{subscription_id:str}/advance_term", status_code=200)
+        @_api_errors
         async def advance_term(
             subscription_id: FromPath[str], request: Request[Any, Any, Any]
         ) -> Response[bytes]:
@@ -830,9 +911,6 @@ class ChargebeeEmulator:
             return await subscription_action(
                 subscription_id, "advance_term_payment_fails" if fails else "advance_term"
             )
-
-        def api_error(_: Request[Any, Any, Any], exc: ChargebeeAPIError) -> Response[bytes]:
-            return exc.to_response()
 
         def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
             code = "resource_not_found" if exc.status_code == 404 else "invalid_request"
@@ -855,12 +933,13 @@ class ChargebeeEmulator:
                 advance_term,
             ],
             before_request=authenticate,
-            exception_handlers={ChargebeeAPIError: api_error, HTTPException: http_error},
+            exception_handlers={HTTPException: http_error},
         )
 
         # ---- pages a real site hosts on chargebee.com: the buyer's browser comes here ----
 
         @get("/checkout/{page_id:str}")
+        @_page_errors
         async def checkout_page(page_id: FromPath[str]) -> Template:
             page = emulator.checkout_page(page_id)
             return Template(
@@ -874,6 +953,7 @@ class ChargebeeEmulator:
             )
 
         @post("/checkout/{page_id:str}/pay", status_code=303)
+        @_page_errors
         async def pay(page_id: FromPath[str]) -> Redirect:
             page = await emulator.pay(page_id)
             target = page.redirect_url or f"{emulator._pages_url}/checkout/{page.id}"
@@ -881,6 +961,7 @@ class ChargebeeEmulator:
             return Redirect(_with_query(target, {"id": page.id, "state": page.state}), status_code=303)
 
         @get("/portal/{token:str}")
+        @_page_errors
         async def portal(token: FromPath[str], request: Request[Any, Any, Any]) -> Template:
             session = emulator.portal_session(token)
             return Template(
@@ -888,13 +969,17 @@ class ChargebeeEmulator:
                 context={
                     "session": session,
                     "customer": emulator._store.customers.get(session.customer_id),
-                    "subscriptions": emulator.customer_subscriptions(session.customer_id),
+                    "subscriptions": [
+                        emulator._portal_view(sub)
+                        for sub in emulator.customer_subscriptions(session.customer_id)
+                    ],
                     "item_prices": list(emulator.item_prices.values()),
                     "notice": request.query_params.get("notice"),
                 },
             )
 
         @post("/portal/{token:str}/action", status_code=303)
+        @_page_errors
         async def portal_action(token: FromPath[str], request: Request[Any, Any, Any]) -> Redirect:
             session = emulator.portal_session(token)
             submitted = await request.form()
@@ -915,13 +1000,9 @@ class ChargebeeEmulator:
                 _with_query(f"{emulator._pages_url}/portal/{token}", {"notice": notice}), status_code=303
             )
 
-        def page_error(_: Request[Any, Any, Any], exc: ChargebeeAPIError) -> Response[str]:
-            return Response(exc.message, status_code=exc.status_code, media_type="text/plain")
-
         pages = Router(
             path="/",
             route_handlers=[checkout_page, pay, portal, portal_action],
-            exception_handlers={ChargebeeAPIError: page_error},
         )
         return Router(path=SANDBOX_CHARGEBEE_PREFIX, route_handlers=[api, pages], include_in_schema=False)
 

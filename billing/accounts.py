@@ -1,0 +1,160 @@
+"""The account store: billing metadata read from and written to Clerk through the async SDK.
+
+Clerk is our only database, and pages (the usage meter refreshes every few seconds) would otherwise hit
+its rate limits, so reads are cached in-process for a short TTL. Every write replaces the cached entry
+with what Clerk answered, so this process always sees its own writes at once. Other replicas may serve
+a view up to `ttl_seconds` old; that only delays what a page shows, because everything that decides
+money or minutes (`update`) reads Clerk afresh first.
+
+Writes are minimal merge patches against the state just read (billing.metadata.metadata_patch), and
+read-modify-write cycles for one user are serialised within the process, so a webhook and a usage
+report landing together cannot drop each other's change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import httpx
+import msgspec
+from clerk_backend_api import Clerk, models
+
+from billing.metadata import BillingMetadata, decode_metadata, metadata_patch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL_SECONDS = 5.0
+DEFAULT_MAX_CACHED = 10_000
+
+
+class AccountStoreError(Exception):
+    """Clerk could not give or take the account's metadata."""
+
+
+class ClerkUnavailable(AccountStoreError):
+    """Clerk failed transiently (5xx, 429, timeout, connection): the same call may succeed later."""
+
+
+class ClerkRejected(AccountStoreError):
+    """Clerk refused the request (4xx other than an unknown user): retrying the same call will not help."""
+
+
+class UnknownUser(AccountStoreError):
+    """No Clerk user has this id."""
+
+
+class Account(msgspec.Struct, frozen=True, kw_only=True):
+    user_id: str
+    email: str | None
+    metadata: BillingMetadata
+
+
+class AccountStore:
+    def __init__(
+        self,
+        clerk: Clerk,
+        *,
+        ttl_seconds: float = DEFAULT_TTL_SECONDS,
+        max_cached: int = DEFAULT_MAX_CACHED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clerk = clerk
+        self._ttl = ttl_seconds
+        self._max_cached = max_cached
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[float, Account]] = OrderedDict()
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def cached(self, user_id: str) -> Account | None:
+        """The cached view if it is still fresh; never calls Clerk."""
+        entry = self._cache.get(user_id)
+        if entry is None or entry[0] < self._clock():
+            return None
+        return entry[1]
+
+    def invalidate(self, user_id: str) -> None:
+        self._cache.pop(user_id, None)
+
+    async def get(self, user_id: str, *, fresh: bool = False) -> Account:
+        """The user's account: from the cache unless it is stale or `fresh` is asked for."""
+        if not fresh and (account := self.cached(user_id)) is not None:
+            return account
+        user = await _clerk_call(self._clerk.users.get_async(user_id=user_id), user_id)
+        return self._remember(user)
+
+    async def update(self, user_id: str, change: Callable[[Account], BillingMetadata | None]) -> Account:
+        """Read the account afresh, let `change` compute its new metadata (None: leave it), write the
+        difference. Serialised per user within this process."""
+        async with self._lock_for(user_id):
+            account = await self.get(user_id, fresh=True)
+            new = change(account)
+            if new is None:
+                return account
+            return await self._write(account, new)
+
+    async def _write(self, account: Account, new: BillingMetadata) -> Account:
+        public, private = metadata_patch(account.metadata, new)
+        if public is None and private is None:
+            return account
+        user = await _clerk_call(
+            self._clerk.users.update_metadata_async(
+                user_id=account.user_id, public_metadata=public, private_metadata=private
+            ),
+            account.user_id,
+        )
+        return self._remember(user)
+
+    def _remember(self, user: models.User) -> Account:
+        account = Account(
+            user_id=user.id,
+            email=_primary_email(user),
+            metadata=decode_metadata(user.public_metadata, user.private_metadata),
+        )
+        self._cache[user.id] = (self._clock() + self._ttl, account)
+        self._cache.move_to_end(user.id)
+        while len(self._cache) > self._max_cached:
+            self._cache.popitem(last=False)
+        return account
+
+    def _lock_for(self, user_id: str) -> asyncio.Lock:
+        lock = self._locks.get(user_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[user_id] = lock
+        return lock
+
+
+_T = TypeVar("_T")
+
+
+async def _clerk_call(request: Awaitable[_T], user_id: str) -> _T:
+    try:
+        return await request
+    except models.ClerkErrors as error:
+        if error.status_code == 404:
+            raise UnknownUser(user_id) from error
+        codes = ", ".join(item.code for item in error.data.errors)
+        raise ClerkRejected(f"Clerk refused ({error.status_code}: {codes})") from error
+    except models.SDKError as error:
+        status = error.status_code
+        if status >= 500 or status == 429:
+            raise ClerkUnavailable(f"Clerk answered {status}") from error
+        if status == 404:
+            raise UnknownUser(user_id) from error
+        raise ClerkRejected(f"Clerk answered {status}") from error
+    except (httpx.HTTPError, models.NoResponseError) as error:
+        raise ClerkUnavailable(f"Clerk unreachable: {type(error).__name__}") from error
+
+
+def _primary_email(user: models.User) -> str | None:
+    addresses = user.email_addresses or []
+    for address in addresses:
+        if address.id == user.primary_email_address_id:
+            return address.email_address
+    return addresses[0].email_address if addresses else None
