@@ -27,9 +27,9 @@ from chargebee import Chargebee
 from litestar import Controller, Litestar, Request, Response, get, post
 from litestar.config.app import AppConfig
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.enums import RequestEncodingType
-from litestar.params import Body
+from litestar.params import Body, FromQuery
 from litestar.plugins import InitPlugin
 from litestar.response import Template
 from litestar.status_codes import HTTP_200_OK, HTTP_303_SEE_OTHER
@@ -234,7 +234,10 @@ class BillingController(Controller):
 
     @get("/pricing", name="pricing")
     async def pricing(
-        self, billing: BillingServices, maybe_user: SignedInUser | None, error: str | None = None
+        self,
+        billing: NamedDependency[BillingServices],
+        maybe_user: NamedDependency[SignedInUser | None],
+        error: FromQuery[str | None] = None,
     ) -> Template:
         account = await _account_or_none(billing, maybe_user)
         return Template(
@@ -247,7 +250,9 @@ class BillingController(Controller):
         )
 
     @get("/partials/plan-cards", name="plan_cards")
-    async def plan_cards_partial(self, billing: BillingServices, maybe_user: SignedInUser | None) -> Template:
+    async def plan_cards_partial(
+        self, billing: NamedDependency[BillingServices], maybe_user: NamedDependency[SignedInUser | None]
+    ) -> Template:
         account = await _account_or_none(billing, maybe_user)
         return Template(
             "partials/plan_cards.html",
@@ -256,7 +261,10 @@ class BillingController(Controller):
 
     @get("/account", name="account", guards=[requires_user])
     async def account(
-        self, request: Request[Any, Any, Any], billing: BillingServices, user: SignedInUser
+        self,
+        request: Request[Any, Any, Any],
+        billing: NamedDependency[BillingServices],
+        user: NamedDependency[SignedInUser],
     ) -> Template:
         # ChargeBee appends ?id=<hosted page>&state=succeeded to a checkout's redirect_url ("state" is a
         # reserved handler argument in Litestar, hence the raw query).
@@ -330,8 +338,8 @@ class BillingController(Controller):
     async def checkout(
         self,
         request: Request[Any, Any, Any],
-        billing: BillingServices,
-        user: SignedInUser,
+        billing: NamedDependency[BillingServices],
+        user: NamedDependency[SignedInUser],
         data: Annotated[PlanForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
     ) -> Response[bytes]:
         plan = billing.catalogue.parse(data.plan)
@@ -370,7 +378,10 @@ class BillingController(Controller):
 
     @post("/api/billing/portal", name="billing_portal", guards=[requires_user], status_code=303)
     async def portal(
-        self, request: Request[Any, Any, Any], billing: BillingServices, user: SignedInUser
+        self,
+        request: Request[Any, Any, Any],
+        billing: NamedDependency[BillingServices],
+        user: NamedDependency[SignedInUser],
     ) -> Response[bytes]:
         try:
             account = await billing.accounts.get(user.user_id)

@@ -22,7 +22,7 @@ import logging
 from typing import Any
 
 from litestar import Controller, Request, Response, post
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_400_BAD_REQUEST,
@@ -68,7 +68,7 @@ class ChargebeeWebhookController(Controller):
 
     @post(WEBHOOK_PATH, name="chargebee_webhook", status_code=200, include_in_schema=False)
     async def receive(
-        self, request: Request[Any, Any, Any], billing: BillingServices
+        self, request: Request[Any, Any, Any], billing: NamedDependency[BillingServices]
     ) -> Response[dict[str, Any]]:
         settings = billing.settings
         if not credentials_match(

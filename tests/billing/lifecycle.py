@@ -37,6 +37,8 @@ class Lifecycle:
     subscription: dict[str, Any] = field(default_factory=dict)
     deleted: bool = False
     events: list[ChargebeeEvent] = field(default_factory=list)
+    # The same events as ChargeBee would POST them.
+    bodies: list[bytes] = field(default_factory=list)
 
     def start(self, item_price: str) -> None:
         self.sequence += 1
@@ -129,4 +131,6 @@ class Lifecycle:
                 "event_type": event_type,
                 "content": {"subscription": dict(sub), "customer": {"id": self.customer_id}},
             }
-            self.events.append(parse_event(msgspec.json.encode(body)))
+            encoded = msgspec.json.encode(body)
+            self.bodies.append(encoded)
+            self.events.append(parse_event(encoded))
