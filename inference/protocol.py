@@ -147,7 +147,10 @@ def decode_client_message(data: str | bytes) -> Hello | Params:
         return _client_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         # Valid JSON of the wrong shape: tell "what is this type?" apart from "bad field of a known type".
-        loose = msgspec.json.decode(raw)
+        try:
+            loose = msgspec.json.decode(raw)
+        except msgspec.DecodeError:  # e.g. "0:" fails the type check before the syntax check
+            raise ProtocolError(ErrorCode.BAD_JSON, "not valid JSON") from exc
         kind = loose.get("type") if isinstance(loose, dict) else None
         if not isinstance(kind, str):
             raise ProtocolError(ErrorCode.BAD_JSON, 'expected a JSON object with a string "type"') from exc

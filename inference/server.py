@@ -66,7 +66,6 @@ def create_inference_app(
     worker = Worker(config, engine_factory=engine_factory, clock=clock, http_client=http_client)
     return Litestar(
         route_handlers=[worker_router(worker), worker_ops_router(worker)],
-        on_startup=[worker.start],
-        on_shutdown=[worker.stop],
+        lifespan=[worker.lifespan],
         state=State({"worker": worker}),
     )

@@ -43,6 +43,11 @@ def _signature(secret: str, timestamp: int, body: bytes) -> str:
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
+def signature_header(secret: str, body: bytes, *, timestamp: int) -> str:
+    """The value of SIGNATURE_HEADER for `body` signed at `timestamp`."""
+    return f"t={timestamp},v1={_signature(secret, timestamp, body)}"
+
+
 def encode_usage_report(
     secret: str, report: UsageReport, *, now: float | None = None
 ) -> tuple[bytes, dict[str, str]]:
@@ -51,7 +56,7 @@ def encode_usage_report(
     timestamp = int(time.time() if now is None else now)
     headers = {
         "Content-Type": "application/json",
-        SIGNATURE_HEADER: f"t={timestamp},v1={_signature(secret, timestamp, body)}",
+        SIGNATURE_HEADER: signature_header(secret, body, timestamp=timestamp),
     }
     return body, headers
 

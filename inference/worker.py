@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from enum import StrEnum
 
 import httpx
@@ -97,6 +98,15 @@ class Worker:
             await self.reporter.aclose(grace_seconds)
         self.status = WorkerStatus.STOPPED
         self.metrics.engine_ready.set(0)
+
+    @asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[Worker]:
+        """For `Litestar(lifespan=[worker.lifespan])`: started with the app, stopped with it."""
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.stop()
 
     async def handle(self, socket: WebSocket) -> None:
         """Serve one WebSocket connection (the `/ws` route)."""

@@ -368,12 +368,10 @@ class PreviewEngine:
     def warm_up(self) -> None:
         if self.warmup_seconds:
             time.sleep(self.warmup_seconds)
-        # Build the cached tables now, so the first real frame is as fast as every other one.
+        # Build the cached tables now, so the first frame of any style is as fast as every other one.
         for cached in (_vignette, _paper_texture, _neon_gradient, _triangles, _badge):
             cached()
-        blank = Image.new("RGB", (OUTPUT_SIZE, OUTPUT_SIZE), (128, 128, 128))
-        for style in STYLES.values():
-            style(blank, "")
+        self.render_one(encode_jpeg(Image.new("RGB", (OUTPUT_SIZE, OUTPUT_SIZE), (128, 128, 128))), "")
 
     def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
         if len(jobs) > self.max_batch:

@@ -1,0 +1,175 @@
+"""The render loop on its own: batching across sessions, fairness, latest-frame-wins, failure isolation.
+
+The engine here is a small real implementation of the Engine protocol that records what it was asked to
+render; the scheduler under test is the real one, with its real thread and event-loop hand-off."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from inference.engines.base import Engine, FrameJob
+from inference.scheduler import RenderResult, Scheduler, SchedulerHooks
+
+
+class RecordingEngine:
+    name = "recording"
+    model = "records batches"
+
+    def __init__(
+        self, max_batch: int, seconds_per_batch: float = 0.01, fail_frame: int | None = None
+    ) -> None:
+        self.max_batch = max_batch
+        self.seconds_per_batch = seconds_per_batch
+        self.fail_frame = fail_frame
+        self.batches: list[list[tuple[str, int, str]]] = []
+        self.threads: set[str] = set()
+
+    def warm_up(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
+        assert len(jobs) <= self.max_batch
+        self.threads.add(threading.current_thread().name)
+        if any(job.frame_id == self.fail_frame for job in jobs):
+            raise ValueError("cannot decode this frame")
+        self.batches.append([(job.session_id, job.frame_id, job.prompt) for job in jobs])
+        time.sleep(self.seconds_per_batch)
+        return [f"{job.session_id}:{job.frame_id}:{job.prompt}".encode() for job in jobs]
+
+
+async def _started(engine: Engine) -> Scheduler:
+    ready = asyncio.Event()
+    scheduler = Scheduler(lambda: engine)
+    scheduler.start(
+        asyncio.get_running_loop(), SchedulerHooks(on_ready=lambda _: ready.set(), on_failed=print)
+    )
+    await asyncio.wait_for(ready.wait(), 5)
+    return scheduler
+
+
+def _job(session: str, frame_id: int, prompt: str = "p") -> FrameJob:
+    return FrameJob(session, frame_id, b"", prompt, 2, 0)
+
+
+class Results:
+    """Delivered results, with a way to wait until a condition on them holds."""
+
+    def __init__(self) -> None:
+        self.items: list[RenderResult] = []
+        self._changed = asyncio.Event()
+
+    def append(self, result: RenderResult) -> None:
+        self.items.append(result)
+        self._changed.set()
+
+    async def until(self, condition: Callable[[list[RenderResult]], bool]) -> None:
+        async with asyncio.timeout(5):
+            while not condition(self.items):
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def test_pending_frames_of_all_sessions_render_as_one_batch_with_their_own_prompts() -> None:
+    async def scenario() -> list[RenderResult]:
+        engine = RecordingEngine(max_batch=4, seconds_per_batch=0.2)
+        scheduler = await _started(engine)
+        results = Results()
+        scheduler.submit(_job("first", 1, "anime"), results.append)
+        await asyncio.sleep(0.05)  # "first" is now rendering alone; the next three queue up meanwhile
+        for session, prompt in (("a", "oil"), ("b", "clay"), ("c", "neon")):
+            scheduler.submit(_job(session, 1, prompt), results.append)
+        await results.until(lambda items: len(items) == 4)
+        await asyncio.to_thread(scheduler.stop)
+        assert engine.batches[1] == [("a", 1, "oil"), ("b", 1, "clay"), ("c", 1, "neon")]
+        return results.items
+
+    results = asyncio.run(scenario())
+    assert {(r.job.session_id, r.jpeg) for r in results} == {
+        ("first", b"first:1:anime"),
+        ("a", b"a:1:oil"),
+        ("b", b"b:1:clay"),
+        ("c", b"c:1:neon"),
+    }
+
+
+def test_a_newer_frame_replaces_the_pending_one() -> None:
+    async def scenario() -> tuple[list[int], list[bool]]:
+        engine = RecordingEngine(max_batch=1, seconds_per_batch=0.2)
+        scheduler = await _started(engine)
+        results = Results()
+        replaced = [scheduler.submit(_job("s", 1), results.append)]
+        await asyncio.sleep(0.05)  # frame 1 is rendering
+        for frame_id in range(2, 101):
+            replaced.append(scheduler.submit(_job("s", frame_id), results.append))
+            assert scheduler.pending_count == 1
+        await results.until(lambda items: any(r.job.frame_id == 100 for r in items))
+        await asyncio.to_thread(scheduler.stop)
+        return [r.job.frame_id for r in results.items], replaced
+
+    delivered, replaced = asyncio.run(scenario())
+    assert delivered == [1, 100]
+    assert replaced == [False, False] + [True] * 98
+
+
+def test_sessions_take_turns_when_there_are_more_than_batch_slots() -> None:
+    async def scenario() -> RecordingEngine:
+        engine = RecordingEngine(max_batch=2, seconds_per_batch=0.005)
+        scheduler = await _started(engine)
+        results = Results()
+
+        def resubmit(result: RenderResult) -> None:  # every session always has a new frame ready
+            results.append(result)
+            scheduler.submit(_job(result.job.session_id, result.job.frame_id + 1), resubmit)
+
+        for session in "abcde":
+            scheduler.submit(_job(session, 0), resubmit)
+        await results.until(lambda items: len(engine.batches) >= 50)
+        await asyncio.to_thread(scheduler.stop)
+        return engine
+
+    engine = asyncio.run(scenario())
+    served = Counter(session for batch in engine.batches[:50] for session, _, _ in batch)
+    assert set(served) == set("abcde")
+    assert max(served.values()) - min(served.values()) <= 2, served
+    assert all(len(batch) <= 2 for batch in engine.batches)
+    assert engine.threads == {"render-loop"}, "all engine work happens in the one render thread"
+
+
+def test_one_bad_frame_does_not_cost_the_rest_of_the_batch_their_frames() -> None:
+    async def scenario() -> list[RenderResult]:
+        engine = RecordingEngine(max_batch=4, seconds_per_batch=0.1, fail_frame=13)
+        scheduler = await _started(engine)
+        results = Results()
+        scheduler.submit(_job("warm", 0), results.append)
+        await asyncio.sleep(0.03)  # "warm" is rendering; the next three are batched together
+        scheduler.submit(_job("a", 1), results.append)
+        scheduler.submit(_job("bad", 13), results.append)
+        scheduler.submit(_job("b", 2), results.append)
+        await results.until(lambda items: len(items) == 4)
+        await asyncio.to_thread(scheduler.stop)
+        return results.items
+
+    by_session = {r.job.session_id: r for r in asyncio.run(scenario())}
+    assert by_session["a"].jpeg == b"a:1:p"
+    assert by_session["b"].jpeg == b"b:2:p"
+    assert by_session["bad"].jpeg is None
+    assert by_session["bad"].error == "cannot decode this frame"
+
+
+def test_an_engine_that_fails_to_load_is_reported() -> None:
+    def broken() -> Engine:
+        raise OSError("weights not found")
+
+    async def scenario() -> BaseException:
+        failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        scheduler = Scheduler(broken)
+        scheduler.start(
+            asyncio.get_running_loop(), SchedulerHooks(on_ready=print, on_failed=failed.set_result)
+        )
+        return await asyncio.wait_for(failed, 5)
+
+    assert str(asyncio.run(scenario())) == "weights not found"

@@ -1,0 +1,172 @@
+"""The worker reports each stream's billable seconds to the app: signed, cumulative, final once, and
+retried while the app is down. The app side is a real Litestar endpoint on a socket that verifies the
+signature exactly as the web app does."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from litestar import Litestar, Request, Response, post
+
+from inference.protocol import CloseCode, Usage, UsageReport
+from inference.usage import UsageReportError, verify_usage_report
+from tests.inference.helpers import (
+    SECRET,
+    FakeClock,
+    StreamClient,
+    new_ticket,
+    running_worker,
+    wait_for,
+    webcam_jpeg,
+    worker_config,
+)
+from tests.live_server import serve
+
+
+@dataclass
+class Receiver:
+    """What the app's `POST /api/usage/report` saw."""
+
+    secret: str = SECRET
+    up: threading.Event = field(default_factory=threading.Event)  # clear: answer 503, as an app that is down
+    reports: list[UsageReport] = field(default_factory=list)
+    attempts: int = 0
+    refused: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def accepted(self) -> list[UsageReport]:
+        with self.lock:
+            return list(self.reports)
+
+
+@contextmanager
+def usage_receiver(receiver: Receiver) -> Iterator[str]:
+    @post("/api/usage/report", status_code=204)
+    async def report(request: Request) -> Response[None]:
+        body = await request.body()
+        with receiver.lock:
+            receiver.attempts += 1
+        if not receiver.up.is_set():
+            return Response(None, status_code=503)
+        try:
+            accepted = verify_usage_report(receiver.secret, request.headers, body)
+        except UsageReportError as exc:
+            receiver.refused.append(str(exc))
+            return Response(None, status_code=401)
+        with receiver.lock:
+            receiver.reports.append(accepted)
+        return Response(None, status_code=204)
+
+    with serve(Litestar(route_handlers=[report])) as url:
+        yield f"{url}/api/usage/report"
+
+
+def _stream_seconds(client: StreamClient, clock: FakeClock, seconds: int, first_frame_id: int = 1) -> None:
+    """Deliver one frame in each of `seconds` consecutive wall-clock seconds."""
+    jpeg = webcam_jpeg(160, 120)
+    for offset in range(seconds):
+        client.send_frame(first_frame_id + offset, jpeg)
+        client.frame(first_frame_id + offset)
+        client.receive_until(lambda message: isinstance(message, Usage))  # each new second is announced
+        clock.advance(1)
+
+
+def test_reports_are_cumulative_and_the_final_one_is_sent_once() -> None:
+    receiver = Receiver()
+    receiver.up.set()
+    clock = FakeClock()
+    with usage_receiver(receiver) as url:
+        config = worker_config(usage_report_url=url, usage_report_interval_seconds=0.25)
+        with running_worker(config, clock=clock) as running:
+            ticket = new_ticket(allowance_seconds=600, user_id="user_42")
+            with StreamClient.connect(running.ws_url) as client:
+                client.start(ticket)
+                _stream_seconds(client, clock, 3)
+                wait_for(lambda: any(r.seconds == 3 for r in receiver.accepted()), timeout=5)
+                _stream_seconds(client, clock, 2, first_frame_id=10)
+                wait_for(lambda: any(r.seconds == 5 for r in receiver.accepted()), timeout=5)
+                seen_by_user = client.messages(Usage)[-1].seconds_used
+            # The client hung up: exactly one final report follows, with the whole total.
+            wait_for(lambda: any(r.final for r in receiver.accepted()), timeout=5)
+            time.sleep(0.6)  # more than two report intervals: nothing may follow the final report
+
+    reports = receiver.accepted()
+    assert {(r.stream_id, r.user_id, r.worker_id) for r in reports} == {
+        (reports[0].stream_id, "user_42", "test-worker")
+    }
+    totals = [r.seconds for r in reports]
+    assert totals == sorted(totals), "cumulative: never goes down"
+    assert [r.final for r in reports].count(True) == 1
+    assert reports[-1].final
+    assert reports[-1].seconds == 5 == seen_by_user
+    assert receiver.refused == []
+
+
+def test_reports_are_retried_with_backoff_while_the_app_is_down() -> None:
+    receiver = Receiver()  # down
+    clock = FakeClock()
+    with usage_receiver(receiver) as url:
+        config = worker_config(
+            usage_report_url=url, usage_report_interval_seconds=0.1, usage_retry_base_seconds=0.05
+        )
+        with running_worker(config, clock=clock) as running, StreamClient.connect(running.ws_url) as client:
+            client.start(new_ticket())
+            _stream_seconds(client, clock, 1)
+            wait_for(lambda: receiver.attempts >= 2, timeout=5)
+            # Frames keep flowing while the reports fail: the stream never waits for the app.
+            started = time.monotonic()
+            _stream_seconds(client, clock, 2, first_frame_id=10)
+            assert time.monotonic() - started < 2
+            wait_for(lambda: receiver.attempts >= 4, timeout=5)
+            receiver.up.set()
+            wait_for(lambda: len(receiver.accepted()) >= 1, timeout=5)
+            client.connection.close()
+            wait_for(lambda: any(r.final for r in receiver.accepted()), timeout=5)
+
+    reports = receiver.accepted()
+    assert receiver.attempts > len(reports) + 3
+    assert reports[0].seconds == 3, "a retry carries the latest cumulative total, not the failed one"
+    assert reports[-1].final
+    assert reports[-1].seconds == 3
+
+
+def test_the_final_report_is_sent_when_the_allowance_ends_the_stream() -> None:
+    receiver = Receiver()
+    receiver.up.set()
+    clock = FakeClock()
+    with usage_receiver(receiver) as url:
+        config = worker_config(usage_report_url=url, usage_report_interval_seconds=5)
+        with running_worker(config, clock=clock) as running, StreamClient.connect(running.ws_url) as client:
+            client.start(new_ticket(allowance_seconds=2))
+            _stream_seconds(client, clock, 2)
+            assert client.wait_closed(timeout=3) == CloseCode.ALLOWANCE_USED
+            wait_for(lambda: any(r.final for r in receiver.accepted()), timeout=5)
+
+    (final,) = receiver.accepted()  # the stream was shorter than one report interval
+    assert (final.seconds, final.final) == (2, True)
+
+
+def test_reports_signed_with_another_secret_are_refused_by_the_app() -> None:
+    receiver = Receiver(secret="the-apps-secret-is-different-0123456789")
+    receiver.up.set()
+    clock = FakeClock()
+    with usage_receiver(receiver) as url:
+        config = worker_config(usage_report_url=url, usage_report_interval_seconds=0.2)
+        with running_worker(config, clock=clock) as running, StreamClient.connect(running.ws_url) as client:
+            client.start(new_ticket())
+            _stream_seconds(client, clock, 1)
+            wait_for(lambda: len(receiver.refused) >= 1, timeout=5)
+            time.sleep(0.5)
+            # A refusal (401) is not retried: the secret will not fix itself.
+            assert receiver.attempts == 1
+    assert receiver.accepted() == []
+    assert receiver.refused[0] == "usage report signature is invalid"
+
+
+def test_without_a_report_url_nothing_is_reported() -> None:
+    with running_worker() as running:
+        assert running.worker.reporter is None
