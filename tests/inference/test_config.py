@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,7 @@ def test_config_is_validated_when_built_in_code_too() -> None:
 def test_the_command_line_explains_a_missing_secret() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "inference", "--port", "1"],
+        cwd=Path(__file__).resolve().parents[2],
         env={"PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
