@@ -147,16 +147,17 @@ class StreamSession:
             self._finished = True
             worker.scheduler.cancel(self.session_id)
             self._wakeup.set()
-            # The sender exits on its own once it has written what is queued (a close, usually).
             try:
-                await asyncio.wait_for(sender, timeout=2)
-            except (TimeoutError, asyncio.CancelledError):
+                # The sender exits on its own once it has written what is queued (a close, usually).
+                await asyncio.wait({sender}, timeout=2)
+            finally:
                 sender.cancel()
-            if self._usage is not None:
-                self._usage.finish()
-            worker.sessions.discard(self)
-            worker.metrics.sessions.dec()
-            self.ended.set()
+                # After the sender: its last delivery may have opened a billable second.
+                if self._usage is not None:
+                    self._usage.finish()
+                worker.sessions.discard(self)
+                worker.metrics.sessions.dec()
+                self.ended.set()
 
     # ---- called by the worker, on the event loop ----
 
