@@ -987,13 +987,12 @@ class ChargebeeEmulator:
             subscription = emulator._store.subscriptions.get(subscription_id)
             if subscription is None or subscription["customer_id"] != session.customer_id:
                 raise NotFoundException("No such subscription for this customer.")
-            notice = "Done."
+            action = str(submitted.get("action") or "")
             try:
                 await emulator.change(
-                    subscription_id,
-                    str(submitted.get("action") or ""),
-                    item_price_id=str(submitted.get("item_price_id") or "") or None,
+                    subscription_id, action, item_price_id=str(submitted.get("item_price_id") or "") or None
                 )
+                notice = _PORTAL_NOTICES.get(action, "Done.")
             except ChargebeeAPIError as error:
                 notice = error.message
             return Redirect(
@@ -1007,6 +1006,16 @@ class ChargebeeEmulator:
         return Router(path=SANDBOX_CHARGEBEE_PREFIX, route_handlers=[api, pages], include_in_schema=False)
 
 
+_PORTAL_NOTICES = {
+    "cancel_end_of_term": "Your subscription will end at the end of the current term.",
+    "cancel_now": "Your subscription is cancelled.",
+    "remove_scheduled_cancellation": "Your subscription will renew as usual.",
+    "reactivate": "Your subscription is active again.",
+    "change_plan": "Your plan is changed.",
+    "advance_term": "The term has ended (sandbox time travel).",
+    "advance_term_payment_fails": "The term has ended and its payment failed (sandbox time travel).",
+    "pay_due": "Thank you, the unpaid invoice is settled.",
+}
 _JSON_HEADERS = {"content-type": "application/json", "user-agent": "ChargeBee-Sandbox-Webhooks"}
 _PRICE_NUMBER = re.compile(r"(\d+(?:[.,]\d{1,2})?)")
 

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,13 @@ from tests.live_server import free_port, serve
 
 T = TypeVar("T")
 CSRF_FIELD = re.compile(r'name="_csrf_token" value="([^"]+)"')
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """`asyncio.run(main())` on a thread of its own: a browser test earlier in the session leaves
+    Playwright's event loop running on the main thread, where asyncio.run refuses to start."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(main())).result()
 
 
 def sandbox_settings(state_dir: Path, **env: str) -> Settings:
@@ -52,7 +60,7 @@ class RunningApp:
             async with create_clerk_client(self.settings.clerk_secret_key, self.clerk_url) as clerk:
                 return await body(clerk)
 
-        return asyncio.run(main())
+        return run_async(main)
 
     def create_user(self, email: str) -> str:
         return self.clerk(lambda clerk: find_or_create_user_by_email(clerk, email)).id

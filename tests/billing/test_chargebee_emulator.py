@@ -3,7 +3,6 @@ over a real socket, with webhooks delivered to a real HTTP endpoint."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import itertools
 import json
@@ -34,7 +33,7 @@ from billing.chargebee_client import (
 from billing.metadata import BillingMetadata
 from billing.plans import PlanCatalogue
 from billing.webhooks import apply_event, parse_event
-from tests.billing.conftest import sandbox_settings
+from tests.billing.conftest import run_async, sandbox_settings
 from tests.live_server import free_port, serve
 
 T = TypeVar("T")
@@ -77,7 +76,7 @@ class Site:
         async def main() -> T:
             return await body(create_chargebee_client(self.settings))
 
-        return asyncio.run(main())
+        return run_async(main)
 
 
 def build_site_app(emulator: ChargebeeEmulator, receiver: Receiver) -> Litestar:
