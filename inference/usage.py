@@ -32,6 +32,8 @@ SIGNATURE_TOLERANCE_SECONDS: Final = 300
 _SIGNING_PREFIX: Final = b"stylecast-usage-v1."
 _RETRY_STATUSES: Final = frozenset({408, 425, 429})
 _MAX_REPORT_BYTES: Final = 4096
+# A live stream whose total has not changed is reported every HEARTBEAT_INTERVALS * interval seconds.
+HEARTBEAT_INTERVALS: Final = 2
 
 
 class UsageReportError(Exception):
@@ -170,11 +172,16 @@ class UsageReporter:
     async def _run(self, stream: StreamUsage) -> None:
         loop = asyncio.get_running_loop()
         next_due = loop.time() + self.interval
+        last_sent = loop.time()
         while not await _wait(stream.done, next_due - loop.time()):
             # Schedule from the due time, not from when the post finished, so reports stay `interval` apart.
             next_due = max(next_due + self.interval, loop.time())
-            if stream.seconds() != stream.reported:
+            # An unchanged total is still sent now and then: it tells the app the stream is alive (a
+            # paused tab), so the app does not fold the stream and release its reserved allowance.
+            heartbeat_due = loop.time() - last_sent >= HEARTBEAT_INTERVALS * self.interval
+            if stream.seconds() != stream.reported or heartbeat_due:
                 await self._deliver(stream, final=False)
+                last_sent = loop.time()
         await self._deliver(stream, final=True)
 
     async def _deliver(self, stream: StreamUsage, *, final: bool) -> None:

@@ -170,3 +170,21 @@ def test_reports_signed_with_another_secret_are_refused_by_the_app() -> None:
 def test_without_a_report_url_nothing_is_reported() -> None:
     with running_worker() as running:
         assert running.worker.reporter is None
+
+
+def test_a_paused_stream_keeps_reporting_its_unchanged_total_as_a_heartbeat() -> None:
+    receiver = Receiver()
+    receiver.up.set()
+    clock = FakeClock()
+    with usage_receiver(receiver) as url:
+        config = worker_config(usage_report_url=url, usage_report_interval_seconds=0.1)
+        with running_worker(config, clock=clock) as running, StreamClient.connect(running.ws_url) as client:
+            client.start(new_ticket())
+            _stream_seconds(client, clock, 2)
+            wait_for(lambda: any(r.seconds == 2 for r in receiver.accepted()), timeout=5)
+            # The tab stops sending frames but keeps its socket: the app still hears from the stream,
+            # with the same total, so it can tell a paused stream from a dead worker.
+            heard = len(receiver.accepted())
+            wait_for(lambda: len(receiver.accepted()) >= heard + 2, timeout=5)
+            assert {r.seconds for r in receiver.accepted()[heard:]} == {2}
+            assert not any(r.final for r in receiver.accepted())
