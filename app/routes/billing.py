@@ -303,11 +303,14 @@ class BillingController(Controller):
         without waiting for the webhook (which then changes nothing: same subscription version)."""
         try:
             result = await retrieve_checkout(billing.chargebee, page_id)
-        except (ChargebeeUnavailable, ChargebeeRejected):
+        except ChargebeeUnavailable:
             log.warning(
                 "could not read back checkout %s; the webhook will bring the plan", page_id, exc_info=True
             )
             return "Payment received. Your plan will appear here in a moment."
+        except ChargebeeRejected:
+            log.warning("checkout %s in the address bar is not a ChargeBee hosted page", page_id)
+            return None
         # The page id comes from the address bar: only the buyer's own finished checkout counts.
         if result.state != "succeeded" or result.customer_id != user.user_id or result.subscription is None:
             return None

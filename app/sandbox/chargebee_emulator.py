@@ -566,7 +566,12 @@ class ChargebeeEmulator:
                 self._wake.clear()
                 now = self._clock()
                 for delivery in [item for item in self._store.outbox if item.next_attempt_at <= now]:
-                    await self._deliver(client, delivery)
+                    try:
+                        await self._deliver(client, delivery)
+                    except Exception:
+                        # A failed state write must not end deliveries for the life of the app.
+                        log.exception("delivering %s failed unexpectedly", delivery.event.get("id"))
+                        delivery.next_attempt_at = self._clock() + DELIVERY_MAX_DELAY_S
                 timeout = None
                 if self._store.outbox:
                     timeout = max(

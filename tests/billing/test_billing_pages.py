@@ -204,6 +204,9 @@ def test_someone_elses_checkout_does_not_grant_a_plan(app: RunningApp) -> None:
         ids = element_texts(other.get(f"/account?{stolen_query}").text)
         assert ids["account-plan"] == "Free"
         assert "billing-notice" not in ids
+        made_up = element_texts(other.get("/account?id=hp_made_up&state=succeeded").text)
+        assert made_up["account-plan"] == "Free"
+        assert "billing-notice" not in made_up
 
 
 def test_pages_never_carry_billing_secrets(app: RunningApp) -> None:
