@@ -89,9 +89,12 @@ def chromium_available() -> bool:
     return Path(CHROMIUM).is_file() or shutil.which(CHROMIUM) is not None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator[object]:
-    """Headless Debian Chromium with a fake webcam. In CI a missing browser is a failure, not a skip."""
+    """Headless Debian Chromium with a fake webcam. In CI a missing browser is a failure, not a skip.
+
+    Per test, not per session: Playwright's sync API keeps an event loop running on the main thread
+    while it is started, which would break `asyncio.run()` in every later test."""
     if not chromium_available():
         if IN_CI:
             pytest.fail(f"Chromium not found at {CHROMIUM}; .ci/run installs it from Debian packages")
