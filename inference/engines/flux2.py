@@ -439,6 +439,9 @@ class Flux2Engine:
                 encoder_hidden_states=prompt_embeds,
                 txt_ids=text_ids,
                 img_ids=latent_image_ids,
+                # Passed as the pipeline passes it, so a compiled transformer sees the same call signature
+                # from both and one graph serves both.
+                joint_attention_kwargs=None,
                 return_dict=False,
             )[0]
             noise_pred = noise_pred[:, :num_latent_tokens]
