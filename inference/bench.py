@@ -13,10 +13,13 @@ Everything runs in one process on one set of weights, so the rows are directly c
 * ``transformer``, ``vae.encode``, ``vae.decode``, ``text_encoder``: one call of each component at the
   engine's shapes (1024 noise + 1024 reference + 512 text tokens; 512² frames; a 512-token prompt).
 
-Phases: ``eager`` first, then ``compiled`` (``torch.compile`` of the transformer, shared by the pipeline
-and the engine, as the compiled baseline was measured). Each phase also records how far the engine's
-output is from the eager pipeline's on the same frame, prompt and seed (``max_abs`` on [0, 1] pixels and
-PSNR), so a speed-up that changes the pixels shows up next to its timing.
+Phases (``--phases``, see ``PHASES``): ``eager``; ``compiled`` (``torch.compile`` of the transformer,
+shared by the pipeline and the engine: the compiled baseline's conditions); ``compiled+vae`` (the VAE
+encoder and decoder compiled too); ``cudagraphs`` (the transformer compiled with CUDA graphs). Each
+phase also records how far the engine's output is from the eager pipeline's on the same frame, prompt
+and seed (``max_abs`` on [0, 1] pixels and PSNR), so a speed-up that changes the pixels shows up next to
+its timing. With random weights every rounding difference is amplified; the compiled baseline's own
+deviation is the yardstick for what rounding alone does.
 
 Timing: each call is bracketed by device synchronisation and timed with a host clock, after warm-up calls
 (the compiled phase's first call compiles and is reported separately); the table shows medians. The
@@ -57,6 +60,26 @@ PROMPTS = (
     "pixel art, 16-bit palette, crisp edges",
     "a neon noir comic panel, heavy ink, magenta and cyan",
 )
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What is compiled in a phase. Phases run in the order given; compilation is never undone, so
+    list them from least to most compiled."""
+
+    transformer_mode: str | None  # "eager": not compiled; None: torch.compile's default mode
+    vae: bool  # VAE encoder and decoder compiled
+    baseline: bool  # measure the baseline pipeline too (only where it runs as the seed product ran it)
+
+
+PHASES = {
+    "eager": Phase(transformer_mode="eager", vae=False, baseline=True),
+    # The compiled baseline: the transformer compiled, the rest eager.
+    "compiled": Phase(transformer_mode=None, vae=False, baseline=True),
+    # The pipeline shares the VAE, so from here on it no longer runs as the seed product did: engine only.
+    "compiled+vae": Phase(transformer_mode=None, vae=True, baseline=False),
+    "cudagraphs": Phase(transformer_mode="reduce-overhead", vae=True, baseline=False),
+}
 
 
 @dataclass
@@ -157,6 +180,8 @@ class Bench:
         self.seeds = list(range(1, max(args.batch) + 1))
         # The eager pipeline's output per step count: what every phase's deviation is measured against.
         self.references: dict[int, torch.Tensor] = {}
+        self.transformer_mode: str | None = "eager"
+        self.vae_compiled = False
 
     def _run(self, phase: str, case: str, steps: int | None, batch: int, fn: Callable[[], Any]) -> Row:
         warmup = self.args.warmup + (1 if phase != "eager" else 0)
@@ -166,7 +191,7 @@ class Bench:
         except Exception as error:  # a failing case must not cost the rest of the run's measurements
             row = Row(phase, case, steps, batch, [], error=f"{type(error).__name__}: {error}")
         self.rows.append(row)
-        print(f"  {phase:9s} {case:22s} steps={steps} batch={batch}: {row.median_ms:8.2f} ms", flush=True)
+        print(f"  {phase:12s} {case:14s} steps={steps} batch={batch}: {row.median_ms:8.2f} ms", flush=True)
         return row
 
     def measure_baseline(self, phase: str, steps: int) -> None:
@@ -273,11 +298,18 @@ class Bench:
 
     def run_phase(self, phase: str) -> None:
         print(f"phase {phase}", flush=True)
-        if phase == "compiled":
-            # Compiles lazily: each shape's first call (a warm-up call, reported as 'first ms') compiles.
-            self.pipe.transformer.compile(fullgraph=True, dynamic=False)
+        setup = PHASES[phase]
+        # Compiles lazily: each shape's first call (a warm-up call, reported as 'first ms') compiles.
+        if setup.transformer_mode != self.transformer_mode:
+            self.engine.compile_components(
+                transformer=True, vae=False, transformer_mode=setup.transformer_mode
+            )
+            self.transformer_mode = setup.transformer_mode
+        if setup.vae and not self.vae_compiled:
+            self.engine.compile_components(transformer=False, vae=True)
+            self.vae_compiled = True
         for steps in self.args.steps:
-            if not self.args.skip_baseline:
+            if setup.baseline and not self.args.skip_baseline:
                 self.measure_baseline(phase, steps)
             self.measure_engine(phase, steps)
         if self.args.components:
@@ -336,14 +368,14 @@ def environment(engine: Flux2Engine) -> dict[str, Any]:
 
 def format_table(rows: Sequence[Row]) -> str:
     header = (
-        f"{'phase':9s} {'case':14s} {'steps':>5s} {'batch':>5s} {'median ms':>10s} {'ms/frame':>9s} "
+        f"{'phase':12s} {'case':14s} {'steps':>5s} {'batch':>5s} {'median ms':>10s} {'ms/frame':>9s} "
         f"{'fps':>7s} {'first ms':>9s} {'max_abs':>8s} {'PSNR dB':>8s}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         if row.error:
             lines.append(
-                f"{row.phase:9s} {row.case:14s} {row.steps or '':>5} {row.batch:5d}  ERROR {row.error}"
+                f"{row.phase:12s} {row.case:14s} {row.steps or '':>5} {row.batch:5d}  ERROR {row.error}"
             )
             continue
         fps = 1000.0 / row.per_frame_ms
@@ -351,7 +383,7 @@ def format_table(rows: Sequence[Row]) -> str:
         max_abs = f"{row.max_abs:8.1e}" if row.max_abs is not None else f"{'':8s}"
         psnr = f"{row.psnr_db:8.1f}" if row.psnr_db is not None else f"{'':8s}"
         lines.append(
-            f"{row.phase:9s} {row.case:14s} {row.steps or '':>5} {row.batch:5d} {row.median_ms:10.2f} "
+            f"{row.phase:12s} {row.case:14s} {row.steps or '':>5} {row.batch:5d} {row.median_ms:10.2f} "
             f"{row.per_frame_ms:9.2f} {fps:7.1f} {first} {max_abs} {psnr}"
         )
     return "\n".join(lines)
@@ -370,7 +402,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="render() batch sizes")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--phases", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--phases", nargs="+", default=["eager", "compiled"], choices=list(PHASES))
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--no-components", dest="components", action="store_false")
     parser.add_argument("--profile", action="store_true", help="write a per-operator profile of each phase")

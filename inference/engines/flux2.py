@@ -56,7 +56,12 @@ Options of ``create_flux2_engine(**options)`` and ``Flux2Engine(...)``, all keyw
 ``mode``
     ``"exact"`` (see above).
 ``compile``
-    ``torch.compile`` the transformer (default False).
+    ``torch.compile`` the transformer and the VAE's encoder and decoder (default False). Compiled
+    kernels round differently from eager ones, so outputs move by rounding-level amounts (as those of
+    a compiled Flux2KleinPipeline do); the math stays the pipeline's.
+``compile_mode``
+    ``torch.compile`` mode of the transformer: None (default) or ``"reduce-overhead"`` (CUDA graphs;
+    the transformer's output buffer is reused by the next call, which the denoising loop allows).
 ``prompt_cache_size``
     How many prompts' embeddings to keep (default 32; about 8 MB each at klein-4B size in bf16).
 ``jpeg_quality``
@@ -171,6 +176,7 @@ class Flux2Engine:
         weights_seed: int = 0,
         mode: str = "exact",
         compile: bool = False,
+        compile_mode: str | None = None,
         prompt_cache_size: int = 32,
         jpeg_quality: int = 90,
         pipeline: Flux2KleinPipeline | None = None,
@@ -194,6 +200,7 @@ class Flux2Engine:
         self.weights_seed = weights_seed
         self.mode = mode
         self.compile = compile
+        self.compile_mode = compile_mode
         self.prompt_cache_size = prompt_cache_size
         self.jpeg_quality = jpeg_quality
         if tiny:
@@ -261,8 +268,27 @@ class Flux2Engine:
         self._image_latent_ids = Flux2KleinPipeline._prepare_image_ids(
             [torch.empty(shape, device="meta")]
         ).to(self.device)
+        # The frame normalisation of VaeImageProcessor (x / 255 * 2 - 1 in float32, then the VAE's dtype) as
+        # a table of its 256 possible results, computed on the CPU as the pipeline computes them. On CUDA,
+        # dividing by a scalar is done as a multiplication by its reciprocal, which rounds differently.
+        levels = torch.arange(256, dtype=torch.float32) / 255.0
+        self._pixel_values = (2.0 * levels - 1.0).to(vae.dtype).to(self.device)
         if self.compile:
-            pipe.transformer.compile(fullgraph=True, dynamic=False)
+            self.compile_components(transformer_mode=self.compile_mode)
+
+    def compile_components(
+        self, *, transformer: bool = True, vae: bool = True, transformer_mode: str | None = None
+    ) -> None:
+        """``torch.compile`` the transformer and/or the VAE encoder and decoder in place (compilation itself
+        happens in the first call of each input shape). Compiling a module again replaces its compilation."""
+        pipe = self.load() if self.pipe is None else self.pipe
+        if transformer:
+            pipe.transformer.compile(fullgraph=True, dynamic=False, mode=transformer_mode)
+        if vae:
+            # The VAE runs once per frame each way; GroupNorm at batch 1 is where eager PyTorch loses most
+            # (one thread block per group), and a compiled reduction does not.
+            pipe.vae.encoder.compile(fullgraph=True, dynamic=False)
+            pipe.vae.decoder.compile(fullgraph=True, dynamic=False)
 
     # ------------------------------------------------------------------ the Engine protocol
 
@@ -408,15 +434,11 @@ class Flux2Engine:
         text_ids = self._txt_ids(prompt_embeds)
 
         # 2. Reference latents of the frames. VaeImageProcessor's arithmetic: [0, 255] -> [0, 1] -> [-1, 1]
-        # The pipeline's tensor comes from an HWC numpy array, so it is channels-last in memory (with a full
-        # batch stride); convolution kernels differ by memory format, so matching that layout is what makes
-        # the encoder's output identical.
-        image = torch.empty(
-            frames.shape, dtype=torch.float32, device=self.device, memory_format=torch.channels_last
-        )
-        image = image.copy_(frames) / 255.0
-        image = 2.0 * image - 1.0
-        image = image.to(dtype=vae.dtype)
+        # Looked up in (B, H, W, C) order and viewed as (B, C, H, W): the pipeline's tensor comes from an HWC
+        # numpy array, so it is channels-last in memory (with a full batch stride), and convolution kernels
+        # differ by memory format, so matching that layout is what makes the encoder's output identical.
+        pixels = frames.to(self.device).permute(0, 2, 3, 1).contiguous()
+        image = self._pixel_values[pixels.long()].permute(0, 3, 1, 2)
         image_latents = pipe._encode_vae_image(image=image, generator=None)
         image_latents = Flux2KleinPipeline._pack_latents(image_latents)  # (B, 1024, C)
         image_latent_ids = self._image_latent_ids.expand(batch_size, -1, -1)
