@@ -59,6 +59,9 @@ Options of ``create_flux2_engine(**options)`` and ``Flux2Engine(...)``, all keyw
     ``torch.compile`` the transformer and the VAE's encoder and decoder (default False). Compiled
     kernels round differently from eager ones, so outputs move by rounding-level amounts (as those of
     a compiled Flux2KleinPipeline do); the math stays the pipeline's.
+``fuse_qkv``
+    Fuse the double-stream blocks' q/k/v projections (image and text streams) into one matrix product
+    each (default False); the same products, computed by one kernel instead of three.
 ``compile_mode``
     ``torch.compile`` mode of the transformer: None (default) or ``"reduce-overhead"`` (CUDA graphs;
     the transformer's output buffer is reused by the next call, which the denoising loop allows).
@@ -177,6 +180,7 @@ class Flux2Engine:
         mode: str = "exact",
         compile: bool = False,
         compile_mode: str | None = None,
+        fuse_qkv: bool = False,
         prompt_cache_size: int = 32,
         jpeg_quality: int = 90,
         pipeline: Flux2KleinPipeline | None = None,
@@ -201,6 +205,7 @@ class Flux2Engine:
         self.mode = mode
         self.compile = compile
         self.compile_mode = compile_mode
+        self.fuse_qkv_projections = fuse_qkv
         self.prompt_cache_size = prompt_cache_size
         self.jpeg_quality = jpeg_quality
         if tiny:
@@ -273,8 +278,15 @@ class Flux2Engine:
         # dividing by a scalar is done as a multiplication by its reciprocal, which rounds differently.
         levels = torch.arange(256, dtype=torch.float32) / 255.0
         self._pixel_values = (2.0 * levels - 1.0).to(vae.dtype).to(self.device)
+        if self.fuse_qkv_projections:
+            self.fuse_qkv()
         if self.compile:
             self.compile_components(transformer_mode=self.compile_mode)
+
+    def fuse_qkv(self) -> None:
+        """Fuse the transformer's q/k/v projections in place (diffusers' ``fuse_qkv_projections``)."""
+        pipe = self.load() if self.pipe is None else self.pipe
+        pipe.transformer.fuse_qkv_projections()
 
     def compile_components(
         self, *, transformer: bool = True, vae: bool = True, transformer_mode: str | None = None
