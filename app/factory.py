@@ -6,11 +6,11 @@ import logging
 from pathlib import Path
 
 from litestar import Litestar
-from litestar.contrib.jinja import JinjaTemplateEngine
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.logging.config import LoggingConfig
 from litestar.plugins.htmx import HTMXPlugin, HTMXRequest
+from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.types import ControllerRouterHandler
@@ -25,6 +25,8 @@ from app.auth import (
 from app.routes.billing import BillingPlugin
 from app.routes.pages import PagesController
 from app.routes.session import SessionController
+from app.routes.stream import StreamController
+from app.routes.usage import UsageController
 from app.security import SecurityHeadersMiddleware, csrf_config
 from app.services import in_process_worker, services_lifespan
 from app.settings import Settings, load_settings
@@ -40,6 +42,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     route_handlers: list[ControllerRouterHandler] = [
         PagesController,
         SessionController,
+        StreamController,
+        UsageController,
         create_static_files_router(path="/static", directories=[STATIC_DIR], name="static"),
     ]
     state = State({"settings": settings})

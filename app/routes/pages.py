@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from litestar import Controller, get
-from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.response import Template
 
 from app.auth import SignedInUser, requires_user
@@ -13,15 +13,15 @@ from app.settings import Settings
 
 class PagesController(Controller):
     @get("/", name="landing")
-    async def landing(self, maybe_user: SignedInUser | None) -> Template:
+    async def landing(self, maybe_user: NamedDependency[SignedInUser | None]) -> Template:
         return Template("landing.html", context={"user": maybe_user})
 
     @get("/studio", name="studio", guards=[requires_user])
-    async def studio(self, user: SignedInUser, settings: Settings) -> Template:
+    async def studio(self, user: NamedDependency[SignedInUser]) -> Template:
         return Template(
             "studio.html", context={"user": user, "presets": STYLE_PRESETS, "default_preset": DEFAULT_PRESET}
         )
 
     @get("/health", name="health", include_in_schema=False)
-    async def health(self, settings: Settings, state: State) -> dict[str, str]:
+    async def health(self, settings: NamedDependency[Settings]) -> dict[str, str]:
         return {"status": "ok", "mode": settings.mode.value}

@@ -15,9 +15,10 @@ from clerk_backend_api import Clerk
 from clerk_backend_api.models import ClerkBaseError, SDKError
 from litestar import Controller, Request, get, post
 from litestar.datastructures import Cookie, State
+from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotFoundException
-from litestar.params import Body
+from litestar.params import Body, FromQuery
 from litestar.response import Redirect, Template
 
 from app.auth import (
@@ -43,7 +44,9 @@ class SessionController(Controller):
 
     @get("/sign-in", name="sign_in")
     async def sign_in_page(
-        self, settings: Settings, maybe_user: SignedInUser | None, next: str = "/studio"
+        self,
+        maybe_user: NamedDependency[SignedInUser | None],
+        next: FromQuery[str] = "/studio",
     ) -> Template | Redirect:
         target = safe_redirect_target(next)
         if maybe_user is not None:
@@ -54,7 +57,7 @@ class SessionController(Controller):
     async def sign_in(
         self,
         request: Request,
-        settings: Settings,
+        settings: NamedDependency[Settings],
         state: State,
         data: Annotated[SignInForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
     ) -> Template | Redirect:
@@ -100,7 +103,7 @@ class SessionController(Controller):
         )
 
     @post("/sign-out", status_code=303)
-    async def sign_out(self, settings: Settings) -> Redirect:
+    async def sign_out(self) -> Redirect:
         return Redirect(
             path="/",
             status_code=303,
