@@ -1,0 +1,132 @@
+"""Usage: the worker's usage reports, and the usage meter the studio polls.
+
+`POST /api/usage/report` is machine-to-machine. It is authenticated by the worker's HMAC signature over
+the body (STREAM_SECRET, `inference.usage.verify_usage_report`) and by nothing else: it is not behind the
+user guard, a session cookie gives no right to it, and it is exempt from CSRF (app/security.py) because
+no browser ever calls it. Answers the worker's reporter understands:
+
+* 200: the report is durable in Clerk (or was already counted);
+* 401: unsigned, forged or stale signature; 409: a stream the ledger refuses (never retry these);
+* 503: Clerk failed; retry later, which cannot double count.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.response import Template
+from litestar.status_codes import (
+    HTTP_200_OK,
+    HTTP_401_UNAUTHORIZED,
+    HTTP_404_NOT_FOUND,
+    HTTP_409_CONFLICT,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
+
+from app.auth import SignedInUser, requires_user
+from app.routes.billing import account_view
+from app.settings import Settings
+from billing.accounts import AccountStore, AccountStoreError, ClerkUnavailable, UnknownUser
+from billing.entitlement import entitlement
+from billing.ledger import LedgerRefused
+from billing.metadata import MetadataError
+from billing.metering import Metering
+from billing.plans import PlanCatalogue
+from inference.usage import UsageReportError, verify_usage_report
+
+log = logging.getLogger(__name__)
+
+# htmx stops polling when a poll is answered with this status (and still swaps the content in).
+HTMX_STOP_POLLING = 286
+RETRY_AFTER_SECONDS = "2"
+
+
+def provide_metering(state: State) -> Metering:
+    """The app's one Metering, built on first use from the billing services (BillingPlugin's lifespan)."""
+    metering = state.get("metering")
+    if isinstance(metering, Metering):
+        return metering
+    accounts, catalogue = state.get("accounts"), state.get("catalogue")
+    if not isinstance(accounts, AccountStore) or not isinstance(catalogue, PlanCatalogue):
+        raise RuntimeError("billing services are not running: register BillingPlugin in create_app()")
+    metering = Metering(accounts, catalogue)
+    state["metering"] = metering
+    return metering
+
+
+def _error(status_code: int, error: str, message: str, **headers: str) -> Response[dict[str, str]]:
+    return Response({"error": error, "message": message}, status_code=status_code, headers=headers)
+
+
+class UsageController(Controller):
+    dependencies = {"metering": Provide(provide_metering, sync_to_thread=False)}
+
+    @post("/api/usage/report", name="usage_report", status_code=HTTP_200_OK)
+    async def report(
+        self, request: Request[Any, Any, Any], settings: Settings, metering: Metering
+    ) -> Response[dict[str, Any]]:
+        body = await request.body()
+        try:
+            report = verify_usage_report(settings.stream_secret, request.headers, body)
+        except UsageReportError as exc:
+            log.warning(
+                "usage report refused from %s: %s", request.client.host if request.client else "?", exc
+            )
+            return _error(HTTP_401_UNAUTHORIZED, "unauthenticated", "The report is not signed by a worker.")
+        try:
+            applied = await metering.record(report)
+        except LedgerRefused as refused:
+            log.error(
+                "usage report for stream %s of %s refused: %s", report.stream_id, report.user_id, refused
+            )
+            return _error(HTTP_409_CONFLICT, refused.reason.value, str(refused))
+        except UnknownUser:
+            log.error("usage report for stream %s names unknown user %s", report.stream_id, report.user_id)
+            return _error(HTTP_404_NOT_FOUND, "unknown_user", "No account has this user id.")
+        except ClerkUnavailable:
+            return _error(
+                HTTP_503_SERVICE_UNAVAILABLE,
+                "accounts_unavailable",
+                "The account store is unavailable; retry the report.",
+                **{"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        except (AccountStoreError, MetadataError):
+            # Not transient as far as we can tell, but a retry is harmless and the usage must not be lost.
+            log.exception(
+                "usage report for stream %s of %s could not be stored", report.stream_id, report.user_id
+            )
+            return _error(HTTP_500_INTERNAL_SERVER_ERROR, "not_stored", "The report could not be stored.")
+        return Response(
+            {
+                "stream_id": applied.stream_id,
+                "added_seconds": applied.added_seconds,
+                "stream_seconds": applied.stream_seconds,
+            },
+            status_code=HTTP_200_OK,
+        )
+
+    @get("/partials/usage-meter", name="usage_meter", guards=[requires_user])
+    async def usage_meter(self, user: SignedInUser, metering: Metering) -> Template:
+        try:
+            account = await metering.view(user.user_id)
+        except (AccountStoreError, MetadataError):
+            log.warning("usage meter for %s: account unavailable", user.user_id, exc_info=True)
+            # Keep polling: the next poll may find Clerk back.
+            return Template("partials/usage_meter.html", context={"view": None})
+        view = account_view(account, metering.catalogue)
+        applies = entitlement(account.metadata.public, metering.catalogue)
+        return Template(
+            "partials/usage_meter.html",
+            context={
+                "view": view,
+                "plan_name": applies.plan.name,
+                "seconds_left": applies.remaining_seconds,
+                "exhausted": applies.exhausted,
+            },
+            status_code=HTMX_STOP_POLLING if applies.exhausted else HTTP_200_OK,
+        )
