@@ -19,7 +19,7 @@ import logging
 from urllib.parse import urlsplit
 
 from litestar import Controller, Response, post
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.status_codes import (
@@ -74,7 +74,10 @@ class StreamController(Controller):
 
     @post("/api/stream/ticket", name="stream_ticket", guards=[requires_user], status_code=HTTP_200_OK)
     async def ticket(
-        self, user: SignedInUser, settings: Settings, metering: Metering
+        self,
+        user: NamedDependency[SignedInUser],
+        settings: NamedDependency[Settings],
+        metering: NamedDependency[Metering],
     ) -> Response[dict[str, object]]:
         try:
             reservation = await metering.reserve(user.user_id)

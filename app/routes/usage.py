@@ -17,7 +17,7 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.response import Template
 from litestar.status_codes import (
     HTTP_200_OK,
@@ -68,7 +68,10 @@ class UsageController(Controller):
 
     @post("/api/usage/report", name="usage_report", status_code=HTTP_200_OK)
     async def report(
-        self, request: Request[Any, Any, Any], settings: Settings, metering: Metering
+        self,
+        request: Request[Any, Any, Any],
+        settings: NamedDependency[Settings],
+        metering: NamedDependency[Metering],
     ) -> Response[dict[str, Any]]:
         body = await request.body()
         try:
@@ -111,7 +114,9 @@ class UsageController(Controller):
         )
 
     @get("/partials/usage-meter", name="usage_meter", guards=[requires_user])
-    async def usage_meter(self, user: SignedInUser, metering: Metering) -> Template:
+    async def usage_meter(
+        self, user: NamedDependency[SignedInUser], metering: NamedDependency[Metering]
+    ) -> Template:
         try:
             account = await metering.view(user.user_id)
         except (AccountStoreError, MetadataError):
