@@ -10,7 +10,8 @@ already folded into the usage counters, and a report adds only `max(0, seconds -
 * a crashed worker loses at most what it delivered after its last report (one reporting interval).
 
 Streams and reservations: the app mints every stream id (`new_stream_id`, which carries the issue time)
-and records the stream in the ledger when it issues the ticket, with the allowance the ticket grants.
+and records the stream in the ledger when it issues the ticket, with the allowance the ticket grants; a
+report for a stream that is not in the user's ledger was not issued to that user and is refused.
 While a stream is live its unused allowance stays reserved, so a second tab only gets what the first
 one cannot use. A stream stops being live when its final report arrives or when nothing was heard of it
 for `stale_after_seconds` (a crashed worker); a timed-out stream that reports again (an app outage, not
@@ -19,7 +20,7 @@ a crash) is counted as usual and is live again.
 Entries are pruned once they have not been live for `horizon_seconds`, or sooner, oldest first, when the
 ledger holds more than `max_entries`. `streams_pruned_before` remembers the newest issue time pruned, and
 a report for a stream that is not in the ledger is refused when the stream was issued before the horizon
-or at or before that mark: a pruned stream can never be counted a second time.
+or at or before that mark (rather than as unknown): a pruned stream can never be counted a second time.
 
 Renewals: seconds are counted into whichever counter applies (`billing.entitlement`) when the app applies
 the report. A renewal zeroes `seconds_used` but leaves the ledger alone, so what a stream delivered
@@ -63,7 +64,10 @@ DEFAULT_POLICY: Final = LedgerPolicy()
 
 class Refusal(StrEnum):
     MALFORMED_STREAM_ID = "malformed_stream_id"
+    # Not in this user's ledger and too old to tell apart from a stream already pruned from it.
     STREAM_EXPIRED = "stream_expired"
+    # Not in this user's ledger: the app never issued this stream's ticket to this user.
+    UNKNOWN_STREAM = "unknown_stream"
     # Nothing left on the account: only a plan (or, for paid plans, the next term) helps.
     OUT_OF_MINUTES = "out_of_minutes"
     # What is left is held by the user's other live streams (another tab, or a stream that just ended
@@ -125,7 +129,7 @@ def is_live(stream_id: str, entry: StreamUsage, now: int, policy: LedgerPolicy =
 
 def reserved_seconds(entry: StreamUsage) -> int:
     """What a live stream may still deliver under its ticket."""
-    return max(0, entry.allowance - entry.seconds) if entry.allowance is not None else 0
+    return max(0, entry.allowance - entry.seconds)
 
 
 def live_reserved_seconds(private: PrivateBilling, now: int, policy: LedgerPolicy = DEFAULT_POLICY) -> int:
@@ -177,33 +181,33 @@ def apply_report(
     now: int,
     policy: LedgerPolicy = DEFAULT_POLICY,
 ) -> Folded:
-    """Fold one usage report in. Raises LedgerRefused for a stream id the app did not mint or a stream
-    that is too old to be told apart from one already pruned (answer it with a 4xx: retrying cannot help).
-    """
+    """Fold one usage report in. Raises LedgerRefused for a stream this user was never issued (or whose
+    entry was pruned): answer it with a 4xx, as retrying cannot help."""
     issued = stream_issued_at(report.stream_id)
     if issued is None or issued > now + MAX_FUTURE_SKEW_SECONDS:
         raise LedgerRefused(Refusal.MALFORMED_STREAM_ID, f"{report.stream_id!r} is not a stream id")
     private = current.private
     entry = private.streams.get(report.stream_id)
     if entry is None:
+        # Every stream enters the ledger when its ticket is issued, and a live one never leaves it.
         if issued < now - policy.horizon_seconds or issued <= private.streams_pruned_before:
             raise LedgerRefused(
                 Refusal.STREAM_EXPIRED,
                 f"stream {report.stream_id} is older than the ledger keeps; it cannot be counted safely",
             )
-        # A report for a stream whose ticket reservation the ledger does not hold (its metadata was reset
-        # by hand, say): count it from zero rather than lose it. It is in the ledger from now on.
-        entry = StreamUsage(seconds=0, reported_at=issued)
+        raise LedgerRefused(
+            Refusal.UNKNOWN_STREAM, f"stream {report.stream_id} was not issued to user {report.user_id}"
+        )
 
-    billable = report.seconds if entry.allowance is None else min(report.seconds, entry.allowance)
+    billable = min(report.seconds, entry.allowance)
     added = max(0, billable - entry.seconds)
     closes = report.final and not entry.final
     ent = entitlement(current.public, catalogue)
 
-    # A duplicate or a retry within a few seconds is a sign of life the ledger already has: skipping it
-    # keeps Clerk writes for real changes. An older one is written, so the stream is not timed out.
+    # A duplicate, a retry or a heartbeat within a few seconds is a sign of life the ledger already has:
+    # skipping it keeps Clerk writes for real changes. An older one is written, so the stream stays live.
     refresh = now - entry.reported_at >= policy.stale_after_seconds // 2
-    if added == 0 and not closes and not refresh and report.stream_id in private.streams:
+    if added == 0 and not closes and not refresh:
         return Folded(metadata=_pruned(current, now, policy), added_seconds=0, counter=ent.counter)
 
     updated_entry = StreamUsage(

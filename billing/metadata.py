@@ -77,9 +77,9 @@ class StreamUsage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     seconds: int
     # Unix seconds (app clock) of the last sign of life: the ticket's issue, or the last report folded in.
     reported_at: int
-    # Billable seconds the stream's ticket granted (reserved at issue); None for a stream the ledger first
-    # heard of through a report. A stream is never billed more than this.
-    allowance: int | None = None
+    # Billable seconds the stream's ticket granted, reserved when it was issued. A stream is never billed
+    # more than this.
+    allowance: int
     # The worker sent the stream's final report: it is closed for good and reserves nothing.
     final: bool = False
 

@@ -164,13 +164,23 @@ def test_a_steady_stream_of_reports_stays_within_clerks_write_limit(stack: Stack
     assert stack.metadata(browser.user_id).public.seconds_used == seconds
 
 
-def test_reports_for_a_stream_the_app_never_issued_are_refused(stack: Stack) -> None:
-    browser = stack.sign_in("bogus@example.com")
-    for stream_id in ("stream_made_up", f"st_{int(time.time()) - 86_400}_0123456789ab"):
-        answer = stack.report(usage(browser, stream_id, 30))
-        assert answer.status_code == 409
-        assert answer.json()["error"] in ("malformed_stream_id", "stream_expired")
-    assert stack.metadata(browser.user_id).public.free_seconds_used == 0
+def test_reports_for_streams_not_issued_to_the_user_are_refused(stack: Stack) -> None:
+    alice = stack.sign_in("alice@example.com")
+    bob = stack.sign_in("bob@example.com")
+    alices_stream, _ = granted_stream(alice, stack.settings.stream_secret)
+    refusals = {
+        "stream_made_up": "malformed_stream_id",
+        f"st_{int(time.time())}_0123456789ab": "unknown_stream",
+        f"st_{int(time.time()) - 86_400}_0123456789ab": "stream_expired",
+        # Alice's stream billed to Bob: the ticket was not his.
+        alices_stream: "unknown_stream",
+    }
+    for stream_id, error in refusals.items():
+        answer = stack.report(usage(bob, stream_id, 30))
+        assert answer.status_code == 409  # a 4xx the worker does not retry
+        assert answer.json()["error"] == error
+    assert stack.metadata(bob.user_id).public.free_seconds_used == 0
+    assert stack.metadata(alice.user_id).public.free_seconds_used == 0
 
 
 # ---- tickets -----------------------------------------------------------------------------------------------
