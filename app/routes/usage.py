@@ -84,7 +84,7 @@ class UsageController(Controller):
         try:
             applied = await metering.record(report)
         except LedgerRefused as refused:
-            log.error(
+            log.warning(
                 "usage report for stream %s of %s refused: %s", report.stream_id, report.user_id, refused
             )
             return _error(HTTP_409_CONFLICT, refused.reason.value, str(refused))
