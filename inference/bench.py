@@ -71,6 +71,9 @@ class Phase:
     vae: bool  # VAE encoder and decoder compiled
     baseline: bool  # measure the baseline pipeline too (only where it runs as the seed product ran it)
     fuse_qkv: bool = False  # one projection for q, k and v (and for the text stream's) in the double blocks
+    # Approximations (the engine's mode="approximate" options):
+    text_tokens: int = MAX_SEQUENCE_LENGTH
+    fp8: bool = False
 
 
 PHASES = {
@@ -83,6 +86,10 @@ PHASES = {
     "cudagraphs+fused-qkv": Phase(
         transformer_mode="reduce-overhead", vae=True, baseline=False, fuse_qkv=True
     ),
+    # Approximate: the prompt embedding cut from 512 to 128 tokens, then FP8 transformer blocks, then both.
+    "text128": Phase(transformer_mode=None, vae=True, baseline=False, text_tokens=128),
+    "fp8": Phase(transformer_mode=None, vae=True, baseline=False, fp8=True),
+    "fp8+text128": Phase(transformer_mode=None, vae=True, baseline=False, fp8=True, text_tokens=128),
 }
 
 
@@ -180,6 +187,7 @@ class Bench:
         self.rows: list[Row] = []
         self.frames = [webcam_frame(seed) for seed in range(max(args.batch))]
         self.jpegs = [to_jpeg(frame) for frame in self.frames]
+        self.frame_image = Image.fromarray(self.frames[0])  # the baseline's input, decoded once
         self.prompts = [PROMPTS[i % len(PROMPTS)] for i in range(max(args.batch))]
         self.seeds = list(range(1, max(args.batch) + 1))
         # The eager pipeline's output per step count: what every phase's deviation is measured against.
@@ -199,29 +207,28 @@ class Bench:
         print(f"  {phase:12s} {case:14s} steps={steps} batch={batch}: {row.median_ms:8.2f} ms", flush=True)
         return row
 
+    def compute_references(self) -> None:
+        """The eager pipeline's output for each step count, before anything is compiled or approximated."""
+        for steps in self.args.steps:
+            self.references[steps] = self.baseline_call(steps, "pt")
+
+    def baseline_call(self, steps: int, output_type: str = "pil") -> Any:
+        """The seed product's per-frame call: PIL frame in, cached prompt embeddings, a seeded generator."""
+        return self.pipe(
+            image=self.frame_image,
+            prompt_embeds=self.engine.prompt_embeds(self.prompts[0]),
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            height=OUTPUT_SIZE,
+            width=OUTPUT_SIZE,
+            generator=torch.Generator(device=self.device).manual_seed(self.seeds[0]),
+            output_type=output_type,
+        ).images
+
     def measure_baseline(self, phase: str, steps: int) -> None:
-        pipe, frame = self.pipe, Image.fromarray(self.frames[0])
-        prompt_embeds = self.engine.prompt_embeds(self.prompts[0])
-        seed = self.seeds[0]
-
-        def call(output_type: str = "pil") -> Any:
-            return pipe(
-                image=frame,
-                prompt_embeds=prompt_embeds,
-                num_inference_steps=steps,
-                guidance_scale=1.0,
-                height=OUTPUT_SIZE,
-                width=OUTPUT_SIZE,
-                generator=torch.Generator(device=self.device).manual_seed(seed),
-                output_type=output_type,
-            ).images
-
-        row = self._run(phase, "baseline", steps, 1, call)
-        output = call("pt")
-        if phase == "eager":
-            self.references[steps] = output
-        if steps in self.references:
-            row.max_abs, row.psnr_db = deviation(output, self.references[steps])
+        row = self._run(phase, "baseline", steps, 1, lambda: self.baseline_call(steps))
+        if row.error is None:
+            row.max_abs, row.psnr_db = deviation(self.baseline_call(steps, "pt"), self.references[steps])
 
     def measure_engine(self, phase: str, steps: int) -> None:
         engine = self.engine
@@ -234,7 +241,7 @@ class Bench:
             1,
             lambda: engine.render_frames(frame, [prompt], steps=steps, seeds=[seed]),
         )
-        if steps in self.references:
+        if row.error is None:
             output = engine.render_frames(frame, [prompt], steps=steps, seeds=[seed])
             row.max_abs, row.psnr_db = deviation(output, self.references[steps])
         for batch in self.args.batch:
@@ -304,6 +311,15 @@ class Bench:
     def run_phase(self, phase: str) -> None:
         print(f"phase {phase}", flush=True)
         setup = PHASES[phase]
+        # Approximations are set on the engine directly (its constructor takes them only with
+        # mode="approximate"); text_tokens applies per call, FP8 quantization is permanent.
+        approximate = setup.fp8 or setup.text_tokens != MAX_SEQUENCE_LENGTH
+        self.engine.mode = "approximate" if approximate else "exact"
+        self.engine.text_tokens = setup.text_tokens
+        if setup.fp8:
+            self.engine.enable_fp8()  # a compiled transformer recompiles on its next call
+        elif self.engine.fp8:
+            raise ValueError(f"phase {phase} comes after an fp8 phase, which cannot be undone")
         if setup.fuse_qkv and not self.qkv_fused:
             self.engine.fuse_qkv()  # a compiled transformer recompiles on its next call
             self.qkv_fused = True
@@ -336,7 +352,7 @@ class Bench:
             _sync(self.device)
         sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70)
-        path = Path(self.args.out) / f"profile-{phase}.txt"
+        path = Path(self.args.out) / f"profile-{phase.replace('+', '_')}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(table)
         print(f"  profile of one 2-step render written to {path}")
@@ -436,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bench = Bench(engine, args)
     load_s = time.perf_counter() - start
     print(f"{engine.model} on {engine.device} ({engine.dtype}): loaded in {load_s:.1f}s", flush=True)
+    bench.compute_references()
     started = datetime.now(UTC)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

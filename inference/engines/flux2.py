@@ -21,6 +21,9 @@ Modes (``mode=``):
   frame, prompt and ``generator=torch.Generator(device).manual_seed(seed)``; on the same device and
   without compilation the output tensors are bit-identical (tests check this). This is the correctness
   gate for every speed-up.
+* ``"approximate"``: allows the options that change the model's arithmetic for speed (``fp8``,
+  ``text_tokens``). Their outputs differ from the pipeline's by more than rounding;
+  ``python -m inference.bench`` reports by how much.
 
 Frames stay tensors end to end: JPEG bytes are decoded by nvJPEG on the GPU (``torchvision.io``) when
 torchvision is installed and the engine runs on CUDA, and results are encoded the same way; otherwise
@@ -54,7 +57,17 @@ Options of ``create_flux2_engine(**options)`` and ``Flux2Engine(...)``, all keyw
 ``weights_seed``
     Seed of the random weights (default 0).
 ``mode``
-    ``"exact"`` (see above).
+    ``"exact"`` or ``"approximate"`` (see above).
+``fp8``
+    Approximate. The transformer blocks' linear layers multiply in FP8 (e4m3) on the tensor cores:
+    weights quantized once with one scale per output channel, activations per token on the fly,
+    float32 accumulation (``torch._scaled_mm``). Needs a GPU with FP8 (Hopper or newer) to be fast.
+``text_tokens``
+    Approximate below 512. How many prompt-embedding tokens the transformer attends to. The pipeline
+    pads every prompt to 512 tokens and the transformer attends to the padding too; the text encoder is
+    causal, so the first ``text_tokens`` embeddings are unchanged by dropping the rest, but the
+    transformer's output changes (and prompts longer than ``text_tokens``, chat template included,
+    are cut).
 ``compile``
     ``torch.compile`` the transformer and the VAE's encoder and decoder (default False). Compiled
     kernels round differently from eager ones, so outputs move by rounding-level amounts (as those of
@@ -106,7 +119,9 @@ except ImportError:  # pragma: no cover - depends on the install
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.2-klein-4B"
-MODES = ("exact",)
+MODES = ("exact", "approximate")
+FLOAT8 = torch.float8_e4m3fn
+FLOAT8_MAX = torch.finfo(FLOAT8).max
 # Only the diffusers-format folders: the repo also carries single-file checkpoints we never read.
 _CHECKPOINT_PATTERNS = [
     "model_index.json",
@@ -181,12 +196,18 @@ class Flux2Engine:
         compile: bool = False,
         compile_mode: str | None = None,
         fuse_qkv: bool = False,
+        fp8: bool = False,
+        text_tokens: int = MAX_SEQUENCE_LENGTH,
         prompt_cache_size: int = 32,
         jpeg_quality: int = 90,
         pipeline: Flux2KleinPipeline | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 1 <= text_tokens <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"text_tokens must be in 1..{MAX_SEQUENCE_LENGTH}, got {text_tokens}")
+        if mode == "exact" and (fp8 or text_tokens != MAX_SEQUENCE_LENGTH):
+            raise ValueError("fp8 and text_tokens < 512 change the output: they need mode='approximate'")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if max_batch < 1:
@@ -203,6 +224,8 @@ class Flux2Engine:
         self.tiny = tiny
         self.weights_seed = weights_seed
         self.mode = mode
+        self.fp8 = fp8
+        self.text_tokens = text_tokens
         self.compile = compile
         self.compile_mode = compile_mode
         self.fuse_qkv_projections = fuse_qkv
@@ -220,7 +243,7 @@ class Flux2Engine:
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._noise_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._text_ids: dict[int, torch.Tensor] = {}
+        self._text_ids: dict[tuple[int, ...], torch.Tensor] = {}
         if pipeline is not None:
             self._attach(pipeline)
 
@@ -280,8 +303,17 @@ class Flux2Engine:
         self._pixel_values = (2.0 * levels - 1.0).to(vae.dtype).to(self.device)
         if self.fuse_qkv_projections:
             self.fuse_qkv()
+        if self.fp8:
+            self.enable_fp8()
         if self.compile:
             self.compile_components(transformer_mode=self.compile_mode)
+
+    def enable_fp8(self) -> None:
+        """Quantize the transformer blocks to FP8 in place (the ``fp8`` option; approximate)."""
+        pipe = self.load() if self.pipe is None else self.pipe
+        if not any(isinstance(module, Float8Linear) for module in pipe.transformer.modules()):
+            quantize_transformer_fp8(pipe.transformer)
+        self.fp8 = True
 
     def fuse_qkv(self) -> None:
         """Fuse the transformer's q/k/v projections in place (diffusers' ``fuse_qkv_projections``)."""
@@ -415,10 +447,10 @@ class Flux2Engine:
         return self._schedules[steps]
 
     def _txt_ids(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        batch_size = prompt_embeds.shape[0]
-        if batch_size not in self._text_ids:
-            self._text_ids[batch_size] = Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(self.device)
-        return self._text_ids[batch_size]
+        key = tuple(prompt_embeds.shape[:2])
+        if key not in self._text_ids:
+            self._text_ids[key] = Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(self.device)
+        return self._text_ids[key]
 
     # ------------------------------------------------------------------ the denoising pass
 
@@ -443,6 +475,8 @@ class Flux2Engine:
 
         # 1. Prompt embeddings, cached per prompt
         prompt_embeds = torch.cat([self.prompt_embeds(prompt) for prompt in prompts])
+        if self.text_tokens < prompt_embeds.shape[1]:
+            prompt_embeds = prompt_embeds[:, : self.text_tokens]  # approximate mode only
         text_ids = self._txt_ids(prompt_embeds)
 
         # 2. Reference latents of the frames. VaeImageProcessor's arithmetic: [0, 255] -> [0, 1] -> [-1, 1]
@@ -492,6 +526,52 @@ class Flux2Engine:
         latents = Flux2KleinPipeline._unpatchify_latents(latents)
         image = vae.decode(latents, return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pt")
+
+
+class Float8Linear(torch.nn.Module):
+    """A bias-free or biased ``nn.Linear`` computed in FP8: ``x @ W.T (+ b)`` with W stored as e4m3 with one
+    float32 scale per output channel, and x quantized per row (token) at each call. ``torch._scaled_mm``
+    multiplies the FP8 operands and applies both scales to the float32 accumulator."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().to(torch.float32)
+        scale = (weight.abs().amax(dim=1, keepdim=True) / FLOAT8_MAX).clamp(min=1e-12)
+        self.register_buffer("weight_fp8", (weight / scale).to(FLOAT8))
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out_features)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        scale = (rows.abs().amax(dim=1, keepdim=True).to(torch.float32) / FLOAT8_MAX).clamp(min=1e-12)
+        quantized = (rows.to(torch.float32) / scale).to(FLOAT8)
+        # _scaled_mm wants the second operand column-major: the transpose of the row-major weight is.
+        out = torch._scaled_mm(
+            quantized, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype
+        )
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_transformer_fp8(transformer: torch.nn.Module) -> int:
+    """Replace the linear layers inside the transformer blocks by Float8Linear, in place; returns how many.
+
+    Only the blocks: they hold nearly all of the FLOPs, with thousands of tokens per product. The input
+    and output projections and the timestep/modulation layers (one row per image) stay in bf16."""
+    replaced = 0
+    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
+        for parent in list(blocks.modules()):
+            for name, child in list(parent.named_children()):
+                # FP8 matrix products need both dimensions divisible by 16.
+                if (
+                    isinstance(child, torch.nn.Linear)
+                    and child.in_features % 16 == child.out_features % 16 == 0
+                ):
+                    parent._modules[name] = Float8Linear(child)
+                    replaced += 1
+    return replaced
 
 
 def create_flux2_engine(**options: Any) -> Flux2Engine:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from inference.engines.base import OUTPUT_SIZE, Engine, FrameJob
-from inference.engines.flux2 import Flux2Engine, create_flux2_engine
+from inference.engines.flux2 import Float8Linear, Flux2Engine, create_flux2_engine
 
 # Batched matrix products sum in a different order than single ones; on the tiny float32 model that moves
 # pixels by up to ~1e-4 (out of [0, 1]).
@@ -182,8 +182,47 @@ def test_render_rejects_more_jobs_than_max_batch(engine: Flux2Engine) -> None:
         engine.render([_job(i, jpeg, "x", seed=1) for i in range(5)])
 
 
+def test_float8_linear_approximates_the_bf16_product() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    x = torch.randn(3, 10, 64)
+    fp8 = Float8Linear(linear)
+    assert fp8.weight_fp8.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        expected, actual = linear(x), fp8(x)
+    assert actual.shape == expected.shape
+    relative_error = (actual - expected).norm() / expected.norm()
+    # e4m3 keeps 3 mantissa bits: a few percent per element, averaging down over a dot product.
+    assert 1e-4 < relative_error < 0.05
+
+
+def test_approximate_options_stay_close_to_exact(engine: Flux2Engine) -> None:
+    frame = _as_tensor(_frame(15))
+    exact = engine.render_frames(frame, ["oil painting"], steps=2, seeds=[3])
+    approximate = create_flux2_engine(tiny=True, device="cpu", mode="approximate", fp8=True, text_tokens=64)
+    approximate.load()
+    blocks = approximate.pipe.transformer.single_transformer_blocks[0]
+    assert isinstance(blocks.attn.to_qkv_mlp_proj, Float8Linear)
+    calls: list[int] = []
+    approximate.pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs["encoder_hidden_states"].shape[1]),
+        with_kwargs=True,
+    )
+    output = approximate.render_frames(frame, ["oil painting"], steps=2, seeds=[3])
+    assert calls == [64, 64]  # the transformer saw 64 prompt tokens per step
+    difference = (output - exact).abs()
+    assert 0 < difference.max() < 0.1
+    assert difference.mean() < 0.01
+
+
 def test_invalid_options_are_rejected() -> None:
     with pytest.raises(ValueError, match="mode"):
         create_flux2_engine(tiny=True, mode="fastest-possible")
     with pytest.raises(ValueError, match="dtype"):
         create_flux2_engine(tiny=True, dtype="int8")
+    with pytest.raises(ValueError, match="approximate"):
+        create_flux2_engine(tiny=True, fp8=True)
+    with pytest.raises(ValueError, match="approximate"):
+        create_flux2_engine(tiny=True, text_tokens=128)
+    with pytest.raises(ValueError, match="text_tokens"):
+        create_flux2_engine(tiny=True, mode="approximate", text_tokens=0)
