@@ -77,18 +77,17 @@ def wait_until(page: Any, condition: Callable[[], bool], timeout: float, what: s
         page.wait_for_timeout(50)
 
 
-def output_thumbnail(page: Any) -> list[float]:
-    """An 8x8 grey thumbnail of the output canvas, to tell styles apart."""
+def output_colour(page: Any) -> list[float]:
+    """The mean red, green and blue of the output canvas: a style's palette, whatever the camera shows."""
     return page.evaluate(
         """() => {
-          const small = document.createElement('canvas');
-          small.width = 8; small.height = 8;
-          const context = small.getContext('2d');
-          context.drawImage(document.getElementById('output'), 0, 0, 8, 8);
-          const data = context.getImageData(0, 0, 8, 8).data;
-          const grey = [];
-          for (let i = 0; i < data.length; i += 4) grey.push((data[i] + data[i + 1] + data[i + 2]) / 3);
-          return grey;
+          const canvas = document.getElementById('output');
+          const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+          const sums = [0, 0, 0];
+          for (let i = 0; i < data.length; i += 4) {
+            sums[0] += data[i]; sums[1] += data[i + 1]; sums[2] += data[i + 2];
+          }
+          return sums.map((sum) => sum / (data.length / 4));
         }"""
     )
 
@@ -114,17 +113,21 @@ def test_stream_frames_and_switch_style_live(start_app: Callable[..., AppProcess
     save_screenshot(page, "studio-streaming")
     assert float(page.inner_text("[data-testid=fps]")) > 0
 
-    page.click("[data-testid=preset-pixel]")
-    page.wait_for_timeout(1500)
-    pixel_style = output_thumbnail(page)
-    page.wait_for_timeout(500)
-    pixel_style_later = output_thumbnail(page)
-    page.click("[data-testid=preset-neon]")
-    page.wait_for_timeout(1500)
-    neon_style = output_thumbnail(page)
+    def switch_to(preset: str) -> None:
+        # Wait for frames sent after the click to come back, however slow the machine is.
+        page.click(f"[data-testid=preset-{preset}]")
+        seen = wire.frames()
+        wait_until(page, lambda: wire.frames() >= seen + 6, 30, f"frames in the {preset} style")
+
+    oil_style = output_colour(page)  # the default preset
+    seen = wire.frames()
+    wait_until(page, lambda: wire.frames() >= seen + 5, 30, "a few more oil-painting frames")
+    oil_style_later = output_colour(page)
+    switch_to("neon")
+    neon_style = output_colour(page)
 
     # The style change shows in the picture far beyond the camera's own motion between two frames...
-    assert difference(pixel_style, neon_style) > 3 * max(difference(pixel_style, pixel_style_later), 2.0)
+    assert difference(oil_style, neon_style) > 3 * max(difference(oil_style, oil_style_later), 2.0)
     # ...and it happened on the same socket: no reconnect.
     assert len(wire.sockets) == 1
     frames_before = wire.frames()
