@@ -28,7 +28,6 @@ import contextlib
 import functools
 import hmac
 import logging
-import os
 import re
 import secrets
 import time
@@ -45,6 +44,7 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import FromPath
 from litestar.response import Redirect, Template
 
+from app.sandbox.files import write_private_file
 from app.settings import SANDBOX_CHARGEBEE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -297,19 +297,7 @@ class ChargebeeEmulator:
         return store
 
     def _write_store(self, payload: bytes) -> None:
-        directory = self._store_path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{self._store_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self._store_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_private_file(self._store_path, payload)
 
     async def _commit(self) -> None:
         """Persist the in-memory state. Callers hold `self._lock`, so writes land in change order; if the

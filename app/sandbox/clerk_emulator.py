@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
-import os
 import re
 import secrets
 import string
@@ -30,7 +29,10 @@ from litestar.enums import MediaType
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 
-API_PATH = "/sandbox/clerk/v1"
+from app.sandbox.files import write_private_file
+from app.settings import SANDBOX_CLERK_PREFIX
+
+API_PATH = SANDBOX_CLERK_PREFIX
 STORE_FORMAT = "stylecast-clerk-emulator/1"
 
 # Clerk documents 8 KB for user metadata; we count public and private together because both ride in the
@@ -385,20 +387,7 @@ class ClerkEmulator:
         return {user["id"]: user for user in stored["users"]}
 
     def _write_store(self, payload: bytes) -> None:
-        directory = self._store_path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{self._store_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        # Private metadata is in here, so the file is readable by its owner only.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self._store_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_private_file(self._store_path, payload)
 
     async def _commit(self, users: dict[str, dict[str, Any]]) -> None:
         """Make `users` the state: on disk first, then in memory, so nothing is served that a restart

@@ -5,13 +5,14 @@ They never leave the machine: the state directory is git-ignored and created rea
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from app.sandbox.files import create_private_file
 
 SECRETS_FILE = "sandbox-secrets.json"
 
@@ -49,17 +50,7 @@ def _generate() -> SandboxSecrets:
 
 def load_or_create_sandbox_secrets(state_dir: Path) -> SandboxSecrets:
     path = state_dir / SECRETS_FILE
-    if path.is_file():
-        return msgspec.json.decode(path.read_bytes(), type=SandboxSecrets)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    created = _generate()
-    # Write-then-rename so two processes starting together never read half a file.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(msgspec.json.encode(created))
-    if path.exists():  # another process won the race: use its secrets
-        tmp.unlink()
-        return msgspec.json.decode(path.read_bytes(), type=SandboxSecrets)
-    tmp.replace(path)
-    return created
+    if not path.is_file():
+        # Two processes starting together on a fresh state directory: one creates, both read the winner.
+        create_private_file(path, msgspec.json.encode(_generate()))
+    return msgspec.json.decode(path.read_bytes(), type=SandboxSecrets)

@@ -118,3 +118,12 @@ def test_live_stream_secret_must_be_long_enough(tmp_path: Path) -> None:
     env = {**live_environment(), "STREAM_SECRET": "short"}
     with pytest.raises(ConfigError, match="STREAM_SECRET"):
         load_settings(env, state_dir=tmp_path, dotenv=None)
+
+
+def test_processes_racing_on_a_fresh_state_directory_share_one_set_of_secrets(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        loaded = list(pool.map(lambda _: load_settings({}, state_dir=tmp_path, dotenv=None), range(4)))
+    assert len({settings.clerk_jwt_key for settings in loaded}) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["sandbox-secrets.json"]  # no temporary files left
