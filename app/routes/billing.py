@@ -16,7 +16,7 @@ ChargeBee itself (webhooks, or reading the hosted page back after checkout).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -219,6 +219,27 @@ def _fail(request: Request[Any, Any, Any], code: str, status_code: int) -> Respo
     return Response(b"", status_code=HTTP_303_SEE_OTHER, headers={"Location": target})
 
 
+async def _send_to(
+    request: Request[Any, Any, Any],
+    action: str,
+    user: SignedInUser,
+    destination: Callable[[], Awaitable[str]],
+) -> Response[bytes]:
+    """Send the browser to the ChargeBee page `destination` opens, or back to pricing with the reason."""
+    try:
+        url = await destination()
+    except ChargebeeUnavailable:
+        log.warning("%s for %s: ChargeBee unavailable", action, user.user_id, exc_info=True)
+        return _fail(request, "billing-unavailable", 503)
+    except ChargebeeRejected:
+        log.exception("%s for %s refused by ChargeBee", action, user.user_id)
+        return _fail(request, "billing-refused", 502)
+    except (AccountStoreError, MetadataError):
+        log.warning("%s for %s: account unavailable", action, user.user_id, exc_info=True)
+        return _fail(request, "account-unavailable", 503)
+    return _go(request, url)
+
+
 async def _account_or_none(billing: BillingServices, user: SignedInUser | None) -> Account | None:
     if user is None:
         return None
@@ -349,7 +370,8 @@ class BillingController(Controller):
         if plan is None or not plan.paid:
             return _fail(request, "unknown-plan", 400)
         base = billing.settings.app_url
-        try:
+
+        async def destination() -> str:
             account = await billing.accounts.get(user.user_id)
             customer_id = await ensure_customer(billing.chargebee, user.user_id, account.email)
             if account.metadata.private.customer_id is None:
@@ -357,27 +379,18 @@ class BillingController(Controller):
                 await billing.accounts.update(user.user_id, _with_customer(customer_id))
             # One subscription per customer: someone who already has one changes it in the portal.
             if await live_subscription(billing.chargebee, customer_id) is not None:
-                url = await open_portal(
+                return await open_portal(
                     billing.chargebee, customer_id=customer_id, redirect_url=f"{base}/account?returned=portal"
                 )
-            else:
-                url = await open_checkout(
-                    billing.chargebee,
-                    customer_id=customer_id,
-                    plan=plan,
-                    redirect_url=f"{base}/account",
-                    cancel_url=f"{base}/pricing",
-                )
-        except ChargebeeUnavailable:
-            log.warning("checkout for %s: ChargeBee unavailable", user.user_id, exc_info=True)
-            return _fail(request, "billing-unavailable", 503)
-        except ChargebeeRejected:
-            log.exception("checkout for %s refused by ChargeBee", user.user_id)
-            return _fail(request, "billing-refused", 502)
-        except (AccountStoreError, MetadataError):
-            log.warning("checkout for %s: account unavailable", user.user_id, exc_info=True)
-            return _fail(request, "account-unavailable", 503)
-        return _go(request, url)
+            return await open_checkout(
+                billing.chargebee,
+                customer_id=customer_id,
+                plan=plan,
+                redirect_url=f"{base}/account",
+                cancel_url=f"{base}/pricing",
+            )
+
+        return await _send_to(request, "checkout", user, destination)
 
     @post("/api/billing/portal", name="billing_portal", guards=[requires_user], status_code=303)
     async def portal(
@@ -386,24 +399,16 @@ class BillingController(Controller):
         billing: NamedDependency[BillingServices],
         user: NamedDependency[SignedInUser],
     ) -> Response[bytes]:
-        try:
+        async def destination() -> str:
             account = await billing.accounts.get(user.user_id)
             customer_id = await ensure_customer(billing.chargebee, user.user_id, account.email)
-            url = await open_portal(
+            return await open_portal(
                 billing.chargebee,
                 customer_id=customer_id,
                 redirect_url=f"{billing.settings.app_url}/account?returned=portal",
             )
-        except ChargebeeUnavailable:
-            log.warning("portal for %s: ChargeBee unavailable", user.user_id, exc_info=True)
-            return _fail(request, "billing-unavailable", 503)
-        except ChargebeeRejected:
-            log.exception("portal for %s refused by ChargeBee", user.user_id)
-            return _fail(request, "billing-refused", 502)
-        except (AccountStoreError, MetadataError):
-            log.warning("portal for %s: account unavailable", user.user_id, exc_info=True)
-            return _fail(request, "account-unavailable", 503)
-        return _go(request, url)
+
+        return await _send_to(request, "portal", user, destination)
 
 
 def _with_customer(customer_id: str) -> Callable[[Account], BillingMetadata | None]:
