@@ -93,6 +93,14 @@ PHASES = {
 }
 
 
+# Engines built from scratch with their production options: ``warm_up()`` (compiling every batch size) is
+# timed, then ``render()``; the phases above instead change one engine step by step.
+ENGINE_OPTIONS: dict[str, dict[str, Any]] = {
+    "exact-compiled": {"compile": True},
+    "fastest": {"compile": True, "mode": "approximate", "fp8": True, "text_tokens": 128},
+}
+
+
 @dataclass
 class Row:
     """One measured case."""
@@ -308,6 +316,43 @@ class Bench:
                 ),
             )
 
+    def measure_engine_options(self, name: str) -> None:
+        """Build a second engine with ENGINE_OPTIONS[name] (same weights: same seed and device), time its
+        warm_up(), then its renders, and free it."""
+        phase = f"engine:{name}"
+        print(f"phase {phase}", flush=True)
+        base = self.engine
+        engine = Flux2Engine(
+            random_weights=base.random_weights,
+            tiny=base.tiny,
+            device=base.device,
+            dtype=base.dtype,
+            max_batch=max(self.args.batch),
+            steps=self.args.steps[0],
+            **ENGINE_OPTIONS[name],
+        )
+        start = time.perf_counter()
+        engine.warm_up()
+        warm_up_ms = 1000 * (time.perf_counter() - start)
+        self.rows.append(Row(phase, "warm_up", engine.steps, 1, [warm_up_ms]))
+        print(f"  {phase} warm_up: {warm_up_ms / 1000:.1f} s", flush=True)
+        frame = torch.from_numpy(self.frames[0].copy()).permute(2, 0, 1)[None].to(self.device)
+        for steps in self.args.steps:
+            output = engine.render_frames(frame, [self.prompts[0]], steps=steps, seeds=[self.seeds[0]])
+            for batch in self.args.batch:
+                jobs = [
+                    FrameJob(f"session-{i}", 0, self.jpegs[i], self.prompts[i], steps, self.seeds[i])
+                    for i in range(batch)
+                ]
+                row = self._run(
+                    phase, "render", steps, batch, lambda jobs=jobs, engine=engine: engine.render(jobs)
+                )
+                if batch == 1:
+                    row.max_abs, row.psnr_db = deviation(output, self.references[steps])
+        del engine
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def run_phase(self, phase: str) -> None:
         print(f"phase {phase}", flush=True)
         setup = PHASES[phase]
@@ -426,7 +471,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="render() batch sizes")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--phases", nargs="+", default=["eager", "compiled"], choices=list(PHASES))
+    parser.add_argument("--phases", nargs="*", default=["eager", "compiled"], choices=list(PHASES))
+    parser.add_argument(
+        "--engines",
+        nargs="*",
+        default=[],
+        choices=list(ENGINE_OPTIONS),
+        help="fresh engines to warm up and time",
+    )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--no-components", dest="components", action="store_false")
     parser.add_argument("--profile", action="store_true", help="write a per-operator profile of each phase")
@@ -458,8 +510,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     name = "tiny" if args.tiny else ("random-klein-4B" if args.model is None else Path(args.model).name)
     record: dict[str, Any] = {}
-    for phase in args.phases:
-        bench.run_phase(phase)
+    for phase in [*args.phases, *(f"engine:{name}" for name in args.engines)]:
+        if phase.startswith("engine:"):
+            bench.measure_engine_options(phase.removeprefix("engine:"))
+        else:
+            bench.run_phase(phase)
         # Rewritten after every phase, so a run cut short still leaves what it measured.
         record = {
             "started": started.isoformat(timespec="seconds"),

@@ -337,11 +337,14 @@ class Flux2Engine:
     # ------------------------------------------------------------------ the Engine protocol
 
     def warm_up(self) -> None:
-        """Load the weights and render one throw-away frame (the first call allocates workspaces, and with
-        ``compile`` it compiles)."""
+        """Load the weights and render throw-away frames through ``render()`` (JPEG codecs included): the
+        first call allocates workspaces, and with ``compile`` each batch size is its own compiled graph
+        (tens of seconds each on a GPU), so every size up to ``max_batch`` is compiled here rather than
+        on a live frame."""
         self.load()
-        frame = _gradient_frame(self.device)
-        self.render_frames(frame, ["warm-up"], steps=self.steps, seeds=[0])
+        jpeg = self.encode_jpegs(_gradient_frame(self.device).to(torch.float32) / 255)[0]
+        for size in range(1, self.max_batch + 1) if self.compile else [1]:
+            self.render([FrameJob("warm-up", 0, jpeg, "warm-up", self.steps, seed) for seed in range(size)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
