@@ -69,7 +69,9 @@ Options of ``create_flux2_engine(**options)`` and ``Flux2Engine(...)``, all keyw
     transformer's output changes (and prompts longer than ``text_tokens``, chat template included,
     are cut).
 ``compile``
-    ``torch.compile`` the transformer and the VAE's encoder and decoder (default False). Compiled
+    ``torch.compile`` the transformer and the VAE's encoder and decoder; default (None): on CUDA yes,
+    on CPU no. On an H200 this takes 2-4 steps from 104/169 ms (compiled baseline) to 74/136 ms per
+    frame, and ``warm_up()`` then takes ~2.7 minutes (one compilation per batch size). Compiled
     kernels round differently from eager ones, so outputs move by rounding-level amounts (as those of
     a compiled Flux2KleinPipeline do); the math stays the pipeline's.
 ``fuse_qkv``
@@ -193,7 +195,7 @@ class Flux2Engine:
         tiny: bool = False,
         weights_seed: int = 0,
         mode: str = "exact",
-        compile: bool = False,
+        compile: bool | None = None,
         compile_mode: str | None = None,
         fuse_qkv: bool = False,
         fp8: bool = False,
@@ -226,7 +228,7 @@ class Flux2Engine:
         self.mode = mode
         self.fp8 = fp8
         self.text_tokens = text_tokens
-        self.compile = compile
+        self.compile = self.device.type == "cuda" if compile is None else compile
         self.compile_mode = compile_mode
         self.fuse_qkv_projections = fuse_qkv
         self.prompt_cache_size = prompt_cache_size
