@@ -70,8 +70,9 @@ Options of ``create_flux2_engine(**options)`` and ``Flux2Engine(...)``, all keyw
     are cut).
 ``compile``
     ``torch.compile`` the transformer and the VAE's encoder and decoder; default (None): on CUDA yes,
-    on CPU no. On an H200 this takes 2-4 steps from 104/169 ms (compiled baseline) to 74/136 ms per
-    frame, and ``warm_up()`` then takes ~2.7 minutes (one compilation per batch size). Compiled
+    on CPU no. On an H200 it brings a frame at 2 / 4 steps to 74 / 136 ms (the compiled baseline
+    pipeline: 104 / 169 ms), and ``warm_up()`` then takes ~2.7 minutes (one compilation per batch
+    size; docs/performance.md). Compiled
     kernels round differently from eager ones, so outputs move by rounding-level amounts (as those of
     a compiled Flux2KleinPipeline do); the math stays the pipeline's.
 ``fuse_qkv``
