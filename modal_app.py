@@ -33,7 +33,8 @@ def inference_requirements() -> list[str]:
 
 image = (
     modal.Image.debian_slim(python_version="3.11")
-    .uv_pip_install(*inference_requirements())
+    # torchvision gives the engine nvJPEG decoding on the GPU; without it frames are decoded with Pillow.
+    .uv_pip_install(*inference_requirements(), "torchvision")
     .env({"HF_HOME": f"{CACHE_DIR}/huggingface", "INFERENCE_ENGINE": "flux2", "MODEL_CACHE_DIR": CACHE_DIR})
     .add_local_python_source("inference")
 )
