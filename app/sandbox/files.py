@@ -13,15 +13,8 @@ from pathlib import Path
 
 
 def write_private_file(path: Path, payload: bytes) -> None:
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = _write_temporary(path, payload)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -30,15 +23,8 @@ def write_private_file(path: Path, payload: bytes) -> None:
 
 def create_private_file(path: Path, payload: bytes) -> bool:
     """Write `path` only if it does not exist yet; False when another process created it first."""
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = _write_temporary(path, payload)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
         # link() fails if the target exists: exactly one of two racing processes wins.
         os.link(tmp, path)
         return True
@@ -46,3 +32,19 @@ def create_private_file(path: Path, payload: bytes) -> bool:
         return False
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_temporary(path: Path, payload: bytes) -> Path:
+    """`payload` in a new owner-only file beside `path`, flushed to disk."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
