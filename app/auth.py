@@ -45,9 +45,14 @@ class SignInRequired(Exception):
 
 
 class SessionMiddleware(ASGIMiddleware):
-    """Attaches the verified user (or None) to every HTTP request as `request.user`."""
+    """Attaches the verified user (or None) to every HTTP request as `request.user`.
+
+    Only the `__session` cookie identifies a person. Machine callers (the SDKs calling the emulators,
+    ChargeBee's webhooks, the worker's reports) send Authorization headers of their own, which the Clerk
+    helper would otherwise try to verify as session tokens on every one of their requests."""
 
     scopes = (ScopeType.HTTP,)
+    exclude_path_pattern = ("^/static/",)
 
     def __init__(self, settings: Settings) -> None:
         self.options = AuthenticateRequestOptions(
@@ -59,11 +64,10 @@ class SessionMiddleware(ASGIMiddleware):
         await next_app(scope, receive, send)
 
     async def verify(self, connection: ASGIConnection) -> SignedInUser | None:
-        if "__session" not in (connection.headers.get("cookie") or "") and not connection.headers.get(
-            "authorization"
-        ):
+        token = connection.cookies.get(SESSION_COOKIE)
+        if not token:
             return None
-        state = await authenticate_request_async(connection, self.options)
+        state = await authenticate_request_async(_SessionCookie(token), self.options)
         if state.status is not AuthStatus.SIGNED_IN or not state.payload:
             log.debug("session rejected: %s", state.reason)
             return None
@@ -71,6 +75,13 @@ class SessionMiddleware(ASGIMiddleware):
         if not isinstance(subject, str) or not subject:
             return None
         return SignedInUser(user_id=subject, session_id=str(state.payload.get("sid", "")))
+
+
+class _SessionCookie:
+    """The one header `authenticate_request` should look at: the session cookie, nothing else."""
+
+    def __init__(self, token: str) -> None:
+        self.headers = {"cookie": f"{SESSION_COOKIE}={token}"}
 
 
 def requires_user(connection: ASGIConnection, _: BaseRouteHandler) -> None:

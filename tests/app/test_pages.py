@@ -141,3 +141,13 @@ def test_clerk_emulator_is_not_mounted_in_live_mode(tmp_path: Path) -> None:
         page = client.get("/sign-in").text
         assert 'id="clerk-sign-in"' in page
         assert "https://brave-otter-12.clerk.accounts.dev/npm/@clerk/clerk-js@5" in page
+
+
+def test_only_the_session_cookie_identifies_a_person(client: TestClient, settings: Settings) -> None:
+    token = mint_sandbox_session_token(settings, "user_cookie_only")
+    # A token in an Authorization header (how machine callers authenticate) signs nobody in...
+    response = client.get("/studio", headers={"Authorization": f"Bearer {token}"}, follow_redirects=False)
+    assert response.status_code in (302, 303, 307)
+    # ...and an unrelated Authorization header does not hide the cookie.
+    client.cookies.set(SESSION_COOKIE, token)
+    assert client.get("/studio", headers={"Authorization": "Basic Zm9vOmJhcg=="}).status_code == 200
