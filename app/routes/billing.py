@@ -219,6 +219,15 @@ def _fail(request: Request[Any, Any, Any], code: str, status_code: int) -> Respo
     return Response(b"", status_code=HTTP_303_SEE_OTHER, headers={"Location": target})
 
 
+async def _portal_url(billing: BillingServices, customer_id: str) -> str:
+    """A self-serve portal session that returns to the account page, which then re-reads the plan."""
+    return await open_portal(
+        billing.chargebee,
+        customer_id=customer_id,
+        redirect_url=f"{billing.settings.app_url}/account?returned=portal",
+    )
+
+
 async def _send_to(
     request: Request[Any, Any, Any],
     action: str,
@@ -379,9 +388,7 @@ class BillingController(Controller):
                 await billing.accounts.update(user.user_id, _with_customer(customer_id))
             # One subscription per customer: someone who already has one changes it in the portal.
             if await live_subscription(billing.chargebee, customer_id) is not None:
-                return await open_portal(
-                    billing.chargebee, customer_id=customer_id, redirect_url=f"{base}/account?returned=portal"
-                )
+                return await _portal_url(billing, customer_id)
             return await open_checkout(
                 billing.chargebee,
                 customer_id=customer_id,
@@ -402,11 +409,7 @@ class BillingController(Controller):
         async def destination() -> str:
             account = await billing.accounts.get(user.user_id)
             customer_id = await ensure_customer(billing.chargebee, user.user_id, account.email)
-            return await open_portal(
-                billing.chargebee,
-                customer_id=customer_id,
-                redirect_url=f"{billing.settings.app_url}/account?returned=portal",
-            )
+            return await _portal_url(billing, customer_id)
 
         return await _send_to(request, "portal", user, destination)
 
