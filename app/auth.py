@@ -17,11 +17,9 @@ from clerk_backend_api.security import authenticate_request_async
 from clerk_backend_api.security.types import AuthenticateRequestOptions, AuthStatus
 from litestar import Request, Response
 from litestar.connection import ASGIConnection
-from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import ASGIMiddleware
-from litestar.plugins.htmx import HTMXRequest
 from litestar.response import Redirect
 from litestar.status_codes import HTTP_401_UNAUTHORIZED
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -150,16 +148,8 @@ def mint_sandbox_session_token(settings: Settings, user_id: str, *, now: float |
     return jwt.encode(claims, settings.sandbox_jwt_private_key, algorithm="RS256", headers={"kid": "sandbox"})
 
 
-def settings_from(state: State) -> Settings:
-    settings = state.get("settings")
-    if not isinstance(settings, Settings):
-        raise RuntimeError("app.state.settings is not set: build the app with create_app()")
-    return settings
-
-
 __all__ = [
     "SESSION_COOKIE",
-    "HTMXRequest",
     "SessionMiddleware",
     "SignInRequired",
     "SignedInUser",
