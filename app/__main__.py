@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings)
     log.info("Stylecast in %s mode at %s", settings.mode.value, settings.app_url)
+    log.debug("settings: %s", settings.redacted())
     if settings.is_sandbox:
         log.info(
             "sandbox state in %s (Clerk and ChargeBee emulators, generated keys)",

@@ -13,8 +13,8 @@ Anything in between refuses to start and names every missing variable.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
-import secrets
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -258,8 +258,6 @@ def _host_for_url(host: str) -> str:
 
 def _derive_csrf_secret(stream_secret: str) -> str:
     # A stable CSRF secret across restarts and replicas without one more variable to set.
-    import hashlib
-
     return hashlib.sha256(b"stylecast-csrf:" + stream_secret.encode()).hexdigest()
 
 
@@ -286,7 +284,3 @@ def _sandbox_chargebee(sandbox: SandboxSecrets, internal_url: str, port: int) ->
         "chargebee_webhook_username": "chargebee",
         "chargebee_webhook_password": sandbox.chargebee_webhook_password,
     }
-
-
-def new_secret() -> str:
-    return secrets.token_urlsafe(32)
