@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to start: %s", exc)
         return 2
 
+    logging.getLogger().setLevel(settings.log_level)
     from app.factory import create_app
 
     app = create_app(settings)
