@@ -13,6 +13,7 @@ from typing import Any
 import av
 import pytest
 from PIL import Image
+from playwright.sync_api import expect
 
 from tests.conftest import AppProcess, save_screenshot, sign_in
 
@@ -183,7 +184,8 @@ def test_running_out_of_minutes_shows_the_paywall(start_app: Callable[..., AppPr
     wire = WireLog()
     wire.attach(page)
     sign_in(page, app.url, "frugal@example.com")
-    page.wait_for_function("!document.getElementById('usage-meter').textContent.includes('Loading')")
+    # A locator assertion, not wait_for_function: a string predicate is eval'd, which the page's CSP refuses.
+    expect(page.locator("[data-testid=usage-meter]")).not_to_contain_text("Loading", timeout=15_000)
     save_screenshot(page, "studio-idle")
     page.click("[data-testid=start]")
     page.wait_for_selector("[data-testid=paywall][open]", timeout=30_000)
