@@ -7,12 +7,14 @@ the standalone worker (`python -m inference`) reads it with `load_worker_config(
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from typing import Annotated, Final, Literal
 
 import msgspec
 
+from inference.engines.base import MODE_ID_PATTERN
 from inference.protocol import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS
 
 ENGINE_NAMES: Final = ("preview", "flux2")
@@ -21,6 +23,7 @@ MIN_SECRET_BYTES: Final = 32
 DEFAULT_MODEL_ID: Final = "black-forest-labs/FLUX.2-klein-4B"
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+_MODE_ID: Final = re.compile(MODE_ID_PATTERN)
 
 
 class WorkerConfigError(Exception):
@@ -52,7 +55,12 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_batch: int = 4
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: CUDA when available
     dtype: str | None = None  # "bfloat16", "float16", "float32"; None: the engine's default for the device
-    compile: bool = False  # torch.compile the transformer: slower start, faster frames
+    # torch.compile the transformer and VAE: a longer warm-up, faster frames. None: on CUDA, not on a CPU.
+    compile: bool | None = None
+    # The render modes sessions may choose, comma-separated, the default first: "exact" reproduces the
+    # reference pipeline; "fast" and "turbo" are approximate (inference/engines/flux2.py). Each one adds
+    # its compilation to the warm-up.
+    modes: str = "exact,fast,turbo"
     # "pretrained": the checkpoint; "random": klein-4B's architecture with random weights (benchmarks
     # without the download); "tiny": a tiny random model that runs on a CPU (tests).
     weights: Literal["pretrained", "random", "tiny"] = "pretrained"
@@ -73,6 +81,12 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise WorkerConfigError("PREVIEW_DELAY_MS and PREVIEW_WARMUP_MS must be >= 0")
         if self.usage_final_attempts < 1:
             raise WorkerConfigError("usage_final_attempts must be at least 1")
+        if not self.mode_ids or any(not _MODE_ID.match(mode) for mode in self.mode_ids):
+            raise WorkerConfigError("FLUX2_MODES must be a comma-separated list of mode ids, e.g. exact,fast")
+
+    @property
+    def mode_ids(self) -> tuple[str, ...]:
+        return tuple(mode.strip() for mode in self.modes.split(",") if mode.strip())
 
 
 # Environment variable -> field, for everything optional.
@@ -89,6 +103,7 @@ _OPTIONAL_ENV: Final = {
     "FLUX2_DEVICE": "device",
     "FLUX2_DTYPE": "dtype",
     "FLUX2_COMPILE": "compile",
+    "FLUX2_MODES": "modes",
     "FLUX2_WEIGHTS": "weights",
 }
 

@@ -13,6 +13,8 @@ from typing import Annotated, Final
 
 import msgspec
 
+from inference.engines.base import ModeId, RenderMode
+
 # Limits a client must respect; anything beyond is answered with an `error` and the session goes on.
 MAX_PROMPT_CHARS: Final = 500
 MIN_STEPS: Final = 1
@@ -73,6 +75,7 @@ class Params(msgspec.Struct, tag="params", tag_field="type", frozen=True):
     prompt: Prompt | None = None
     steps: Steps | None = None
     seed: Seed | None = None
+    mode: ModeId | None = None  # one of the `modes` ids in `ready`; an unknown id is a bad_params error
 
 
 ClientMessage = Hello | Params
@@ -90,6 +93,16 @@ class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True):
     model: str  # human label of what produces the pixels, e.g. "FLUX.2 [klein] 4B"
     worker_id: str
     preview: bool  # True: classical filters standing in for the model; the UI must say so
+    modes: list[RenderMode]  # what `params.mode` may choose; the first is the default
+    mode: str  # the session's current mode
+
+
+class Ack(msgspec.Struct, tag="ack", tag_field="type", frozen=True):
+    """Input frame `frame` arrived and is now the session's waiting frame. It is rendered when the engine
+    is next free unless a newer frame replaces it first (latest frame wins); either way the client may
+    count it as off the wire. Flow control: a client keeps at most 2 frames unacknowledged."""
+
+    frame: int
 
 
 class Usage(msgspec.Struct, tag="usage", tag_field="type", frozen=True):
@@ -100,9 +113,10 @@ class Usage(msgspec.Struct, tag="usage", tag_field="type", frozen=True):
 class Error(msgspec.Struct, tag="error", tag_field="type", frozen=True):
     code: ErrorCode
     message: str
+    frame: int | None = None  # the input frame this answers, when it is about one (it gets no output)
 
 
-ServerMessage = Warming | Ready | Usage | Error
+ServerMessage = Warming | Ready | Ack | Usage | Error
 
 
 # ---- worker -> app (HTTP) ----
@@ -166,7 +180,7 @@ def encode_message(message: ServerMessage | ClientMessage) -> str:
     return _encoder.encode(message).decode()
 
 
-def decode_server_message(data: str | bytes) -> Warming | Ready | Usage | Error:
+def decode_server_message(data: str | bytes) -> Warming | Ready | Ack | Usage | Error:
     """For clients written in Python (tests, load generators)."""
     return msgspec.json.decode(data, type=ServerMessage)
 

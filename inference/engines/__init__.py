@@ -26,6 +26,7 @@ def flux2_options(config: WorkerConfig) -> dict[str, Any]:
         "steps": config.default_steps,
         "max_batch": config.max_batch,
         "compile": config.compile,
+        "modes": config.mode_ids,
         "random_weights": config.weights == "random",
         "tiny": config.weights == "tiny",
     }

@@ -8,9 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Annotated, Final, Protocol, runtime_checkable
 
-OUTPUT_SIZE = 512
+import msgspec
+
+OUTPUT_SIZE: Final = 512
+
+# A render mode's id as it travels in `params` and `ready` messages and worker settings.
+MODE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,31}$"
+ModeId = Annotated[str, msgspec.Meta(pattern=MODE_ID_PATTERN)]
+
+
+class RenderMode(msgspec.Struct, frozen=True, kw_only=True):
+    """One way an engine can render, offered to the user. An engine's first mode is its default, and it is
+    the fastest one that reproduces the model's reference pipeline (within rounding); modes that trade
+    fidelity for speed say so with ``approximate`` and explain the trade in ``detail``."""
+
+    id: ModeId  # "exact", "fast", "turbo", "preview"
+    label: str  # short, for a select box: "Exact", "Fast"
+    approximate: bool  # True: output differs from the reference pipeline by more than rounding
+    detail: str  # one sentence for a tooltip/help text: what it changes and what it costs
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +40,7 @@ class FrameJob:
     prompt: str
     steps: int
     seed: int
+    mode: str = ""  # a RenderMode id of the engine; "" means the engine's default (its first mode)
 
 
 @runtime_checkable
@@ -30,6 +48,7 @@ class Engine(Protocol):
     name: str  # "preview", "flux2"
     model: str  # what produced the pixels, shown to the user ("FLUX.2 [klein] 4B", "preview filters")
     max_batch: int  # how many jobs one render() call accepts
+    modes: tuple[RenderMode, ...]  # what a session may choose; the first is the default
 
     def warm_up(self) -> None:
         """Load weights and run one throw-away render so the first real frame is not slow. Blocking."""
@@ -37,5 +56,10 @@ class Engine(Protocol):
 
     def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
         """Render every job; returns one OUTPUT_SIZE² JPEG per job, in order. Blocking; thread-safe
-        only in the sense that the scheduler never calls it concurrently."""
+        only in the sense that the scheduler never calls it concurrently. A job whose ``mode`` is not one
+        of ``modes`` raises ValueError (sessions validate modes before submitting)."""
         ...
+
+
+def mode_ids(engine: Engine) -> frozenset[str]:
+    return frozenset(mode.id for mode in engine.modes)

@@ -15,15 +15,22 @@ computed once and cached:
 Jobs of one ``render()`` call are stacked into one transformer batch even when their prompts differ
 (jobs with different step counts go in separate batches, since their schedules differ).
 
-Modes (``mode=``):
+Render modes (``RenderMode``; each session picks one per frame, ``FrameJob.mode``):
 
-* ``"exact"`` (default): the same arithmetic as calling ``Flux2KleinPipeline`` with the same weights,
+* ``"exact"`` (the default): the same arithmetic as calling ``Flux2KleinPipeline`` with the same weights,
   frame, prompt and ``generator=torch.Generator(device).manual_seed(seed)``; on the same device and
   without compilation the output tensors are bit-identical (tests check this). This is the correctness
   gate for every speed-up.
-* ``"approximate"``: allows the options that change the model's arithmetic for speed (``fp8``,
-  ``text_tokens``). Their outputs differ from the pipeline's by more than rounding;
-  ``python -m inference.bench`` reports by how much.
+* ``"fast"`` (approximate): FP8 matrix products in the transformer blocks, the prompt cut to 128 tokens,
+  and the reference frame's keys and values computed once per frame and reused by the later steps, as
+  ``Flux2KleinKVPipeline`` does (reference tokens attend only to themselves, at a fixed timestep, so the
+  steps after the first run on the noise and text tokens alone).
+* ``"turbo"`` (approximate): ``fast`` with the reference frame encoded at 256x256 (256 tokens instead of
+  1024); the output stays 512x512.
+
+A mode is a ``ModeRecipe`` (which approximations it applies); ``python -m inference.bench`` also builds
+single-lever recipes to measure each approximation on its own and reports every mode's deviation from the
+exact pipeline.
 
 Frames stay tensors end to end: JPEG bytes are decoded by nvJPEG on the GPU (``torchvision.io``) when
 torchvision is installed and the engine runs on CUDA, and results are encoded the same way; otherwise
@@ -56,31 +63,28 @@ Options of ``create_flux2_engine(**options)`` and ``Flux2Engine(...)``, all keyw
     runs on a CPU in tests.
 ``weights_seed``
     Seed of the random weights (default 0).
-``mode``
-    ``"exact"`` or ``"approximate"`` (see above).
-``fp8``
-    Approximate. The transformer blocks' linear layers multiply in FP8 (e4m3) on the tensor cores:
-    weights quantized once with one scale per output channel, activations per token on the fly,
-    float32 accumulation (``torch._scaled_mm``). Needs a GPU with FP8 (Hopper or newer) to be fast.
-``text_tokens``
-    Approximate below 512. How many prompt-embedding tokens the transformer attends to. The pipeline
-    pads every prompt to 512 tokens and the transformer attends to the padding too; the text encoder is
-    causal, so the first ``text_tokens`` embeddings are unchanged by dropping the rest, but the
-    transformer's output changes (and prompts longer than ``text_tokens``, chat template included,
-    are cut).
+``modes``
+    Ids of the built-in modes (``MODE_RECIPES``) this engine offers, default all of them; the first
+    is the default mode. Every mode costs its own compilation in ``warm_up()``.
+``custom_modes``
+    More modes as ``{id: ModeRecipe}`` (benchmarks measure one approximation at a time this way).
 ``compile``
     ``torch.compile`` the transformer and the VAE's encoder and decoder; default (None): on CUDA yes,
-    on CPU no. On an H200 it brings a frame at 2 / 4 steps to 74 / 136 ms (the compiled baseline
-    pipeline: 104 / 169 ms), and ``warm_up()`` then takes ~2.7 minutes (one compilation per batch
-    size; docs/performance.md). Compiled
-    kernels round differently from eager ones, so outputs move by rounding-level amounts (as those of
-    a compiled Flux2KleinPipeline do); the math stays the pipeline's.
+    on CPU no. Compiled kernels round differently from eager ones, so outputs move by rounding-level
+    amounts (as those of a compiled Flux2KleinPipeline do); the math stays the pipeline's.
+    docs/performance.md has the figures.
+``compile_scope``
+    ``"blocks"`` (default): regional compilation, diffusers' ``compile_repeated_blocks``: the double
+    and the single block are each compiled once and reused by all 5 and 20 of them, which makes
+    warm-up (and so a cold start) several times shorter than compiling the whole transformer as one
+    graph (``"full"``).
 ``fuse_qkv``
     Fuse the double-stream blocks' q/k/v projections (image and text streams) into one matrix product
     each (default False); the same products, computed by one kernel instead of three.
 ``compile_mode``
     ``torch.compile`` mode of the transformer: None (default) or ``"reduce-overhead"`` (CUDA graphs;
-    the transformer's output buffer is reused by the next call, which the denoising loop allows).
+    the transformer's output buffer is reused by the next call, which the denoising loop allows; not
+    with modes that reuse reference keys and values across steps, whose cache would be overwritten).
 ``prompt_cache_size``
     How many prompts' embeddings to keep (default 32; about 8 MB each at klein-4B size in bf16).
 ``jpeg_quality``
@@ -89,11 +93,13 @@ Options of ``create_flux2_engine(**options)`` and ``Flux2Engine(...)``, all keyw
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +107,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2KVAttnProcessor,
+    Flux2KVParallelSelfAttnProcessor,
+    Flux2Transformer2DModel,
+)
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from inference.engines.base import OUTPUT_SIZE, FrameJob
+from inference.engines.base import OUTPUT_SIZE, FrameJob, RenderMode
 from inference.engines.klein_config import (
     KLEIN_4B,
     MAX_SEQUENCE_LENGTH,
@@ -122,7 +133,6 @@ except ImportError:  # pragma: no cover - depends on the install
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.2-klein-4B"
-MODES = ("exact", "approximate")
 FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = torch.finfo(FLOAT8).max
 # Only the diffusers-format folders: the repo also carries single-file checkpoints we never read.
@@ -135,6 +145,74 @@ _CHECKPOINT_PATTERNS = [
     "vae/*",
 ]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+COMPILE_SCOPES = ("blocks", "full")
+
+
+@dataclass(frozen=True, slots=True)
+class ModeRecipe:
+    """Which approximations a render mode applies; the default recipe is the exact pipeline."""
+
+    # The transformer blocks' linear layers multiply in FP8 (e4m3) on the tensor cores: weights quantized
+    # once with one scale per output channel, activations per token on the fly, float32 accumulation.
+    fp8: bool = False
+    # How many prompt-embedding tokens the transformer attends to. The pipeline pads every prompt to 512
+    # and attends to the padding too; the text encoder is causal, so the first `text_tokens` embeddings are
+    # unchanged by dropping the rest, but the transformer's output changes (and longer prompts are cut).
+    text_tokens: int = MAX_SEQUENCE_LENGTH
+    # Flux2KleinKVPipeline's scheme: at the first step the reference tokens attend only to themselves, at
+    # timestep 0, and their keys/values are cached; later steps run without them and attend to the cache.
+    reference_kv_reuse: bool = False
+    # Side of the square the webcam frame is encoded at as the reference image (512: 1024 tokens).
+    reference_size: int = OUTPUT_SIZE
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.text_tokens <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"text_tokens must be in 1..{MAX_SEQUENCE_LENGTH}, got {self.text_tokens}")
+        if self.reference_size % 16 or not 64 <= self.reference_size <= OUTPUT_SIZE:
+            raise ValueError(f"reference_size must be a multiple of 16 in 64..{OUTPUT_SIZE}")
+
+    @property
+    def approximate(self) -> bool:
+        return self != ModeRecipe()
+
+    def describe(self) -> str:
+        """The approximations, e.g. "fp8, 128 text tokens, reference K/V reuse"; "exact" when none."""
+        parts = ["fp8"] if self.fp8 else []
+        if self.text_tokens != MAX_SEQUENCE_LENGTH:
+            parts.append(f"{self.text_tokens} text tokens")
+        if self.reference_kv_reuse:
+            parts.append("reference K/V reuse")
+        if self.reference_size != OUTPUT_SIZE:
+            parts.append(f"reference {self.reference_size}x{self.reference_size}")
+        return ", ".join(parts) or "exact"
+
+
+EXACT = RenderMode(
+    id="exact",
+    label="Exact",
+    approximate=False,
+    detail="FLUX.2 [klein] computed as the reference pipeline computes it (bf16, full prompt and frame).",
+)
+FAST = RenderMode(
+    id="fast",
+    label="Fast",
+    approximate=True,
+    detail="Approximate: FP8 matrix products, a 128-token prompt, and the webcam frame's attention keys "
+    "and values computed once per frame instead of at every step.",
+)
+TURBO = RenderMode(
+    id="turbo",
+    label="Turbo",
+    approximate=True,
+    detail="Approximate: as Fast, with the webcam frame read at 256x256 instead of 512x512 "
+    "(the output stays 512x512).",
+)
+# The built-in modes, fastest last; the worker's FLUX2_MODES picks from these ids.
+MODE_RECIPES: dict[str, tuple[RenderMode, ModeRecipe]] = {
+    "exact": (EXACT, ModeRecipe()),
+    "fast": (FAST, ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True)),
+    "turbo": (TURBO, ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True, reference_size=256)),
+}
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -195,22 +273,37 @@ class Flux2Engine:
         random_weights: bool = False,
         tiny: bool = False,
         weights_seed: int = 0,
-        mode: str = "exact",
+        modes: Sequence[str] = tuple(MODE_RECIPES),
+        custom_modes: Mapping[str, ModeRecipe] | None = None,
         compile: bool | None = None,
+        compile_scope: str = "blocks",
         compile_mode: str | None = None,
         fuse_qkv: bool = False,
-        fp8: bool = False,
-        text_tokens: int = MAX_SEQUENCE_LENGTH,
         prompt_cache_size: int = 32,
         jpeg_quality: int = 90,
         pipeline: Flux2KleinPipeline | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not 1 <= text_tokens <= MAX_SEQUENCE_LENGTH:
-            raise ValueError(f"text_tokens must be in 1..{MAX_SEQUENCE_LENGTH}, got {text_tokens}")
-        if mode == "exact" and (fp8 or text_tokens != MAX_SEQUENCE_LENGTH):
-            raise ValueError("fp8 and text_tokens < 512 change the output: they need mode='approximate'")
+        unknown = [mode for mode in modes if mode not in MODE_RECIPES]
+        if unknown:
+            raise ValueError(f"unknown modes {unknown}; built-in modes are {', '.join(MODE_RECIPES)}")
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
+        self._recipes: dict[str, ModeRecipe] = {mode: MODE_RECIPES[mode][1] for mode in modes}
+        mode_list = [MODE_RECIPES[mode][0] for mode in modes]
+        for mode_id, recipe in (custom_modes or {}).items():
+            if mode_id in self._recipes:
+                raise ValueError(f"custom mode {mode_id!r} is already a mode")
+            self._recipes[mode_id] = recipe
+            mode_list.append(
+                RenderMode(
+                    id=mode_id, label=mode_id, approximate=recipe.approximate, detail=recipe.describe()
+                )
+            )
+        if not mode_list:
+            raise ValueError("an engine needs at least one mode")
+        if compile_mode == "reduce-overhead" and any(r.reference_kv_reuse for r in self._recipes.values()):
+            raise ValueError("CUDA graphs overwrite the reused reference keys/values: not with those modes")
+        self.modes: tuple[RenderMode, ...] = tuple(mode_list)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if max_batch < 1:
@@ -226,10 +319,8 @@ class Flux2Engine:
         self.random_weights = random_weights
         self.tiny = tiny
         self.weights_seed = weights_seed
-        self.mode = mode
-        self.fp8 = fp8
-        self.text_tokens = text_tokens
         self.compile = self.device.type == "cuda" if compile is None else compile
+        self.compile_scope = compile_scope
         self.compile_mode = compile_mode
         self.fuse_qkv_projections = fuse_qkv
         self.prompt_cache_size = prompt_cache_size
@@ -247,6 +338,8 @@ class Flux2Engine:
         self._noise_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_ids: dict[tuple[int, ...], torch.Tensor] = {}
+        self._reference_ids: dict[int, torch.Tensor] = {}
+        self._fp8_transformer: Flux2Transformer2DModel | None = None
         if pipeline is not None:
             self._attach(pipeline)
 
@@ -295,10 +388,7 @@ class Flux2Engine:
         self._latent_ids = Flux2KleinPipeline._prepare_latent_ids(torch.empty(shape, device="meta")).to(
             self.device
         )
-        # One reference image per job, at time coordinate 10 as Flux2KleinPipeline places the first one.
-        self._image_latent_ids = Flux2KleinPipeline._prepare_image_ids(
-            [torch.empty(shape, device="meta")]
-        ).to(self.device)
+        self._image_latent_ids = self._reference_latent_ids(OUTPUT_SIZE)
         # The frame normalisation of VaeImageProcessor (x / 255 * 2 - 1 in float32, then the VAE's dtype) as
         # a table of its 256 possible results, computed on the CPU as the pipeline computes them. On CUDA,
         # dividing by a scalar is done as a multiplication by its reciprocal, which rounds differently.
@@ -306,17 +396,33 @@ class Flux2Engine:
         self._pixel_values = (2.0 * levels - 1.0).to(vae.dtype).to(self.device)
         if self.fuse_qkv_projections:
             self.fuse_qkv()
-        if self.fp8:
-            self.enable_fp8()
+        recipes = self._recipes.values()
+        if any(recipe.fp8 for recipe in recipes):
+            # A second transformer sharing nothing with the first: FP8 blocks, and the bf16 one stays exact.
+            # Costs half the bf16 transformer's memory again (~4 GB at klein-4B size).
+            self._fp8_transformer = copy.deepcopy(pipe.transformer)
+            quantize_transformer_fp8(self._fp8_transformer)
+        for recipe in recipes:
+            if recipe.reference_kv_reuse:
+                _use_kv_attention(self._transformer_for(recipe))
         if self.compile:
             self.compile_components(transformer_mode=self.compile_mode)
 
-    def enable_fp8(self) -> None:
-        """Quantize the transformer blocks to FP8 in place (the ``fp8`` option; approximate)."""
-        pipe = self.load() if self.pipe is None else self.pipe
-        if not any(isinstance(module, Float8Linear) for module in pipe.transformer.modules()):
-            quantize_transformer_fp8(pipe.transformer)
-        self.fp8 = True
+    def _transformer_for(self, recipe: ModeRecipe) -> Flux2Transformer2DModel:
+        assert self.pipe is not None
+        if recipe.fp8:
+            assert self._fp8_transformer is not None
+            return self._fp8_transformer
+        return self.pipe.transformer
+
+    def _reference_latent_ids(self, size: int) -> torch.Tensor:
+        # One reference image per job, at time coordinate 10 as Flux2KleinPipeline places the first one.
+        if size not in self._reference_ids:
+            side = size // (self.pipe.vae_scale_factor * 2)  # type: ignore[union-attr]
+            shape = (1, self._latent_channels, side, side)
+            ids = Flux2KleinPipeline._prepare_image_ids([torch.empty(shape, device="meta")])
+            self._reference_ids[size] = ids.to(self.device)
+        return self._reference_ids[size]
 
     def fuse_qkv(self) -> None:
         """Fuse the transformer's q/k/v projections in place (diffusers' ``fuse_qkv_projections``)."""
@@ -330,24 +436,38 @@ class Flux2Engine:
         happens in the first call of each input shape). Compiling a module again replaces its compilation."""
         pipe = self.load() if self.pipe is None else self.pipe
         if transformer:
-            pipe.transformer.compile(fullgraph=True, dynamic=False, mode=transformer_mode)
+            transformers = [pipe.transformer]
+            if self._fp8_transformer is not None:
+                transformers.append(self._fp8_transformer)
+            # dynamic=None: batch size 1 gets a graph of its own, the first other batch size a graph with a
+            # symbolic batch dimension that serves every larger batch (no compilation per session count).
+            for module in transformers:
+                if self.compile_scope == "blocks":
+                    module.compile_repeated_blocks(fullgraph=True, dynamic=None, mode=transformer_mode)
+                else:
+                    module.compile(fullgraph=True, dynamic=None, mode=transformer_mode)
         if vae:
             # The VAE runs once per frame each way; GroupNorm at batch 1 is where eager PyTorch loses most
             # (one thread block per group), and a compiled reduction does not.
-            pipe.vae.encoder.compile(fullgraph=True, dynamic=False)
-            pipe.vae.decoder.compile(fullgraph=True, dynamic=False)
+            pipe.vae.encoder.compile(fullgraph=True, dynamic=None)
+            pipe.vae.decoder.compile(fullgraph=True, dynamic=None)
 
     # ------------------------------------------------------------------ the Engine protocol
 
     def warm_up(self) -> None:
-        """Load the weights and render throw-away frames through ``render()`` (JPEG codecs included): the
-        first call allocates workspaces, and with ``compile`` each batch size is its own compiled graph
-        (tens of seconds each on a GPU), so every size up to ``max_batch`` is compiled here rather than
-        on a live frame."""
+        """Load the weights and render throw-away frames of every mode through ``render()`` (JPEG codecs
+        included): the first call allocates workspaces, and with ``compile`` each mode's transformer calls
+        compile on their first use (seconds to tens of seconds each on a GPU), once for batch size 1 and
+        once for a symbolic batch size that serves the rest, so no live frame pays for it."""
         self.load()
         jpeg = self.encode_jpegs(_gradient_frame(self.device).to(torch.float32) / 255)[0]
-        for size in range(1, self.max_batch + 1) if self.compile else [1]:
-            self.render([FrameJob("warm-up", 0, jpeg, "warm-up", self.steps, seed) for seed in range(size)])
+        sizes = sorted({1, min(2, self.max_batch), self.max_batch}) if self.compile else [1]
+        # At least 2 steps: reference K/V reuse runs a different transformer call from the second step on.
+        steps = max(2, self.steps)
+        for mode in self.modes:
+            for size in sizes:
+                jobs = [FrameJob("warm-up", 0, jpeg, "warm-up", steps, seed, mode.id) for seed in range(size)]
+                self.render(jobs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -358,14 +478,19 @@ class Flux2Engine:
         if not jobs:
             return []
         self.load()
+        groups = _group_jobs(jobs, self.modes[0].id, self.steps)
+        for mode, _ in groups:
+            if mode not in self._recipes:
+                raise ValueError(f"unknown mode {mode!r}; this engine has {', '.join(self._recipes)}")
         frames = self.decode_frames([job.jpeg for job in jobs])
         images: list[torch.Tensor | None] = [None] * len(jobs)
-        for steps, indices in _group_by_steps(jobs, self.steps).items():
+        for (mode, steps), indices in groups.items():
             rendered = self.render_frames(
                 frames[indices],
                 [jobs[i].prompt for i in indices],
                 steps=steps,
                 seeds=[jobs[i].seed for i in indices],
+                mode=mode,
             )
             for row, index in enumerate(indices):
                 images[index] = rendered[row]
@@ -462,13 +587,25 @@ class Flux2Engine:
 
     @torch.no_grad()
     def render_frames(
-        self, frames: torch.Tensor, prompts: Sequence[str], *, steps: int, seeds: Sequence[int]
+        self,
+        frames: torch.Tensor,
+        prompts: Sequence[str],
+        *,
+        steps: int,
+        seeds: Sequence[int],
+        mode: str = "",
     ) -> torch.Tensor:
         """Restyle uint8 RGB frames (B, 3, 512, 512): one prompt and noise seed per frame, ``steps``
-        denoising steps for all. Returns float images in [0, 1], (B, 3, 512, 512), on the device; these
-        are what Flux2KleinPipeline(..., output_type="pt") returns for the same inputs."""
+        denoising steps and one mode for all. Returns float images in [0, 1], (B, 3, 512, 512), on the
+        device; in the exact mode these are what Flux2KleinPipeline(..., output_type="pt") returns for the
+        same inputs."""
         pipe = self.load()
-        transformer, vae = pipe.transformer, pipe.vae
+        mode = mode or self.modes[0].id
+        try:
+            recipe = self._recipes[mode]
+        except KeyError:
+            raise ValueError(f"unknown mode {mode!r}; this engine has {', '.join(self._recipes)}") from None
+        transformer, vae = self._transformer_for(recipe), pipe.vae
         batch_size = frames.shape[0]
         if not (len(prompts) == len(seeds) == batch_size):
             raise ValueError(
@@ -481,44 +618,68 @@ class Flux2Engine:
 
         # 1. Prompt embeddings, cached per prompt
         prompt_embeds = torch.cat([self.prompt_embeds(prompt) for prompt in prompts])
-        if self.text_tokens < prompt_embeds.shape[1]:
-            prompt_embeds = prompt_embeds[:, : self.text_tokens]  # approximate mode only
+        if recipe.text_tokens < prompt_embeds.shape[1]:
+            prompt_embeds = prompt_embeds[:, : recipe.text_tokens]
         text_ids = self._txt_ids(prompt_embeds)
 
         # 2. Reference latents of the frames. VaeImageProcessor's arithmetic: [0, 255] -> [0, 1] -> [-1, 1]
         # Looked up in (B, H, W, C) order and viewed as (B, C, H, W): the pipeline's tensor comes from an HWC
         # numpy array, so it is channels-last in memory (with a full batch stride), and convolution kernels
         # differ by memory format, so matching that layout is what makes the encoder's output identical.
-        pixels = frames.to(self.device).permute(0, 2, 3, 1).contiguous()
+        frames = frames.to(self.device)
+        if recipe.reference_size != OUTPUT_SIZE:
+            frames = _resize(frames, recipe.reference_size)
+        pixels = frames.permute(0, 2, 3, 1).contiguous()
         image = self._pixel_values[pixels.long()].permute(0, 3, 1, 2)
         image_latents = pipe._encode_vae_image(image=image, generator=None)
-        image_latents = Flux2KleinPipeline._pack_latents(image_latents)  # (B, 1024, C)
-        image_latent_ids = self._image_latent_ids.expand(batch_size, -1, -1)
+        image_latents = Flux2KleinPipeline._pack_latents(image_latents)  # (B, 1024, C) at 512²
+        image_latent_ids = self._reference_latent_ids(recipe.reference_size).expand(batch_size, -1, -1)
 
         # 3. Initial noise, fixed per seed
         latents = torch.cat([self._noise(seed, prompt_embeds.dtype) for seed in seeds])
         latent_ids = self._latent_ids.expand(batch_size, -1, -1)
-        latent_image_ids = torch.cat([latent_ids, image_latent_ids], dim=1)
 
         # 4. Denoising loop
         timesteps, sigmas = self._schedule(steps)
         num_latent_tokens = latents.shape[1]
+        kv_cache = None
         for i, t in enumerate(timesteps):
-            timestep = t.expand(batch_size).to(latents.dtype)
-            latent_model_input = torch.cat([latents, image_latents], dim=1).to(transformer.dtype)
-            noise_pred = transformer(
-                hidden_states=latent_model_input,
-                timestep=timestep / 1000,
-                guidance=None,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=text_ids,
-                img_ids=latent_image_ids,
+            timestep = (t.expand(batch_size).to(latents.dtype)) / 1000
+            common = {
+                "timestep": timestep,
+                "guidance": None,
+                "encoder_hidden_states": prompt_embeds,
+                "txt_ids": text_ids,
                 # Passed as the pipeline passes it, so a compiled transformer sees the same call signature
                 # from both and one graph serves both.
-                joint_attention_kwargs=None,
-                return_dict=False,
-            )[0]
-            noise_pred = noise_pred[:, :num_latent_tokens]
+                "joint_attention_kwargs": None,
+                "return_dict": False,
+            }
+            if not recipe.reference_kv_reuse:
+                noise_pred = transformer(
+                    hidden_states=torch.cat([latents, image_latents], dim=1).to(transformer.dtype),
+                    img_ids=torch.cat([latent_ids, image_latent_ids], dim=1),
+                    **common,
+                )[0]
+                noise_pred = noise_pred[:, :num_latent_tokens]
+            elif kv_cache is None:
+                # Flux2KleinKVPipeline's first step: reference tokens first, their K/V kept per layer; the
+                # output holds the noise tokens only.
+                noise_pred, kv_cache = transformer(
+                    hidden_states=torch.cat([image_latents, latents], dim=1).to(transformer.dtype),
+                    img_ids=torch.cat([image_latent_ids, latent_ids], dim=1),
+                    kv_cache_mode="extract",
+                    num_ref_tokens=image_latents.shape[1],
+                    **common,
+                )
+            else:
+                noise_pred = transformer(
+                    hidden_states=latents.to(transformer.dtype),
+                    img_ids=latent_ids,
+                    kv_cache=kv_cache,
+                    kv_cache_mode="cached",
+                    **common,
+                )[0]
             # FlowMatchEulerDiscreteScheduler.step, operation for operation: the update is added in float32
             # and the result cast back to the model's dtype.
             dt = sigmas[i + 1] - sigmas[i]
@@ -586,11 +747,26 @@ def create_flux2_engine(**options: Any) -> Flux2Engine:
     return Flux2Engine(**options)
 
 
-def _group_by_steps(jobs: Sequence[FrameJob], default_steps: int) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = {}
+def _group_jobs(
+    jobs: Sequence[FrameJob], default_mode: str, default_steps: int
+) -> dict[tuple[str, int], list[int]]:
+    """Job indices by (mode, steps): one transformer batch each, since their schedules and graphs differ."""
+    groups: dict[tuple[str, int], list[int]] = {}
     for index, job in enumerate(jobs):
-        groups.setdefault(job.steps if job.steps > 0 else default_steps, []).append(index)
+        key = (job.mode or default_mode, job.steps if job.steps > 0 else default_steps)
+        groups.setdefault(key, []).append(index)
     return groups
+
+
+def _use_kv_attention(transformer: Flux2Transformer2DModel) -> None:
+    """Give the transformer the attention processors that can extract and reuse reference K/V (as
+    Flux2KleinKVPipeline does). Called without K/V arguments they compute what the default ones do."""
+    for block in transformer.transformer_blocks:
+        if not isinstance(block.attn.processor, Flux2KVAttnProcessor):
+            block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in transformer.single_transformer_blocks:
+        if not isinstance(block.attn.processor, Flux2KVParallelSelfAttnProcessor):
+            block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
 
 
 def _center_square(frame: torch.Tensor) -> torch.Tensor:
@@ -601,10 +777,13 @@ def _center_square(frame: torch.Tensor) -> torch.Tensor:
     frame = frame[:, top : top + side, left : left + side]
     if side == OUTPUT_SIZE:
         return frame
-    resized = F.interpolate(
-        frame[None].to(torch.float32), size=(OUTPUT_SIZE, OUTPUT_SIZE), mode="bilinear", antialias=True
-    )
-    return resized[0].round().clamp(0, 255).to(torch.uint8)
+    return _resize(frame[None], OUTPUT_SIZE)[0]
+
+
+def _resize(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) frames resized to size² (bilinear, antialiased), on their device."""
+    resized = F.interpolate(frames.to(torch.float32), size=(size, size), mode="bilinear", antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8)
 
 
 def _gradient_frame(device: torch.device) -> torch.Tensor:

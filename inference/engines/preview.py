@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from inference.engines.base import OUTPUT_SIZE, FrameJob
+from inference.engines.base import OUTPUT_SIZE, FrameJob, RenderMode
 from inference.imaging import decode_square, encode_jpeg
 
 if TYPE_CHECKING:
@@ -357,6 +357,14 @@ class PreviewEngine:
     name = "preview"
     model = "Preview filters (not AI)"
     preview = True
+    modes = (
+        RenderMode(
+            id="preview",
+            label="Preview",
+            approximate=False,
+            detail="Classical filters on the CPU standing in for FLUX.2; no model runs.",
+        ),
+    )
 
     def __init__(
         self, *, max_batch: int = 8, delay_seconds: float = 0.0, warmup_seconds: float = 0.0
@@ -376,6 +384,9 @@ class PreviewEngine:
     def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
         if len(jobs) > self.max_batch:
             raise ValueError(f"batch of {len(jobs)} exceeds max_batch {self.max_batch}")
+        for job in jobs:
+            if job.mode not in ("", "preview"):
+                raise ValueError(f"unknown mode {job.mode!r}; the preview engine has only 'preview'")
         if self.delay_seconds:
             time.sleep(self.delay_seconds)
         return [self.render_one(job.jpeg, job.prompt) for job in jobs]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from inference.engines.base import OUTPUT_SIZE, Engine, FrameJob
-from inference.engines.flux2 import Float8Linear, Flux2Engine, create_flux2_engine
+from inference.engines.flux2 import Float8Linear, Flux2Engine, ModeRecipe, create_flux2_engine
 
 # Batched matrix products sum in a different order than single ones; on the tiny float32 model that moves
 # pixels by up to ~1e-4 (out of [0, 1]).
@@ -41,10 +41,22 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
 
 
-def _job(frame_id: int, jpeg: bytes, prompt: str, seed: int, steps: int = 2) -> FrameJob:
+def _job(frame_id: int, jpeg: bytes, prompt: str, seed: int, steps: int = 2, mode: str = "") -> FrameJob:
     return FrameJob(
-        session_id=f"s{seed}", frame_id=frame_id, jpeg=jpeg, prompt=prompt, steps=steps, seed=seed
+        session_id=f"s{seed}", frame_id=frame_id, jpeg=jpeg, prompt=prompt, steps=steps, seed=seed, mode=mode
     )
+
+
+def _token_counts(transformer: torch.nn.Module) -> tuple[list[tuple[int, int]], object]:
+    """Record (image-stream tokens, text tokens) of every call of `transformer`; returns (calls, hook)."""
+    calls: list[tuple[int, int]] = []
+    hook = transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(
+            (kwargs["hidden_states"].shape[1], kwargs["encoder_hidden_states"].shape[1])
+        ),
+        with_kwargs=True,
+    )
+    return calls, hook
 
 
 def _decode(jpeg: bytes) -> np.ndarray:
@@ -153,27 +165,41 @@ def test_batched_prompts_match_their_single_job_results(engine: Flux2Engine) -> 
                 assert (batch[row] - other).abs().max() > 5 * own
 
 
-def test_render_groups_jobs_by_steps_and_keeps_their_order(engine: Flux2Engine) -> None:
+def test_render_groups_jobs_by_mode_and_steps_and_keeps_their_order(engine: Flux2Engine) -> None:
     jobs = [
         _job(0, _jpeg(_frame(10)), "oil painting", seed=1, steps=2),
         _job(0, _jpeg(_frame(11)), "claymation", seed=2, steps=4),
         _job(1, _jpeg(_frame(12)), "pixel art", seed=3, steps=0),  # 0: the engine's default, 2 steps
+        _job(0, _jpeg(_frame(13)), "ukiyo-e", seed=4, steps=2, mode="turbo"),
     ]
     batch_sizes: list[int] = []
-    hook = engine.pipe.transformer.register_forward_hook(
-        lambda module, args, kwargs, output: batch_sizes.append(kwargs["hidden_states"].shape[0]),
-        with_kwargs=True,
-    )
+    hooks = [
+        transformer.register_forward_hook(
+            lambda module, args, kwargs, output: batch_sizes.append(kwargs["hidden_states"].shape[0]),
+            with_kwargs=True,
+        )
+        for transformer in (engine.pipe.transformer, engine._fp8_transformer)
+    ]
     try:
         together = [_decode(jpeg).astype(int) for jpeg in engine.render(jobs)]
     finally:
-        hook.remove()
-    # The two 2-step jobs share one batch (2 transformer calls of 2 rows); the 4-step job runs alone.
-    assert batch_sizes == [2, 2, 1, 1, 1, 1]
+        for hook in hooks:
+            hook.remove()
+    # The two exact 2-step jobs share one batch (2 calls of 2 rows); the 4-step job and the turbo job
+    # each run alone.
+    assert batch_sizes == [2, 2, 1, 1, 1, 1, 1, 1]
     alone = [_decode(engine.render([job])[0]).astype(int) for job in jobs]
     for mine, reference in zip(together, alone, strict=True):
         assert np.abs(mine - reference).mean() < 0.5
     assert np.abs(together[0] - together[2]).mean() > 5
+
+
+def test_modes_exact_first_and_approximate_ones_labelled(engine: Flux2Engine) -> None:
+    assert [mode.id for mode in engine.modes] == ["exact", "fast", "turbo"]
+    assert [mode.approximate for mode in engine.modes] == [False, True, True]
+    assert all(mode.detail.startswith("Approximate") for mode in engine.modes[1:])
+    with pytest.raises(ValueError, match="unknown mode 'sketchy'"):
+        engine.render([_job(0, _jpeg(_frame(13)), "x", seed=1, mode="sketchy")])
 
 
 def test_render_rejects_more_jobs_than_max_batch(engine: Flux2Engine) -> None:
@@ -196,33 +222,80 @@ def test_float8_linear_approximates_the_bf16_product() -> None:
     assert 1e-4 < relative_error < 0.05
 
 
-def test_approximate_options_stay_close_to_exact(engine: Flux2Engine) -> None:
+def test_reference_kv_reuse_matches_flux2klein_kv_pipeline() -> None:
+    from diffusers import Flux2KleinKVPipeline
+
+    engine = create_flux2_engine(
+        tiny=True, device="cpu", modes=("exact",), custom_modes={"kv": ModeRecipe(reference_kv_reuse=True)}
+    )
+    pipe = engine.load()
+    frame = _frame(16)
+    exact = engine.render_frames(_as_tensor(frame), ["a clay sculpture"], steps=3, seeds=[11])
+    calls, hook = _token_counts(pipe.transformer)
+    ours = engine.render_frames(_as_tensor(frame), ["a clay sculpture"], steps=3, seeds=[11], mode="kv")
+    hook.remove()
+    # The first step carries the 1024 reference tokens; the later ones only the 1024 noise tokens.
+    assert [tokens for tokens, _ in calls] == [2048, 1024, 1024]
+    kv_pipeline = Flux2KleinKVPipeline(
+        scheduler=pipe.scheduler,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        transformer=pipe.transformer,
+        is_distilled=True,
+    )
+    kv_pipeline.set_progress_bar_config(disable=True)
+    reference = kv_pipeline(
+        image=Image.fromarray(frame),
+        prompt="a clay sculpture",
+        num_inference_steps=3,
+        generator=torch.Generator(device="cpu").manual_seed(11),
+        output_type="pt",
+    ).images
+    assert torch.equal(ours, reference)
+    # ...and it is an approximation of the exact pipeline, not the same image.
+    assert 0 < (ours - exact).abs().max() < 0.1
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected_tokens"),
+    [("fast", [(2048, 128), (1024, 128)]), ("turbo", [(1024 + 256, 128), (1024, 128)])],
+)
+def test_fast_modes_are_close_to_exact_and_do_less_work(
+    engine: Flux2Engine, mode: str, expected_tokens: list[tuple[int, int]]
+) -> None:
     frame = _as_tensor(_frame(15))
     exact = engine.render_frames(frame, ["oil painting"], steps=2, seeds=[3])
-    approximate = create_flux2_engine(tiny=True, device="cpu", mode="approximate", fp8=True, text_tokens=64)
-    approximate.load()
-    blocks = approximate.pipe.transformer.single_transformer_blocks[0]
-    assert isinstance(blocks.attn.to_qkv_mlp_proj, Float8Linear)
-    calls: list[int] = []
-    approximate.pipe.transformer.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append(kwargs["encoder_hidden_states"].shape[1]),
-        with_kwargs=True,
+    fp8_transformer = engine._fp8_transformer
+    assert isinstance(fp8_transformer.single_transformer_blocks[0].attn.to_qkv_mlp_proj, Float8Linear)
+    # The exact mode's transformer is untouched.
+    assert isinstance(
+        engine.pipe.transformer.single_transformer_blocks[0].attn.to_qkv_mlp_proj, torch.nn.Linear
     )
-    output = approximate.render_frames(frame, ["oil painting"], steps=2, seeds=[3])
-    assert calls == [64, 64]  # the transformer saw 64 prompt tokens per step
+    calls, hook = _token_counts(fp8_transformer)
+    try:
+        output = engine.render_frames(frame, ["oil painting"], steps=2, seeds=[3], mode=mode)
+    finally:
+        hook.remove()
+    assert calls == expected_tokens
+    assert output.shape == exact.shape
     difference = (output - exact).abs()
     assert 0 < difference.max() < 0.1
     assert difference.mean() < 0.01
 
 
 def test_invalid_options_are_rejected() -> None:
-    with pytest.raises(ValueError, match="mode"):
-        create_flux2_engine(tiny=True, mode="fastest-possible")
+    with pytest.raises(ValueError, match="unknown modes"):
+        create_flux2_engine(tiny=True, modes=("exact", "fastest-possible"))
+    with pytest.raises(ValueError, match="at least one mode"):
+        create_flux2_engine(tiny=True, modes=())
     with pytest.raises(ValueError, match="dtype"):
         create_flux2_engine(tiny=True, dtype="int8")
-    with pytest.raises(ValueError, match="approximate"):
-        create_flux2_engine(tiny=True, fp8=True)
-    with pytest.raises(ValueError, match="approximate"):
-        create_flux2_engine(tiny=True, text_tokens=128)
+    with pytest.raises(ValueError, match="compile_scope"):
+        create_flux2_engine(tiny=True, compile_scope="everything")
     with pytest.raises(ValueError, match="text_tokens"):
-        create_flux2_engine(tiny=True, mode="approximate", text_tokens=0)
+        ModeRecipe(text_tokens=0)
+    with pytest.raises(ValueError, match="reference_size"):
+        ModeRecipe(reference_size=100)
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        create_flux2_engine(tiny=True, compile_mode="reduce-overhead")
