@@ -1,29 +1,28 @@
-"""Per-frame latency of the flux2 engine, next to the seed product's way of calling Flux2KleinPipeline.
+"""The flux2 engine's speed, next to the seed product's way of calling Flux2KleinPipeline, in one process.
 
     python -m inference.bench                       # klein-4B architecture, random weights, on CUDA
+    python -m inference.bench --sections cold-start # only the cold start (a child process per run)
     python -m inference.bench --tiny --device cpu   # the tiny configuration, for a smoke run
 
-Everything runs in one process on one set of weights, so the rows are directly comparable:
+Sections (``--sections``, all by default), on one set of weights:
 
-* ``baseline``: what the seed product did per frame: ``Flux2KleinPipeline(image=<PIL frame>,
-  prompt_embeds=<cached>, generator=<seeded>)`` returning a PIL image.
-* ``render``: ``Flux2Engine.render``: JPEG bytes in, JPEG bytes out (decode, restyle, encode), the cost
-  the scheduler sees per call; with ``batch`` > 1 the per-frame figure is the call's time over the batch.
-* ``render_frames``: the engine's denoising pass alone, uint8 frame tensor in, float image out.
-* ``transformer``, ``vae.encode``, ``vae.decode``, ``text_encoder``: one call of each component at the
-  engine's shapes (1024 noise + 1024 reference + 512 text tokens; 512² frames; a 512-token prompt).
+* ``baseline``: what the seed product did per frame, ``Flux2KleinPipeline(image=<PIL frame>,
+  prompt_embeds=<cached>, generator=<seeded>)`` returning a PIL image, eager and with the transformer
+  compiled as one graph (the seed's setup); and the engine's exact mode uncompiled (``render_frames``
+  must equal the pipeline bit for bit there).
+* ``modes``: a fresh engine with the production options (every mode, compiled), its ``warm_up()`` timed,
+  then each mode: ``render`` (JPEG bytes in and out, the cost the scheduler sees) at each step count and
+  batch size, and ``render_frames``'s deviation from the eager pipeline (exact) on the same frame, prompt
+  and seed. ``--levers`` adds single-approximation modes so each lever's effect is measured alone.
+* ``sessions``: 1, 2 and 4 concurrent sessions through the real scheduler (different prompts), each
+  keeping its waiting frame fresh at 30 fps: aggregate and per-session FPS, fairness, latency.
+* ``websocket``: the worker's real ``/ws`` on loopback, driven like the studio drives it.
+* ``cold-start``: the pipeline saved with ``save_pretrained``, then a new process: imports,
+  ``from_pretrained``, warm-up, first frame; with an empty and with a warm compile cache.
 
-Phases (``--phases``, see ``PHASES``): ``eager``; ``compiled`` (``torch.compile`` of the transformer,
-shared by the pipeline and the engine: the compiled baseline's conditions); ``compiled+vae`` (the VAE
-encoder and decoder compiled too); ``cudagraphs`` (the transformer compiled with CUDA graphs). Each
-phase also records how far the engine's output is from the eager pipeline's on the same frame, prompt
-and seed (``max_abs`` on [0, 1] pixels and PSNR), so a speed-up that changes the pixels shows up next to
-its timing. With random weights every rounding difference is amplified; the compiled baseline's own
-deviation is the yardstick for what rounding alone does.
-
-Timing: each call is bracketed by device synchronisation and timed with a host clock, after warm-up calls
-(the compiled phase's first call compiles and is reported separately); the table shows medians. The
-record (environment, arguments, every row with its percentiles) is written as JSON under ``--out``.
+Timing: each call is bracketed by device synchronisation and timed with a host clock after warm-up calls;
+the table shows medians. The record (environment, arguments, every row with its percentiles, the system
+sections' results) is written as JSON under ``--out``.
 
 Unless ``--model`` names a checkpoint, the weights are random: the timings
 are those of the real architecture and sizes, the images are noise.
@@ -39,6 +38,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,7 +51,7 @@ import torch
 from PIL import Image
 
 from inference.engines.base import OUTPUT_SIZE, FrameJob
-from inference.engines.flux2 import DEFAULT_MODEL, Flux2Engine
+from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Engine, ModeRecipe
 from inference.engines.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
 
 PROMPTS = (
@@ -62,43 +62,13 @@ PROMPTS = (
 )
 
 
-@dataclass(frozen=True)
-class Phase:
-    """What is compiled in a phase. Phases run in the order given; compilation is never undone, so
-    list them from least to most compiled."""
-
-    transformer_mode: str | None  # "eager": not compiled; None: torch.compile's default mode
-    vae: bool  # VAE encoder and decoder compiled
-    baseline: bool  # measure the baseline pipeline too (only where it runs as the seed product ran it)
-    fuse_qkv: bool = False  # one projection for q, k and v (and for the text stream's) in the double blocks
-    # Approximations (the engine's mode="approximate" options):
-    text_tokens: int = MAX_SEQUENCE_LENGTH
-    fp8: bool = False
-
-
-PHASES = {
-    "eager": Phase(transformer_mode="eager", vae=False, baseline=True),
-    # The compiled baseline: the transformer compiled, the rest eager.
-    "compiled": Phase(transformer_mode=None, vae=False, baseline=True),
-    # The pipeline shares the VAE, so from here on it no longer runs as the seed product did: engine only.
-    "compiled+vae": Phase(transformer_mode=None, vae=True, baseline=False),
-    "cudagraphs": Phase(transformer_mode="reduce-overhead", vae=True, baseline=False),
-    "cudagraphs+fused-qkv": Phase(
-        transformer_mode="reduce-overhead", vae=True, baseline=False, fuse_qkv=True
-    ),
-    # Approximate: the prompt embedding cut from 512 to 128 tokens, then FP8 transformer blocks, then both.
-    "text128": Phase(transformer_mode=None, vae=True, baseline=False, text_tokens=128),
-    "fp8": Phase(transformer_mode=None, vae=True, baseline=False, fp8=True),
-    "fp8+text128": Phase(transformer_mode=None, vae=True, baseline=False, fp8=True, text_tokens=128),
+# Modes measured one approximation at a time (--levers), next to the production modes they make up.
+LEVER_MODES: dict[str, ModeRecipe] = {
+    "lever-text128": ModeRecipe(text_tokens=128),
+    "lever-fp8": ModeRecipe(fp8=True),
+    "lever-fp8-text128": ModeRecipe(fp8=True, text_tokens=128),
 }
-
-
-# Engines built from scratch with their production options: ``warm_up()`` (compiling every batch size) is
-# timed, then ``render()``; the phases above instead change one engine step by step.
-ENGINE_OPTIONS: dict[str, dict[str, Any]] = {
-    "exact-compiled": {"compile": True},
-    "fastest": {"compile": True, "mode": "approximate", "fp8": True, "text_tokens": 128},
-}
+SECTIONS = ("baseline", "modes", "sessions", "websocket", "cold-start")
 
 
 @dataclass
@@ -185,24 +155,24 @@ def to_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
 
 
 class Bench:
-    """The cases of one run; each ``measure_*`` appends rows. New modes and concurrency cases go here."""
+    """The cases of one run; each ``measure_*`` appends rows (or system results) to the record."""
 
-    def __init__(self, engine: Flux2Engine, args: argparse.Namespace) -> None:
-        self.engine = engine
+    def __init__(self, base: Flux2Engine, args: argparse.Namespace) -> None:
+        self.base = base  # uncompiled, exact only: the eager pipeline and its references
         self.args = args
-        self.pipe = engine.load()
-        self.device = engine.device
+        self.pipe = base.load()
+        self.device = base.device
         self.rows: list[Row] = []
+        self.system: dict[str, Any] = {}
+        self.engine: Flux2Engine | None = None  # the production engine, built by measure_modes
         self.frames = [webcam_frame(seed) for seed in range(max(args.batch))]
         self.jpegs = [to_jpeg(frame) for frame in self.frames]
         self.frame_image = Image.fromarray(self.frames[0])  # the baseline's input, decoded once
+        self.frame_tensor = torch.from_numpy(self.frames[0].copy()).permute(2, 0, 1)[None].to(self.device)
         self.prompts = [PROMPTS[i % len(PROMPTS)] for i in range(max(args.batch))]
         self.seeds = list(range(1, max(args.batch) + 1))
-        # The eager pipeline's output per step count: what every phase's deviation is measured against.
+        # The eager pipeline's output per step count: what every row's deviation is measured against.
         self.references: dict[int, torch.Tensor] = {}
-        self.transformer_mode: str | None = "eager"
-        self.vae_compiled = False
-        self.qkv_fused = False
 
     def _run(self, phase: str, case: str, steps: int | None, batch: int, fn: Callable[[], Any]) -> Row:
         warmup = self.args.warmup + (1 if phase != "eager" else 0)
@@ -212,7 +182,7 @@ class Bench:
         except Exception as error:  # a failing case must not cost the rest of the run's measurements
             row = Row(phase, case, steps, batch, [], error=f"{type(error).__name__}: {error}")
         self.rows.append(row)
-        print(f"  {phase:12s} {case:14s} steps={steps} batch={batch}: {row.median_ms:8.2f} ms", flush=True)
+        print(f"  {phase:18s} {case:14s} steps={steps} batch={batch}: {row.median_ms:8.2f} ms", flush=True)
         return row
 
     def compute_references(self) -> None:
@@ -224,7 +194,7 @@ class Bench:
         """The seed product's per-frame call: PIL frame in, cached prompt embeddings, a seeded generator."""
         return self.pipe(
             image=self.frame_image,
-            prompt_embeds=self.engine.prompt_embeds(self.prompts[0]),
+            prompt_embeds=self.base.prompt_embeds(self.prompts[0]),
             num_inference_steps=steps,
             guidance_scale=1.0,
             height=OUTPUT_SIZE,
@@ -233,34 +203,87 @@ class Bench:
             output_type=output_type,
         ).images
 
-    def measure_baseline(self, phase: str, steps: int) -> None:
-        row = self._run(phase, "baseline", steps, 1, lambda: self.baseline_call(steps))
-        if row.error is None:
-            row.max_abs, row.psnr_db = deviation(self.baseline_call(steps, "pt"), self.references[steps])
+    # ---- section: baseline
 
-    def measure_engine(self, phase: str, steps: int) -> None:
-        engine = self.engine
-        frame = torch.from_numpy(self.frames[0].copy()).permute(2, 0, 1)[None].to(self.device)
+    def measure_baseline(self) -> None:
+        """The seed-style pipeline eager and compiled, and the uncompiled engine's exactness."""
+        print("section baseline", flush=True)
+        transformer = self.pipe.transformer
+        for phase in ("eager", "compiled"):
+            if phase == "compiled":
+                # As the seed product compiled it: the whole transformer as one graph, the VAE eager.
+                transformer.compile(fullgraph=True)
+            for steps in self.args.steps:
+                row = self._run(phase, "baseline", steps, 1, lambda steps=steps: self.baseline_call(steps))
+                if row.error is None:
+                    row.max_abs, row.psnr_db = deviation(
+                        self.baseline_call(steps, "pt"), self.references[steps]
+                    )
+                if phase == "eager":
+                    self.measure_render_frames(self.base, phase, "exact", steps)
+        # Undone, so the production engine compiles the same module its own way (block by block).
+        transformer._compiled_call_impl = None
+        if self.args.components:
+            self.measure_components("eager")
+
+    def measure_render_frames(self, engine: Flux2Engine, phase: str, mode: str, steps: int) -> Row:
         prompt, seed = self.prompts[0], self.seeds[0]
-        row = self._run(
-            phase,
-            "render_frames",
-            steps,
-            1,
-            lambda: engine.render_frames(frame, [prompt], steps=steps, seeds=[seed]),
-        )
+
+        def call() -> torch.Tensor:
+            return engine.render_frames(self.frame_tensor, [prompt], steps=steps, seeds=[seed], mode=mode)
+
+        row = self._run(phase, "render_frames", steps, 1, call)
         if row.error is None:
-            output = engine.render_frames(frame, [prompt], steps=steps, seeds=[seed])
-            row.max_abs, row.psnr_db = deviation(output, self.references[steps])
-        for batch in self.args.batch:
-            jobs = [
-                FrameJob(f"session-{i}", 0, self.jpegs[i], self.prompts[i], steps, self.seeds[i])
-                for i in range(batch)
-            ]
-            self._run(phase, "render", steps, batch, lambda jobs=jobs: engine.render(jobs))
+            row.max_abs, row.psnr_db = deviation(call(), self.references[steps])
+        return row
+
+    # ---- section: modes
+
+    def production_engine(self) -> Flux2Engine:
+        """The engine as the worker runs it (every built-in mode, compiled), on the same weights; built and
+        warmed up once, its warm-up timed."""
+        if self.engine is None:
+            options: dict[str, Any] = {
+                "pipeline": self.pipe,
+                "max_batch": max(self.args.batch),
+                "steps": self.args.steps[0],
+                "compile": self.args.compile,
+                "compile_scope": self.args.compile_scope,
+                "modes": tuple(self.args.modes),
+            }
+            if self.args.levers:
+                options["custom_modes"] = LEVER_MODES
+            start = time.perf_counter()
+            engine = Flux2Engine(**options)
+            engine.warm_up()
+            warm_up_ms = 1000 * (time.perf_counter() - start)
+            self.rows.append(Row("engine", "warm_up", engine.steps, len(engine.modes), [warm_up_ms]))
+            print(f"  warm_up of {len(engine.modes)} modes: {warm_up_ms / 1000:.1f} s", flush=True)
+            self.engine = engine
+        return self.engine
+
+    def measure_modes(self) -> None:
+        print("section modes", flush=True)
+        engine = self.production_engine()
+        for mode in engine.modes:
+            phase = f"mode:{mode.id}"
+            for steps in self.args.steps:
+                self.measure_render_frames(engine, phase, mode.id, steps)
+                for batch in self.args.batch:
+                    jobs = [
+                        FrameJob(
+                            f"session-{i}", 0, self.jpegs[i], self.prompts[i], steps, self.seeds[i], mode.id
+                        )
+                        for i in range(batch)
+                    ]
+                    self._run(phase, "render", steps, batch, lambda jobs=jobs: engine.render(jobs))
+        if self.args.components:
+            self.measure_components("compiled")
+        if self.args.profile:
+            self.profile(engine)
 
     def measure_components(self, phase: str) -> None:
-        pipe, engine, device = self.pipe, self.engine, self.device
+        pipe, device = self.pipe, self.device
         transformer, vae = pipe.transformer, pipe.vae
         config = transformer.config
         dtype = transformer.dtype
@@ -270,10 +293,10 @@ class Bench:
         def randn(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
             return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
-        prompt_embeds = engine.prompt_embeds(self.prompts[0])
+        prompt_embeds = self.base.prompt_embeds(self.prompts[0])
         hidden_states = randn(1, 2 * tokens, config.in_channels)
         text_ids = pipe._prepare_text_ids(prompt_embeds).to(device)
-        img_ids = torch.cat([engine._latent_ids, engine._image_latent_ids], dim=1)
+        img_ids = torch.cat([self.base._latent_ids, self.base._image_latent_ids], dim=1)
         timestep = torch.full((1,), 0.5, device=device, dtype=dtype)
         image = randn(1, 3, OUTPUT_SIZE, OUTPUT_SIZE, dtype=vae.dtype).clamp(-1, 1)
         image = image.contiguous(memory_format=torch.channels_last)
@@ -301,106 +324,79 @@ class Bench:
                 phase, "vae.encode", None, 1, lambda: pipe._encode_vae_image(image=image, generator=None)
             )
             self._run(phase, "vae.decode", None, 1, lambda: vae.decode(latents, return_dict=False))
-            self._run(
-                phase,
-                "text_encoder",
-                None,
-                1,
-                lambda: pipe._get_qwen3_prompt_embeds(
-                    text_encoder=pipe.text_encoder,
-                    tokenizer=pipe.tokenizer,
-                    prompt=self.prompts[1],
-                    device=device,
-                    max_sequence_length=MAX_SEQUENCE_LENGTH,
-                    hidden_states_layers=TEXT_ENCODER_OUT_LAYERS,
-                ),
-            )
-
-    def measure_engine_options(self, name: str) -> None:
-        """Build a second engine with ENGINE_OPTIONS[name] (same weights: same seed and device), time its
-        warm_up(), then its renders, and free it."""
-        phase = f"engine:{name}"
-        print(f"phase {phase}", flush=True)
-        base = self.engine
-        engine = Flux2Engine(
-            random_weights=base.random_weights,
-            tiny=base.tiny,
-            device=base.device,
-            dtype=base.dtype,
-            max_batch=max(self.args.batch),
-            steps=self.args.steps[0],
-            **ENGINE_OPTIONS[name],
-        )
-        start = time.perf_counter()
-        engine.warm_up()
-        warm_up_ms = 1000 * (time.perf_counter() - start)
-        self.rows.append(Row(phase, "warm_up", engine.steps, 1, [warm_up_ms]))
-        print(f"  {phase} warm_up: {warm_up_ms / 1000:.1f} s", flush=True)
-        frame = torch.from_numpy(self.frames[0].copy()).permute(2, 0, 1)[None].to(self.device)
-        for steps in self.args.steps:
-            output = engine.render_frames(frame, [self.prompts[0]], steps=steps, seeds=[self.seeds[0]])
-            for batch in self.args.batch:
-                jobs = [
-                    FrameJob(f"session-{i}", 0, self.jpegs[i], self.prompts[i], steps, self.seeds[i])
-                    for i in range(batch)
-                ]
-                row = self._run(
-                    phase, "render", steps, batch, lambda jobs=jobs, engine=engine: engine.render(jobs)
+            if phase == "eager":
+                self._run(
+                    phase,
+                    "text_encoder",
+                    None,
+                    1,
+                    lambda: pipe._get_qwen3_prompt_embeds(
+                        text_encoder=pipe.text_encoder,
+                        tokenizer=pipe.tokenizer,
+                        prompt=self.prompts[1],
+                        device=device,
+                        max_sequence_length=MAX_SEQUENCE_LENGTH,
+                        hidden_states_layers=TEXT_ENCODER_OUT_LAYERS,
+                    ),
                 )
-                if batch == 1:
-                    row.max_abs, row.psnr_db = deviation(output, self.references[steps])
-        del engine
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
-    def run_phase(self, phase: str) -> None:
-        print(f"phase {phase}", flush=True)
-        setup = PHASES[phase]
-        # Approximations are set on the engine directly (its constructor takes them only with
-        # mode="approximate"); text_tokens applies per call, FP8 quantization is permanent.
-        approximate = setup.fp8 or setup.text_tokens != MAX_SEQUENCE_LENGTH
-        self.engine.mode = "approximate" if approximate else "exact"
-        self.engine.text_tokens = setup.text_tokens
-        if setup.fp8:
-            self.engine.enable_fp8()  # a compiled transformer recompiles on its next call
-        elif self.engine.fp8:
-            raise ValueError(f"phase {phase} comes after an fp8 phase, which cannot be undone")
-        if setup.fuse_qkv and not self.qkv_fused:
-            self.engine.fuse_qkv()  # a compiled transformer recompiles on its next call
-            self.qkv_fused = True
-        # Compiles lazily: each shape's first call (a warm-up call, reported as 'first ms') compiles.
-        if setup.transformer_mode != self.transformer_mode:
-            self.engine.compile_components(
-                transformer=True, vae=False, transformer_mode=setup.transformer_mode
-            )
-            self.transformer_mode = setup.transformer_mode
-        if setup.vae and not self.vae_compiled:
-            self.engine.compile_components(transformer=False, vae=True)
-            self.vae_compiled = True
-        for steps in self.args.steps:
-            if setup.baseline and not self.args.skip_baseline:
-                self.measure_baseline(phase, steps)
-            self.measure_engine(phase, steps)
-        if self.args.components:
-            self.measure_components(phase)
-        if self.args.profile:
-            self.profile(phase)
-
-    def profile(self, phase: str) -> None:
-        """Write the device-time breakdown of one engine render (2 steps, batch 1) by operator."""
+    def profile(self, engine: Flux2Engine) -> None:
+        """Write the device-time breakdown of one 2-step render per mode, by operator."""
         from torch.profiler import ProfilerActivity, profile
 
-        frame = torch.from_numpy(self.frames[0].copy()).permute(2, 0, 1)[None].to(self.device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        with profile(activities=activities) as profiler:
-            self.engine.render_frames(frame, [self.prompts[0]], steps=2, seeds=[self.seeds[0]])
-            _sync(self.device)
-        sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        table = profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70)
-        path = Path(self.args.out) / f"profile-{phase.replace('+', '_')}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(table)
-        print(f"  profile of one 2-step render written to {path}")
+        for mode in engine.modes:
+            with profile(activities=activities) as profiler:
+                engine.render_frames(self.frame_tensor, [self.prompts[0]], steps=2, seeds=[1], mode=mode.id)
+                _sync(self.device)
+            sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70)
+            path = Path(self.args.out) / f"profile-{mode.id}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(table)
+            print(f"  profile of one 2-step {mode.id} render written to {path}")
+
+    # ---- sections: sessions, websocket, cold start
+
+    def measure_system(self, section: str) -> None:
+        from inference import bench_system
+
+        print(f"section {section}", flush=True)
+        args = self.args
+        if section == "cold-start":
+            options = {
+                "compile": args.compile,
+                "compile_scope": args.compile_scope,
+                "modes": list(args.modes),
+                "max_batch": max(args.batch),
+                "steps": args.steps[0],
+            }
+            if args.dtype:
+                options["dtype"] = args.dtype
+            if args.device:
+                options["device"] = args.device
+            workdir = Path(args.cold_start_dir)
+            self.system["cold_start"] = bench_system.measure_cold_start(
+                self.pipe, workdir=workdir, engine_options=options
+            )
+            return
+        engine = self.production_engine()
+        steps = args.steps[0]
+        results = []
+        for mode in args.system_modes or [engine.modes[0].id]:
+            for max_batch in sorted(set(args.system_max_batch)):
+                engine.max_batch = max_batch  # the scheduler reads it per batch
+                if section == "sessions":
+                    result = bench_system.measure_sessions(
+                        engine, sessions=tuple(args.sessions), seconds=args.seconds, mode=mode, steps=steps
+                    )
+                else:
+                    result = bench_system.measure_websocket(
+                        engine, sessions=tuple(args.sessions), seconds=args.seconds, mode=mode, steps=steps
+                    )
+                results.append({"mode": mode, "max_batch": max_batch, **result})
+        engine.max_batch = max(args.batch)
+        self.system[section] = results
 
 
 def environment(engine: Flux2Engine) -> dict[str, Any]:
@@ -437,14 +433,14 @@ def environment(engine: Flux2Engine) -> dict[str, Any]:
 
 def format_table(rows: Sequence[Row]) -> str:
     header = (
-        f"{'phase':12s} {'case':14s} {'steps':>5s} {'batch':>5s} {'median ms':>10s} {'ms/frame':>9s} "
+        f"{'phase':18s} {'case':14s} {'steps':>5s} {'batch':>5s} {'median ms':>10s} {'ms/frame':>9s} "
         f"{'fps':>7s} {'first ms':>9s} {'max_abs':>8s} {'PSNR dB':>8s}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         if row.error:
             lines.append(
-                f"{row.phase:12s} {row.case:14s} {row.steps or '':>5} {row.batch:5d}  ERROR {row.error}"
+                f"{row.phase:18s} {row.case:14s} {row.steps or '':>5} {row.batch:5d}  ERROR {row.error}"
             )
             continue
         fps = 1000.0 / row.per_frame_ms
@@ -452,9 +448,50 @@ def format_table(rows: Sequence[Row]) -> str:
         max_abs = f"{row.max_abs:8.1e}" if row.max_abs is not None else f"{'':8s}"
         psnr = f"{row.psnr_db:8.1f}" if row.psnr_db is not None else f"{'':8s}"
         lines.append(
-            f"{row.phase:12s} {row.case:14s} {row.steps or '':>5} {row.batch:5d} {row.median_ms:10.2f} "
+            f"{row.phase:18s} {row.case:14s} {row.steps or '':>5} {row.batch:5d} {row.median_ms:10.2f} "
             f"{row.per_frame_ms:9.2f} {fps:7.1f} {first} {max_abs} {psnr}"
         )
+    return "\n".join(lines)
+
+
+def _find(rows: Sequence[Row], phase: str, case: str, steps: int, batch: int = 1) -> Row | None:
+    for row in rows:
+        if (row.phase, row.case, row.steps, row.batch) == (phase, case, steps, batch) and not row.error:
+            return row
+    return None
+
+
+def format_summary(rows: Sequence[Row], system: dict[str, Any]) -> str:
+    """The issue's targets as measured in this run, then the system sections' own tables."""
+    lines = []
+    for steps in sorted({row.steps for row in rows if row.steps}):
+        baseline = _find(rows, "compiled", "baseline", steps)
+        if baseline is None:
+            continue
+        lines.append(f"{steps} steps: compiled seed-style baseline {baseline.per_frame_ms:.2f} ms/frame")
+        for row in rows:
+            if (
+                row.phase.startswith("mode:")
+                and row.case == "render"
+                and row.steps == steps
+                and not row.error
+            ):
+                ratio = baseline.per_frame_ms / row.per_frame_ms
+                mode = row.phase.removeprefix("mode:")
+                lines.append(
+                    f"  {mode:18s} batch {row.batch}: {row.per_frame_ms:7.2f} ms/frame"
+                    f" {1000 / row.per_frame_ms:6.1f} FPS  {ratio:5.2f}x baseline"
+                )
+    for section in ("sessions", "websocket"):
+        for result in system.get(section, []):
+            lines.append("")
+            lines.append(
+                f"{section}: mode {result.get('mode')}, scheduler max_batch {result.get('max_batch')}"
+            )
+            lines.extend(result.get("table", []))
+    if "cold_start" in system:
+        lines.append("")
+        lines.extend(system["cold_start"].get("table", []))
     return "\n".join(lines)
 
 
@@ -467,21 +504,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="the tiny test configuration")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4], help="the first is the default")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="render() batch sizes")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--phases", nargs="*", default=["eager", "compiled"], choices=list(PHASES))
     parser.add_argument(
-        "--engines",
-        nargs="*",
-        default=[],
-        choices=list(ENGINE_OPTIONS),
-        help="fresh engines to warm up and time",
+        "--modes", nargs="+", default=list(MODE_RECIPES), choices=list(MODE_RECIPES), help="production modes"
     )
-    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--levers", action="store_true", help="also one mode per single approximation")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA yes"
+    )
+    parser.add_argument("--compile-scope", default="blocks", choices=("blocks", "full"))
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4], help="concurrent sessions")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per sessions/websocket case")
+    parser.add_argument(
+        "--system-modes",
+        nargs="*",
+        default=None,
+        help="modes of the sessions/websocket cases (default: exact)",
+    )
+    parser.add_argument(
+        "--system-max-batch", type=int, nargs="+", default=[4], help="scheduler batch limits to compare"
+    )
+    parser.add_argument(
+        "--cold-start-dir",
+        default=str(Path(tempfile.gettempdir()) / "stylecast-cold-start"),
+        help="where the checkpoint and the compile caches of the cold-start section go (local disk)",
+    )
     parser.add_argument("--no-components", dest="components", action="store_false")
-    parser.add_argument("--profile", action="store_true", help="write a per-operator profile of each phase")
+    parser.add_argument("--profile", action="store_true", help="write a per-operator profile of each mode")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON record")
     args = parser.parse_args(argv)
     if 1 not in args.batch:
@@ -491,7 +544,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    engine = Flux2Engine(
+    base = Flux2Engine(
         model=args.model or DEFAULT_MODEL,
         cache_dir=args.cache_dir,
         device=args.device,
@@ -499,31 +552,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         random_weights=args.model is None and not args.tiny,
         tiny=args.tiny,
         max_batch=max(args.batch),
+        modes=("exact",),
+        compile=False,
     )
     start = time.perf_counter()
-    bench = Bench(engine, args)
+    bench = Bench(base, args)
     load_s = time.perf_counter() - start
-    print(f"{engine.model} on {engine.device} ({engine.dtype}): loaded in {load_s:.1f}s", flush=True)
+    print(f"{base.model} on {base.device} ({base.dtype}): loaded in {load_s:.1f}s", flush=True)
     bench.compute_references()
     started = datetime.now(UTC)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "tiny" if args.tiny else ("random-klein-4B" if args.model is None else Path(args.model).name)
     record: dict[str, Any] = {}
-    for phase in [*args.phases, *(f"engine:{name}" for name in args.engines)]:
-        if phase.startswith("engine:"):
-            bench.measure_engine_options(phase.removeprefix("engine:"))
+    for section in [section for section in SECTIONS if section in args.sections]:
+        if section == "baseline":
+            bench.measure_baseline()
+        elif section == "modes":
+            bench.measure_modes()
         else:
-            bench.run_phase(phase)
-        # Rewritten after every phase, so a run cut short still leaves what it measured.
+            bench.measure_system(section)
+        # Rewritten after every section, so a run cut short still leaves what it measured.
         record = {
             "started": started.isoformat(timespec="seconds"),
             "argv": list(sys.argv[1:] if argv is None else argv),
             "load_s": round(load_s, 2),
-            "environment": environment(engine),
+            "environment": environment(base),
+            "modes": [
+                {"id": mode.id, "approximate": mode.approximate, "detail": mode.detail}
+                for mode in (bench.engine.modes if bench.engine else base.modes)
+            ],
             "rows": [row.record() for row in bench.rows],
+            **bench.system,
         }
-        device_tag = record["environment"].get("gpu", engine.device.type).replace(" ", "-")
+        device_tag = record["environment"].get("gpu", base.device.type).replace(" ", "-")
         path = out / f"{started:%Y%m%dT%H%M%S}-{name}-{device_tag}.json"
         path.write_text(json.dumps(record, indent=2, default=str) + "\n")
         record["path"] = str(path)
@@ -535,6 +597,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f" | diffusers {env['diffusers']} | {env['dtype']} | iters {args.iters}, medians"
     )
     print(format_table(bench.rows))
+    summary = format_summary(bench.rows, bench.system)
+    if summary:
+        print(summary)
     return record
 
 

@@ -11,31 +11,48 @@ from inference import bench
 
 def test_bench_runs_every_case_and_writes_its_record(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--tiny", "--device", "cpu", "--steps", "2", "--batch", "2", "--iters", "1", "--warmup", "0"]
-    record = bench.main([*args, "--phases", "eager", "--out", str(tmp_path)])
+    sections = ["--sections", "baseline", "modes", "--modes", "exact", "turbo"]
+    record = bench.main([*args, *sections, "--out", str(tmp_path)])
 
     (path,) = tmp_path.glob("*-tiny-cpu.json")
     assert record["path"] == str(path)
     saved = json.loads(path.read_text())
     assert saved["environment"]["random_weights"] is True
-    rows = {(row["case"], row["steps"], row["batch"]): row for row in saved["rows"]}
+    assert [(mode["id"], mode["approximate"]) for mode in saved["modes"]] == [
+        ("exact", False),
+        ("turbo", True),
+    ]
+    rows = {(row["phase"], row["case"], row["steps"], row["batch"]): row for row in saved["rows"]}
     assert set(rows) == {
-        ("baseline", 2, 1),
-        ("render_frames", 2, 1),
-        ("render", 2, 1),  # batch 1 is always measured
-        ("render", 2, 2),
-        ("transformer", None, 1),
-        ("vae.encode", None, 1),
-        ("vae.decode", None, 1),
-        ("text_encoder", None, 1),
+        ("eager", "baseline", 2, 1),
+        ("compiled", "baseline", 2, 1),
+        ("eager", "render_frames", 2, 1),
+        ("eager", "transformer", None, 1),
+        ("eager", "vae.encode", None, 1),
+        ("eager", "vae.decode", None, 1),
+        ("eager", "text_encoder", None, 1),
+        ("engine", "warm_up", 2, 2),  # batch column: how many modes were warmed up
+        *(
+            (f"mode:{mode}", case, 2, batch)
+            for mode in ("exact", "turbo")
+            for case, batch in (("render_frames", 1), ("render", 1), ("render", 2))
+        ),
+        ("compiled", "transformer", None, 1),
+        ("compiled", "vae.encode", None, 1),
+        ("compiled", "vae.decode", None, 1),
     }
     for row in rows.values():
         assert row["error"] is None
         assert row["median_ms"] > 0
-        assert len(row["times_ms"]) == 1
-    # The engine's exact mode reproduces the pipeline bit for bit, and the bench reports it.
-    assert rows[("render_frames", 2, 1)]["max_abs"] == 0.0
-    assert rows[("render", 2, 2)]["per_frame_ms"] == pytest.approx(rows[("render", 2, 2)]["median_ms"] / 2)
+    # The exact mode reproduces the pipeline bit for bit (uncompiled, as on a CPU), and the bench says so;
+    # the approximate mode is reported as different.
+    assert rows[("eager", "render_frames", 2, 1)]["max_abs"] == 0.0
+    assert rows[("mode:exact", "render_frames", 2, 1)]["max_abs"] == 0.0
+    assert 0 < rows[("mode:turbo", "render_frames", 2, 1)]["max_abs"] < 0.1
+    render = rows[("mode:turbo", "render", 2, 2)]
+    assert render["per_frame_ms"] == pytest.approx(render["median_ms"] / 2)
 
-    table = capsys.readouterr().out.rsplit("wrote", 1)[1]
-    assert "render_frames" in table
-    assert "baseline" in table
+    printed = capsys.readouterr().out.rsplit("wrote", 1)[1]
+    assert "render_frames" in printed
+    assert "2 steps: compiled seed-style baseline" in printed
+    assert "x baseline" in printed
