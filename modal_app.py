@@ -35,7 +35,17 @@ image = (
     modal.Image.debian_slim(python_version="3.11")
     # torchvision gives the engine nvJPEG decoding on the GPU; without it frames are decoded with Pillow.
     .uv_pip_install(*inference_requirements(), "torchvision")
-    .env({"HF_HOME": f"{CACHE_DIR}/huggingface", "INFERENCE_ENGINE": "flux2", "MODEL_CACHE_DIR": CACHE_DIR})
+    .env(
+        {
+            "HF_HOME": f"{CACHE_DIR}/huggingface",
+            "INFERENCE_ENGINE": "flux2",
+            "MODEL_CACHE_DIR": CACHE_DIR,
+            # torch.compile's caches on the Volume too: only the first container ever compiles from
+            # scratch; later cold starts load the compiled kernels (docs/performance.md, cold start).
+            "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_DIR}/torch-compile/inductor",
+            "TRITON_CACHE_DIR": f"{CACHE_DIR}/torch-compile/triton",
+        }
+    )
     .add_local_python_source("inference")
 )
 model_cache = modal.Volume.from_name("stylecast-model-cache", create_if_missing=True)
@@ -65,7 +75,7 @@ class Inference:
         self.engine.warm_up()
         if modal.is_local():
             return
-        model_cache.commit()  # keep what the first container downloaded for the next cold start
+        model_cache.commit()  # keep the download and the compiled kernels for the next cold start
 
     @modal.asgi_app()
     def web(self) -> Any:
