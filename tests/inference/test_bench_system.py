@@ -1,0 +1,104 @@
+"""The bench's system measurements on the tiny flux2 configuration on CPU: concurrent sessions through the
+real scheduler, the real worker on a loopback WebSocket, and a cold start in a child process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from inference import bench_system
+from inference.engines.flux2 import Flux2Engine
+
+
+@pytest.fixture(scope="module")
+def engine() -> Flux2Engine:
+    engine = Flux2Engine(tiny=True, compile=False, device="cpu", max_batch=2)
+    engine.warm_up()
+    return engine
+
+
+def test_sessions_through_the_scheduler(engine: Flux2Engine) -> None:
+    result = bench_system.measure_sessions(engine, sessions=(1, 2), seconds=1.5, settle_seconds=0.3)
+
+    json.dumps(result)
+    assert result["error"] is None
+    assert [run["sessions"] for run in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        assert run["error"] is None
+        assert len(run["per_session"]) == run["sessions"]
+        # Each session had its own prompt, and every one of them got frames.
+        assert len({session["prompt"] for session in run["per_session"]}) == run["sessions"]
+        for session in run["per_session"]:
+            assert session["delivered"] > 0
+            assert session["errors"] == 0
+            assert session["latency_p50_ms"] > 0
+            # A 30 fps camera outpaces the tiny model on CPU: most frames are replaced before rendering.
+            assert session["submitted"] > session["delivered"]
+        assert run["aggregate_fps"] == pytest.approx(sum(s["fps"] for s in run["per_session"]))
+        assert 0.0 <= run["fairness"] <= 1.0
+        assert sum(run["batches"].values()) > 0
+        assert max(int(size) for size in run["batches"]) <= min(run["sessions"], engine.max_batch)
+    assert result["runs"][0]["vs_single"] == pytest.approx(1.0)
+    assert result["runs"][1]["meets_targets"]["aggregate"] is not None
+    assert len(result["table"]) == 3
+
+
+def test_websocket_on_loopback(engine: Flux2Engine) -> None:
+    result = bench_system.measure_websocket(engine, sessions=(1,), seconds=2.0, engine_iters=2)
+
+    json.dumps(result)
+    assert result["error"] is None
+    assert result["engine_ms"]["1"]["median_ms"] > 0
+    assert result["engine_fps"] == pytest.approx(1000 / result["engine_ms"]["1"]["median_ms"])
+    (run,) = result["runs"]
+    assert run["error"] is None
+    assert run["aggregate_fps"] > 0
+    assert run["per_session_fps"] == [run["aggregate_fps"]]
+    assert run["latency_p50_ms"] > 0
+    assert run["latency_vs_engine_frame"] == pytest.approx(
+        run["latency_p50_ms"] / result["engine_ms"]["1"]["median_ms"], rel=1e-3
+    )
+    assert run["fairness"] == pytest.approx(1.0)
+    assert len(result["table"]) == 2
+
+
+def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
+    released = []
+    result = bench_system.measure_cold_start(
+        engine,
+        workdir=tmp_path,
+        engine_options={"compile": False, "device": "cpu", "max_batch": 1},
+        runs=("empty",),
+        release=lambda: released.append(True),
+    )
+
+    json.dumps(result)
+    assert released == [True]
+    checkpoint = tmp_path / "checkpoint"
+    assert result["checkpoint"] == str(checkpoint)
+    assert (checkpoint / "model_index.json").is_file()
+    for component in ("transformer", "vae", "text_encoder"):
+        assert list((checkpoint / component).glob("*.safetensors")), component
+    assert result["checkpoint_bytes"] > 0
+    (run,) = result["runs"]
+    assert run["error"] is None, run["stderr_tail"]
+    assert run["cache"] == "empty"
+    assert run["cache_files_before"] == 0
+    assert run["first_frame_bytes"] > 0
+    assert run["device"] == "cpu"
+    marks = [run["marks"][stage] for stage in bench_system.COLD_START_STAGES]
+    assert all(mark is not None for mark in marks)
+    assert marks == sorted(marks)
+    assert marks[0] >= 0
+    assert run["total_s"] == pytest.approx(marks[-1], abs=1e-3)
+    assert sum(run["stages"].values()) == pytest.approx(run["total_s"], abs=0.01)
+    assert run["wall_s"] >= run["total_s"]
+    assert run["meets_target"] is None  # the target is for a warm compile cache
+    assert len(result["table"]) == 2
+
+
+def test_cold_start_refuses_options_that_would_not_load_the_checkpoint(engine: Flux2Engine, tmp_path) -> None:
+    with pytest.raises(ValueError, match="tiny"):
+        bench_system.measure_cold_start(engine, workdir=tmp_path, engine_options={"tiny": True})
+    assert not (tmp_path / "checkpoint").exists()
