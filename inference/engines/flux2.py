@@ -435,6 +435,12 @@ class Flux2Engine:
         """``torch.compile`` the transformer and/or the VAE encoder and decoder in place (compilation itself
         happens in the first call of each input shape). Compiling a module again replaces its compilation."""
         pipe = self.load() if self.pipe is None else self.pipe
+        # Both transformers' blocks share one code object per block class, and every mode and batch shape
+        # is a graph of its own under it: more than dynamo's default limit of 8, past which it gives up.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 1024
+        )
         if transformer:
             transformers = [pipe.transformer]
             if self._fp8_transformer is not None:
