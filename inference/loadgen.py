@@ -2,24 +2,28 @@
 
     STREAM_SECRET=... python -m inference.loadgen --url ws://127.0.0.1:8001/ws --sessions 1 2 4 --seconds 15
 
-Each session signs its own ticket with STREAM_SECRET, says `hello`, sets a prompt of its own and sends
-webcam-sized JPEG frames at up to `--fps` with the studio's flow control: at most two frames unanswered,
-and an answer to frame N settles every older frame (the worker keeps only the latest frame per session).
-It reports, per session and in total, delivered frames per second and send-to-receive latency, and writes
-the result as JSON when `--out` is given.
+Each session signs its own ticket with STREAM_SECRET, says `hello`, sets a prompt of its own (and `--mode`,
+if given) and sends webcam-sized JPEG frames at camera rate (`--fps`) with the studio's flow control: at
+most two frames unacknowledged (the worker acks a frame as soon as it is the session's waiting frame, and
+answers a rejected one with an error naming it). It reports, per session and in total, delivered frames per
+second, send-to-receive latency of the outputs, the engine's render time, acks and errors, and writes the
+result as JSON when `--out` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
+import math
 import os
 import statistics
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +33,8 @@ from PIL import Image
 from websockets.asyncio.client import connect
 
 from inference.protocol import (
+    Ack,
+    Error,
     Hello,
     Params,
     Ready,
@@ -39,7 +45,9 @@ from inference.protocol import (
 )
 from inference.tickets import issue_ticket
 
-MAX_IN_FLIGHT = 2
+MAX_UNACKED = 2  # frames on the wire that the worker has not acknowledged yet
+MAX_IN_FLIGHT = MAX_UNACKED  # the old name
+STALE_FRAME_SECONDS = 4.0  # an unacknowledged frame older than this no longer counts (a lost ack)
 PROMPTS = (
     "an expressive oil painting, thick impasto brushwork",
     "16-bit pixel art, limited palette",
@@ -62,32 +70,73 @@ def webcam_frames(count: int = 30, width: int = 640, height: int = 480) -> list[
     return frames
 
 
+def _percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 @dataclass
 class SessionResult:
     prompt: str
     sent: int = 0
     delivered: int = 0
+    acks: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
-    max_unanswered: int = 0
+    render_ms: list[int] = field(default_factory=list)
+    received_at: list[float] = field(default_factory=list)  # perf_counter() of each delivered output
+    max_unanswered: int = 0  # sent frames neither answered (output, error) nor superseded by a newer output
+    max_unacked: int = 0  # sent frames not acknowledged yet: the flow control keeps it <= MAX_UNACKED
     engine: str = ""
+    mode: str = ""  # the session's mode, as `ready` said (or as chosen with --mode)
+    modes: list[str] = field(default_factory=list)
 
-    def summary(self, seconds: float) -> dict[str, float | int | str]:
-        ordered = sorted(self.latencies_ms) or [float("nan")]
+    def summary(self, seconds: float) -> dict[str, object]:
+        latency_p50 = _median(self.latencies_ms)
+        render_p50 = _median([float(ms) for ms in self.render_ms])
+        span = self.received_at[-1] - self.received_at[0] if len(self.received_at) > 1 else 0.0
         return {
             "prompt": self.prompt,
             "engine": self.engine,
+            "mode": self.mode,
+            "modes": self.modes,
             "sent": self.sent,
+            "acks": self.acks,
+            "errors": dict(self.errors),
             "delivered": self.delivered,
             "fps": self.delivered / seconds,
-            "latency_p50_ms": statistics.median(ordered),
-            "latency_p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            # Between the first and the last output: the rate without the start-up and the cut-off.
+            "steady_fps": (len(self.received_at) - 1) / span if span > 0 else 0.0,
+            "sent_fps": self.sent / seconds,
+            "latency_p50_ms": latency_p50,
+            "latency_p95_ms": _percentile(self.latencies_ms, 0.95),
+            "render_ms_p50": render_p50,
+            "render_ms_mean": statistics.fmean(self.render_ms) if self.render_ms else float("nan"),
+            # Send-to-receive over the engine call's own time; 1.0 would be a frame that never waited.
+            "latency_over_render": latency_p50 / render_p50 if render_p50 > 0 else float("nan"),
             "max_unanswered": self.max_unanswered,
+            "max_unacked": self.max_unacked,
         }
 
 
 async def run_session(
-    url: str, secret: str, prompt: str, seconds: float, fps: float, steps: int, frames: list[bytes]
+    url: str,
+    secret: str,
+    prompt: str,
+    seconds: float,
+    fps: float,
+    steps: int,
+    frames: list[bytes],
+    mode: str | None = None,
 ) -> SessionResult:
+    """One studio-like client for `seconds` after the engine is ready. `mode`: a mode id of the engine
+    (ValueError when the worker does not offer it), or None for the engine's default."""
     result = SessionResult(prompt=prompt)
     ticket = issue_ticket(
         secret,
@@ -95,72 +144,125 @@ async def run_session(
         stream_id=f"st_{int(time.time())}_{uuid.uuid4().hex[:12]}",
         allowance_seconds=int(seconds) + 3600,
     )
-    sent_at: dict[int, float] = {}
-    answered = asyncio.Event()
+    unacked: dict[int, float] = {}  # frame id -> when sent, until acked or answered with an error
+    sent_at: dict[int, float] = {}  # frame id -> when sent, until its output or a newer one arrives
+    acked = asyncio.Event()
     async with connect(url, max_size=4 * 1024 * 1024, open_timeout=60) as socket:
         await socket.send(encode_message(Hello(ticket=ticket)))
         while True:  # wait until the engine is warm: cold start is not what this measures
             message = decode_server_message(await socket.recv())
             if isinstance(message, Ready):
                 result.engine = message.engine
+                result.modes = [option.id for option in message.modes]
+                result.mode = message.mode
                 break
-        await socket.send(encode_message(Params(prompt=prompt, steps=steps, seed=7)))
+        if mode is not None:
+            if mode not in result.modes:
+                offered = ", ".join(result.modes)
+                raise ValueError(f"mode {mode!r} is not offered by the {result.engine} engine ({offered})")
+            result.mode = mode
+        await socket.send(encode_message(Params(prompt=prompt, steps=steps, seed=7, mode=mode)))
+
+        def settle(frame_id: int) -> None:
+            unacked.pop(frame_id, None)
+            acked.set()
 
         async def receive() -> None:
             async for data in socket:
-                if isinstance(data, str):
-                    continue
-                frame_id, _, _ = unpack_frame(data)
                 now = time.perf_counter()
+                if isinstance(data, str):
+                    message = decode_server_message(data)
+                    if isinstance(message, Ack):
+                        result.acks += 1
+                        settle(message.frame)
+                    elif isinstance(message, Error):
+                        result.errors[message.code.value] += 1
+                        if message.frame is not None:
+                            sent_at.pop(message.frame, None)
+                            settle(message.frame)
+                    continue
+                frame_id, render_ms, _ = unpack_frame(data)
                 if frame_id in sent_at:
                     result.latencies_ms.append((now - sent_at[frame_id]) * 1000)
+                    result.render_ms.append(render_ms)
+                    result.received_at.append(now)
                     result.delivered += 1
+                # Ids increase and the worker keeps only a session's latest frame: an output for `frame_id`
+                # means every older frame was either rendered or replaced, and will never come back.
                 for pending in [pending for pending in sent_at if pending <= frame_id]:
                     del sent_at[pending]
-                answered.set()
+                for pending in [pending for pending in unacked if pending <= frame_id]:
+                    settle(pending)
 
         receiver = asyncio.create_task(receive())
         interval = 1.0 / fps
         next_frame_id = 1
         deadline = time.perf_counter() + seconds
         next_send = time.perf_counter()
-        while time.perf_counter() < deadline:
-            if len(sent_at) >= MAX_IN_FLIGHT:
-                answered.clear()
-                try:
-                    await asyncio.wait_for(answered.wait(), timeout=max(0.0, deadline - time.perf_counter()))
-                except TimeoutError:
-                    break
-                continue
-            await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
-            next_send = max(next_send + interval, time.perf_counter())
-            sent_at[next_frame_id] = time.perf_counter()
-            result.max_unanswered = max(result.max_unanswered, len(sent_at))
-            await socket.send(pack_frame(next_frame_id, frames[next_frame_id % len(frames)]))
-            result.sent += 1
-            next_frame_id += 1
-        receiver.cancel()
+        try:
+            while time.perf_counter() < deadline:
+                now = time.perf_counter()
+                for stale in [frame for frame, at in unacked.items() if now - at > STALE_FRAME_SECONDS]:
+                    del unacked[stale]
+                    sent_at.pop(stale, None)
+                if len(unacked) >= MAX_UNACKED:
+                    acked.clear()
+                    with_timeout = min(STALE_FRAME_SECONDS, max(0.0, deadline - now))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(acked.wait(), timeout=with_timeout)
+                    continue
+                # The camera's next frame: at most `fps` a second, and not a backlog of missed ones.
+                await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
+                next_send = max(next_send + interval, time.perf_counter())
+                sent = time.perf_counter()
+                unacked[next_frame_id] = sent
+                sent_at[next_frame_id] = sent
+                result.max_unacked = max(result.max_unacked, len(unacked))
+                result.max_unanswered = max(result.max_unanswered, len(sent_at))
+                await socket.send(pack_frame(next_frame_id, frames[next_frame_id % len(frames)]))
+                result.sent += 1
+                next_frame_id += 1
+        finally:
+            receiver.cancel()
     return result
 
 
 async def run_load(
-    url: str, secret: str, sessions: int, seconds: float, fps: float, steps: int
+    url: str,
+    secret: str,
+    sessions: int,
+    seconds: float,
+    fps: float,
+    steps: int,
+    *,
+    mode: str | None = None,
 ) -> dict[str, object]:
+    """`sessions` concurrent studio-like clients for `seconds`; `mode` is sent by every session (None:
+    the engine's default). Per-session figures are under "per_session"."""
     frames = webcam_frames()
     prompts = [PROMPTS[index % len(PROMPTS)] for index in range(sessions)]
     results = await asyncio.gather(
-        *(run_session(url, secret, prompt, seconds, fps, steps, frames) for prompt in prompts)
+        *(run_session(url, secret, prompt, seconds, fps, steps, frames, mode) for prompt in prompts)
     )
     per_session = [result.summary(seconds) for result in results]
-    rates = [float(summary["fps"]) for summary in per_session]
+    rates = [float(summary["fps"]) for summary in per_session]  # type: ignore[arg-type]
     fair_share = sum(rates) / len(rates)
+    latencies = [latency for result in results for latency in result.latencies_ms]
+    render_ms = [float(ms) for result in results for ms in result.render_ms]
+    latency_p50 = _median(latencies)
+    render_p50 = _median(render_ms)
     return {
         "sessions": sessions,
         "seconds": seconds,
         "target_fps": fps,
         "steps": steps,
+        "mode": results[0].mode if results else "",
         "aggregate_fps": sum(rates),
         "min_session_share": min(rates) / fair_share if fair_share else 0.0,
+        "latency_p50_ms": latency_p50,
+        "latency_p95_ms": _percentile(latencies, 0.95),
+        "render_ms_p50": render_p50,
+        "latency_over_render": latency_p50 / render_p50 if render_p50 > 0 else math.nan,
         "per_session": per_session,
     }
 
@@ -170,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="ws://127.0.0.1:8001/ws")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1])
     parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--fps", type=float, default=30.0, help="the most frames a session sends per second")
+    parser.add_argument("--fps", type=float, default=30.0, help="camera rate: frames sent per second")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--mode", help="a render mode id of the engine (default: the engine's default mode)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
     secret = os.environ.get("STREAM_SECRET", "")
@@ -183,17 +286,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs = []
     for sessions in args.sessions:
-        run = asyncio.run(run_load(args.url, secret, sessions, args.seconds, args.fps, args.steps))
+        run = asyncio.run(
+            run_load(args.url, secret, sessions, args.seconds, args.fps, args.steps, mode=args.mode)
+        )
         runs.append(run)
         for index, session in enumerate(run["per_session"]):  # type: ignore[arg-type]
             print(
-                f"sessions={sessions} #{index} fps={session['fps']:.2f} "
-                f"p50={session['latency_p50_ms']:.1f}ms p95={session['latency_p95_ms']:.1f}ms "
-                f"max_unanswered={session['max_unanswered']}"
+                f"sessions={sessions} #{index} mode={session['mode']} fps={session['fps']:.2f} "
+                f"sent_fps={session['sent_fps']:.1f} p50={session['latency_p50_ms']:.1f}ms "
+                f"p95={session['latency_p95_ms']:.1f}ms render_p50={session['render_ms_p50']:.1f}ms "
+                f"acks={session['acks']} errors={session['errors']} max_unacked={session['max_unacked']}"
             )
         print(
             f"sessions={sessions} aggregate_fps={run['aggregate_fps']:.2f} "
-            f"min_share={run['min_session_share']:.2f}"
+            f"min_share={run['min_session_share']:.2f} p50={run['latency_p50_ms']:.1f}ms "
+            f"latency/render={run['latency_over_render']:.2f}"
         )
     if args.out:
         args.out.write_text(json.dumps(msgspec.to_builtins(runs), indent=2))

@@ -3,19 +3,25 @@ and a GPU engine sees every call from the same thread.
 
 Each session has at most one pending frame. A newer frame replaces an unrendered one (latest frame wins),
 so a slow engine shows the freshest picture with bounded latency instead of working through a backlog.
-Every iteration renders the pending frames of all waiting sessions as one batch (up to engine.max_batch),
-first come first served: a session that was just served queues behind everyone already waiting, which is
-round-robin when there are more sessions than batch slots.
+Sessions stream at camera rate (the ack flow control in docs/protocol.md), so every streaming session has a
+fresh frame waiting whenever a batch ends, and the next batch starts at once.
+
+Every iteration renders the pending frames of the waiting sessions as one batch (up to engine.max_batch).
+When more sessions wait than the batch holds, the ones served least recently go first (never served: whose
+frame has waited longest). Being served is a place at the back of one line, in the order of the batch, not
+a tie with the rest of the batch: otherwise the sessions whose camera happens to tick first after each
+batch would win every tie and be served every time. So a session that was just served never jumps ahead of
+one still waiting, whatever the arrival pattern: round-robin, each session one frame per round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,7 +54,14 @@ class Scheduler:
     def __init__(self, engine_factory: Callable[[], Engine]) -> None:
         self._engine_factory = engine_factory
         self._cond = threading.Condition()
-        self._pending: OrderedDict[str, tuple[FrameJob, Deliver]] = OrderedDict()
+        self._pending: dict[str, tuple[FrameJob, Deliver]] = {}
+        # When each waiting session's place in line was taken (kept when a newer frame replaces its frame).
+        self._waiting_since: dict[str, int] = {}
+        # Each session's place in the line of service: larger is served more recently. Forgotten when the
+        # session ends (cancel).
+        self._last_served: dict[str, int] = {}
+        self._arrivals = itertools.count()
+        self._services = itertools.count()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -67,14 +80,18 @@ class Scheduler:
         """Make `job` its session's pending frame; True when it replaced one that was never rendered."""
         with self._cond:
             replaced = job.session_id in self._pending
-            # Assigning to an existing key keeps its place in line: replacing a frame does not lose a turn.
             self._pending[job.session_id] = (job, deliver)
+            if not replaced:  # replacing a frame keeps its place in line: it does not lose a turn
+                self._waiting_since[job.session_id] = next(self._arrivals)
             self._cond.notify()
         return replaced
 
     def cancel(self, session_id: str) -> None:
+        """The session has ended: drop its waiting frame and forget it."""
         with self._cond:
             self._pending.pop(session_id, None)
+            self._waiting_since.pop(session_id, None)
+            self._last_served.pop(session_id, None)
 
     @property
     def pending_count(self) -> int:
@@ -86,6 +103,7 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._pending.clear()
+            self._waiting_since.clear()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -113,11 +131,21 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     return
-                batch = [
-                    self._pending.popitem(last=False)[1]
-                    for _ in range(min(engine.max_batch, len(self._pending)))
-                ]
+                batch = self._take_batch(engine.max_batch)
             self._render(engine, batch)
+
+    def _take_batch(self, size: int) -> list[tuple[FrameJob, Deliver]]:
+        """Up to `size` waiting frames, least recently served sessions first. Call with the lock held."""
+        chosen = sorted(
+            self._pending,
+            key=lambda session: (self._last_served.get(session, -1), self._waiting_since[session]),
+        )[:size]
+        batch = []
+        for session in chosen:
+            batch.append(self._pending.pop(session))
+            del self._waiting_since[session]
+            self._last_served[session] = next(self._services)
+        return batch
 
     def _render(self, engine: Engine, batch: list[tuple[FrameJob, Deliver]]) -> None:
         assert self._hooks is not None

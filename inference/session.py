@@ -3,6 +3,11 @@
 Two tasks per connection: the handler's task reads from the socket, and a sender task owns every write
 (results, text messages, the close), so nothing writes to the socket concurrently and a slow client only
 delays its own frames. Results waiting for the sender are latest-wins too: at most one is ever held.
+
+Flow control: every valid input frame is acknowledged (`ack`) as soon as it is the session's waiting frame,
+and every rejected one is answered with an `error` naming it; a client keeps at most two frames
+unacknowledged. Text messages are written before any waiting result, so a frame's `ack` always precedes
+its output.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from litestar.connection import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
 from inference.engines import is_preview
-from inference.engines.base import Engine, FrameJob
+from inference.engines.base import Engine, FrameJob, mode_ids
 from inference.imaging import ImageTooLarge, InvalidJpeg, inspect_jpeg
 from inference.metering import BillingMeter
 from inference.protocol import (
     MAX_FRAME_JPEG_BYTES,
+    Ack,
     CloseCode,
     Error,
     ErrorCode,
@@ -50,7 +56,8 @@ log = logging.getLogger(__name__)
 
 # How often the sender wakes up without news, to notice an allowance that ran out while no frame came.
 TICK_SECONDS: Final = 0.2
-# Error messages queued beyond this are dropped: a client spamming garbage cannot grow our memory.
+# Acks and errors queued beyond this are dropped, so a client that floods frames or garbage without reading
+# its socket cannot grow our memory. A client that follows the flow control has at most two acks queued.
 MAX_QUEUED_MESSAGES: Final = 64
 # Close reasons are limited to 123 bytes by RFC 6455.
 MAX_CLOSE_REASON: Final = 120
@@ -63,6 +70,11 @@ _SOCKET_ERRORS: Final = (WebSocketDisconnect, OSError, RuntimeError)
 class _Close:
     code: int
     reason: str
+
+
+def _unknown_mode(mode: str, engine: Engine) -> str:
+    offered = ", ".join(repr(option.id) for option in engine.modes)
+    return f"unknown mode {mode!r}; the {engine.name} engine offers {offered}"
 
 
 async def serve_connection(worker: Worker, socket: WebSocket) -> None:
@@ -123,6 +135,8 @@ class StreamSession:
         self.prompt = ""
         self.steps = worker.config.default_steps
         self.seed = 0
+        self.mode = ""  # a mode id of the engine, validated; "" is the engine's default (its first mode)
+        self._requested_mode: str | None = None  # asked for while warming; validated once the engine is ready
         self._outbox: deque[ServerMessage | _Close] = deque()
         self._result: RenderResult | None = None
         self._wakeup = asyncio.Event()
@@ -162,10 +176,20 @@ class StreamSession:
     # ---- called by the worker, on the event loop ----
 
     def engine_ready(self, engine: Engine) -> None:
-        worker = self.worker
+        requested, self._requested_mode = self._requested_mode, None
+        if requested is not None:  # chosen while warming, when the engine's modes were not known yet
+            if requested in mode_ids(engine):
+                self.mode = requested
+            else:
+                self._error(ErrorCode.BAD_PARAMS, _unknown_mode(requested, engine) + "; using the default")
         self._queue(
             Ready(
-                engine=engine.name, model=engine.model, worker_id=worker.worker_id, preview=is_preview(engine)
+                engine=engine.name,
+                model=engine.model,
+                worker_id=self.worker.worker_id,
+                preview=is_preview(engine),
+                modes=list(engine.modes),
+                mode=self.mode or engine.modes[0].id,
             )
         )
         self._queue(self._usage_message())
@@ -200,18 +224,33 @@ class StreamSession:
             self._error(exc.code, exc.message)
             return
         if isinstance(message, Params):
-            if message.prompt is not None:
-                self.prompt = message.prompt
-            if message.steps is not None:
-                self.steps = message.steps
-            if message.seed is not None:
-                self.seed = message.seed
+            self._apply_params(message)
         else:
             self._error(ErrorCode.UNEXPECTED_HELLO, "this session is already authenticated")
+
+    def _apply_params(self, params: Params) -> None:
+        """All of it or (bad_params) nothing of it."""
+        engine = self.worker.engine
+        if params.mode is not None and engine is not None and params.mode not in mode_ids(engine):
+            self._error(ErrorCode.BAD_PARAMS, _unknown_mode(params.mode, engine))
+            return
+        if params.prompt is not None:
+            self.prompt = params.prompt
+        if params.steps is not None:
+            self.steps = params.steps
+        if params.seed is not None:
+            self.seed = params.seed
+        if params.mode is not None:
+            if engine is None:
+                # Warming: validated in engine_ready; frames until then render in the default mode.
+                self._requested_mode = params.mode
+            else:
+                self.mode = params.mode
 
     def _on_frame(self, data: bytes) -> None:
         metrics = self.worker.metrics
         metrics.frames_in.inc()
+        frame_id: int | None = None
         try:
             frame_id, _, jpeg = unpack_frame(data)
             if len(jpeg) > MAX_FRAME_JPEG_BYTES:
@@ -226,11 +265,12 @@ class StreamSession:
             except InvalidJpeg as exc:
                 raise ProtocolError(ErrorCode.NOT_JPEG, f"frame {frame_id}: {exc}") from exc
         except ProtocolError as exc:
-            self._error(exc.code, exc.message)
+            self._error(exc.code, exc.message, frame=frame_id)
             return
-        job = FrameJob(self.session_id, frame_id, jpeg, self.prompt, self.steps, self.seed)
+        job = FrameJob(self.session_id, frame_id, jpeg, self.prompt, self.steps, self.seed, self.mode)
         if self.worker.scheduler.submit(job, self._on_rendered):
             metrics.frames_dropped.labels("input").inc()
+        self._queue_droppable(Ack(frame=frame_id))
 
     def _on_rendered(self, result: RenderResult) -> None:
         if self._finished:
@@ -246,10 +286,14 @@ class StreamSession:
         self._outbox.append(message)
         self._wakeup.set()
 
-    def _error(self, code: ErrorCode, message: str) -> None:
-        self.worker.metrics.frame_errors.labels(code.value).inc()
+    def _queue_droppable(self, message: Ack | Error) -> None:
+        """Acks and errors: dropped once MAX_QUEUED_MESSAGES are waiting (a client that is not reading)."""
         if len(self._outbox) < MAX_QUEUED_MESSAGES:
-            self._queue(Error(code=code, message=message))
+            self._queue(message)
+
+    def _error(self, code: ErrorCode, message: str, *, frame: int | None = None) -> None:
+        self.worker.metrics.frame_errors.labels(code.value).inc()
+        self._queue_droppable(Error(code=code, message=message, frame=frame))
 
     def _usage_message(self) -> Usage:
         return Usage(seconds_used=self.meter.seconds_used, seconds_remaining=self.meter.seconds_remaining)
@@ -283,7 +327,9 @@ class StreamSession:
         job = result.job
         if result.jpeg is None:
             self._error(
-                ErrorCode.RENDER_FAILED, f"frame {job.frame_id} could not be rendered: {result.error}"
+                ErrorCode.RENDER_FAILED,
+                f"frame {job.frame_id} could not be rendered: {result.error}",
+                frame=job.frame_id,
             )
             return True
         # Read the clock after the render: the second the user sees the frame in is the one billed.

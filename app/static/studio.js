@@ -1,17 +1,20 @@
 // Stylecast studio: webcam → GPU worker → styled canvas, speaking the protocol in docs/protocol.md.
 //
-// Hot-path rules: frames are captured with the async canvas.toBlob (never toDataURL), at most
-// MAX_IN_FLIGHT frames are unanswered at any time (no queue can grow), output frames are decoded with
-// createImageBitmap and drawn in requestAnimationFrame, and the HUD updates a few text nodes a few times
-// a second — nothing per frame touches the DOM.
+// Hot-path rules: frames are captured with the async canvas.toBlob (never toDataURL) at camera rate (at
+// most MAX_CAPTURE_FPS), at most MAX_UNACKED frames are on the wire unacknowledged at any time (the worker
+// acks a frame as soon as it waits for the GPU, keeping one per session: no queue can grow, and the GPU
+// always finds a frame at most one camera interval old), output frames are decoded with createImageBitmap
+// and drawn in requestAnimationFrame, and the HUD updates a few text nodes a few times a second — nothing
+// per frame touches the DOM.
 
 const SIZE = 512;
-const MAX_IN_FLIGHT = 2;
+const MAX_UNACKED = 2;
 const MAX_CAPTURE_FPS = 30;
+const CAPTURE_SLACK_MS = 4; // display frames are not exactly 1/60 s apart: 2 of them still count as 1/30 s
 const JPEG_QUALITY = 0.8;
 const HEADER_BYTES = 8; // uint32 frame id + uint32 milliseconds, little-endian
 const PARAMS_DEBOUNCE_MS = 250;
-const STALE_FRAME_MS = 4000; // an unanswered frame older than this no longer counts as in flight
+const STALE_FRAME_MS = 4000; // an unacknowledged frame older than this no longer counts (a lost ack)
 const CLOSE_BAD_TICKET = 4401;
 const CLOSE_ALLOWANCE_USED = 4402;
 const CLOSE_NORMAL = 1000;
@@ -36,6 +39,10 @@ const ui = {
   steps: $("steps"),
   seed: $("seed"),
   reseed: $("reseed"),
+  mode: $("mode"),
+  modeField: $("mode-field"),
+  modeHelp: $("mode-help"),
+  modeLabel: $("mode-label"),
   status: $("status"),
   statusDot: $("status-dot"),
   fps: $("fps"),
@@ -65,7 +72,9 @@ const session = {
   ready: false,
   stream: null,
   nextFrameId: 1,
-  inFlight: new Map(), // frame id -> performance.now() when sent
+  unacked: new Map(), // frame id -> performance.now() when sent, until the worker acks it (or refuses it)
+  sentAt: new Map(), // frame id -> performance.now() when sent, until its output (or a newer one) arrives
+  modes: [], // the engine's render modes, from `ready`; the first is the default
   lastCaptureAt: 0,
   capturing: false,
   reconnectAttempt: 0,
@@ -152,9 +161,16 @@ function drawCameraSquare() {
 // ---------------------------------------------------------------- sending frames
 
 function forgetStaleFrames(now) {
-  for (const [id, sentAt] of session.inFlight) {
-    if (now - sentAt > STALE_FRAME_MS) session.inFlight.delete(id);
+  for (const frames of [session.unacked, session.sentAt]) {
+    for (const [id, sentAt] of frames) {
+      if (now - sentAt > STALE_FRAME_MS) frames.delete(id);
+    }
   }
+}
+
+function forgetFrames() {
+  session.unacked.clear();
+  session.sentAt.clear();
 }
 
 function maybeCapture() {
@@ -162,8 +178,8 @@ function maybeCapture() {
   if (!session.ready || !socket || socket.readyState !== WebSocket.OPEN || session.capturing) return;
   const now = performance.now();
   forgetStaleFrames(now);
-  if (session.inFlight.size >= MAX_IN_FLIGHT) return;
-  if (now - session.lastCaptureAt < 1000 / MAX_CAPTURE_FPS) return;
+  if (session.unacked.size >= MAX_UNACKED) return;
+  if (now - session.lastCaptureAt < 1000 / MAX_CAPTURE_FPS - CAPTURE_SLACK_MS) return;
   if (!drawCameraSquare()) return;
   session.capturing = true;
   session.lastCaptureAt = now;
@@ -177,7 +193,9 @@ function maybeCapture() {
         session.nextFrameId = id >= 0xffffffff ? 1 : id + 1;
         new DataView(message.buffer).setUint32(0, id, true);
         message.set(jpeg, HEADER_BYTES);
-        session.inFlight.set(id, performance.now());
+        const sentAt = performance.now();
+        session.unacked.set(id, sentAt);
+        session.sentAt.set(id, sentAt);
         socket.send(message);
       } finally {
         session.capturing = false;
@@ -188,7 +206,8 @@ function maybeCapture() {
   );
 }
 
-// Capture is paced by the display (and by flow control), so a hidden tab sends nothing and is not billed.
+// Capture is paced by the display, the camera rate cap and the flow control, so a hidden tab sends
+// nothing and is not billed.
 function captureLoop() {
   if (!session.wanted) return;
   maybeCapture();
@@ -212,11 +231,13 @@ async function onBinary(buffer) {
   if (buffer.byteLength <= HEADER_BYTES) return;
   const view = new DataView(buffer);
   const id = view.getUint32(0, true);
-  const sentAt = session.inFlight.get(id);
-  // The worker keeps only the latest frame of a session, so an answer to `id` means every older frame
-  // still unanswered was replaced and will never come back.
-  for (const pending of session.inFlight.keys()) {
-    if (pending <= id) session.inFlight.delete(pending);
+  const sentAt = session.sentAt.get(id);
+  // Ids increase and the worker keeps only the latest frame of a session, so an output for `id` means every
+  // older frame was rendered or replaced: none of them will come back (and all of them were acked).
+  for (const frames of [session.sentAt, session.unacked]) {
+    for (const pending of frames.keys()) {
+      if (pending <= id) frames.delete(pending);
+    }
   }
   const now = performance.now();
   if (sentAt !== undefined) session.lastLatency = now - sentAt;
@@ -238,6 +259,9 @@ function onText(data) {
     return;
   }
   switch (message.type) {
+    case "ack":
+      session.unacked.delete(message.frame); // off the wire: the next camera frame may go
+      break;
     case "warming":
       setStatus("warming");
       break;
@@ -247,6 +271,7 @@ function onText(data) {
       ui.engine.hidden = !message.preview;
       ui.engine.textContent = message.preview ? "PREVIEW · CPU filters" : message.model;
       setStatus("streaming", message.preview ? "(preview engine — no GPU model)" : "");
+      showModes(message.modes ?? [], message.mode);
       sendParams();
       break;
     case "usage":
@@ -255,6 +280,11 @@ function onText(data) {
       break;
     case "error":
       console.warn("worker error", message.code, message.message);
+      if (message.frame != null) {
+        // A refused frame gets no ack and no output: it is off the wire all the same.
+        session.unacked.delete(message.frame);
+        session.sentAt.delete(message.frame);
+      }
       if (message.code === "render_failed") setStatus("streaming", "(a frame failed to render)");
       break;
     default:
@@ -294,7 +324,7 @@ async function connect() {
   socket.binaryType = "arraybuffer";
   session.socket = socket;
   session.ready = false;
-  session.inFlight.clear();
+  forgetFrames();
   socket.addEventListener("open", () => socket.send(JSON.stringify({ type: "hello", ticket: ticket.ticket })));
   socket.addEventListener("message", (event) => {
     if (socket !== session.socket) return;
@@ -308,7 +338,7 @@ function onClose(socket, event) {
   if (socket !== session.socket) return;
   session.socket = null;
   session.ready = false;
-  session.inFlight.clear();
+  forgetFrames();
   htmx.trigger(document.body, "usage-refresh");
   if (event.code === CLOSE_ALLOWANCE_USED) return outOfMinutes();
   if (!session.wanted || event.code === CLOSE_NORMAL) return;
@@ -324,16 +354,58 @@ function scheduleReconnect() {
   session.reconnectTimer = setTimeout(connect, delay);
 }
 
+// ---------------------------------------------------------------- render modes
+
+function modeText(mode) {
+  return mode.approximate ? `${mode.label} — approximate` : mode.label;
+}
+
+function selectedMode() {
+  return session.modes.find((mode) => mode.id === ui.mode.value) ?? null;
+}
+
+// Fill the Quality select from `ready`: keep the user's choice across reconnects when the engine still
+// offers it, otherwise show the session's mode (the engine's default, its first mode).
+function showModes(modes, current) {
+  const chosen = ui.mode.value;
+  session.modes = modes;
+  ui.mode.replaceChildren(
+    ...modes.map((mode) => {
+      const option = new Option(modeText(mode), mode.id);
+      option.title = mode.detail;
+      return option;
+    }),
+  );
+  const keep = modes.some((mode) => mode.id === chosen) ? chosen : current;
+  ui.mode.value = modes.some((mode) => mode.id === keep) ? keep : (modes[0]?.id ?? "");
+  ui.modeField.hidden = modes.length === 0;
+  ui.mode.disabled = modes.length < 2; // nothing to choose
+  showMode();
+}
+
+function showMode() {
+  const mode = selectedMode();
+  ui.modeHelp.textContent = mode?.detail ?? "";
+  ui.mode.title = mode?.detail ?? "";
+  ui.modeLabel.hidden = !mode;
+  ui.modeLabel.textContent = mode ? (mode.approximate ? `${mode.label} · approx.` : mode.label) : "";
+  ui.modeLabel.title = mode?.detail ?? "";
+  if (mode?.approximate) ui.modeLabel.dataset.approximate = "";
+  else delete ui.modeLabel.dataset.approximate;
+}
+
 // ---------------------------------------------------------------- params
 
 function currentParams() {
   const seed = Number.parseInt(ui.seed.value, 10);
-  return {
+  const params = {
     type: "params",
     prompt: ui.prompt.value.trim().slice(0, 500) || root.dataset.defaultPrompt,
     steps: Number.parseInt(ui.steps.value, 10),
     seed: Number.isFinite(seed) && seed >= 0 ? Math.min(seed, 0xffffffff) : 0,
   };
+  if (selectedMode()) params.mode = ui.mode.value;
+  return params;
 }
 
 function sendParams() {
@@ -382,7 +454,7 @@ function stop(finalState = "idle") {
   const socket = session.socket;
   session.socket = null;
   session.ready = false;
-  session.inFlight.clear();
+  forgetFrames();
   if (socket && socket.readyState <= WebSocket.OPEN) socket.close(CLOSE_NORMAL, "stopped");
   if (session.recorder) stopRecording();
   closeCamera();
@@ -459,6 +531,10 @@ ui.prompt.addEventListener("input", () => {
   sendParamsSoon();
 });
 ui.steps.addEventListener("change", sendParams);
+ui.mode.addEventListener("change", () => {
+  showMode();
+  sendParams(); // live, on the same socket, like the prompt
+});
 ui.seed.addEventListener("change", sendParams);
 ui.reseed.addEventListener("click", () => {
   ui.seed.value = String(Math.floor(Math.random() * 0xffffffff));

@@ -139,6 +139,52 @@ def test_sessions_take_turns_when_there_are_more_than_batch_slots() -> None:
     assert engine.threads == {"render-loop"}, "all engine work happens in the one render thread"
 
 
+class GatedEngine(RecordingEngine):
+    """Each render waits for the test to open the gate, so the test decides what arrives during a render."""
+
+    def __init__(self, max_batch: int) -> None:
+        super().__init__(max_batch, seconds_per_batch=0)
+        self.gate = threading.Semaphore(0)
+        self.started = threading.Semaphore(0)
+
+    def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
+        self.started.release()
+        self.gate.acquire(timeout=5)
+        return super().render(jobs)
+
+    async def next_render_started(self) -> None:
+        assert await asyncio.to_thread(self.started.acquire, True, 5), "no render started"
+
+
+def test_served_sessions_queue_in_the_order_they_were_served_not_in_the_order_their_frames_arrive() -> None:
+    """Camera phases must not pick winners: a session whose next frame always arrives first after a batch
+    would otherwise be served every time while another waits (the phase split of first-come-first-served)."""
+
+    async def scenario() -> list[list[str]]:
+        engine = GatedEngine(max_batch=2)
+        scheduler = await _started(engine)
+        results = Results()
+        scheduler.submit(_job("x", 1), results.append)
+        await engine.next_render_started()  # [x] renders; a, b and c arrive meanwhile
+        for session in "abc":
+            scheduler.submit(_job(session, 1), results.append)
+        engine.gate.release()
+        await engine.next_render_started()  # [a, b] renders; c waits; b's next frame arrives before a's
+        scheduler.submit(_job("b", 2), results.append)
+        scheduler.submit(_job("a", 2), results.append)
+        engine.gate.release()
+        await engine.next_render_started()  # c (waiting longest), then a: served before b in [a, b]
+        scheduler.submit(_job("c", 2), results.append)
+        engine.gate.release()
+        await engine.next_render_started()
+        engine.gate.release()
+        await results.until(lambda items: len(items) == 7)
+        await asyncio.to_thread(scheduler.stop)
+        return [[session for session, _, _ in batch] for batch in engine.batches]
+
+    assert asyncio.run(scenario()) == [["x"], ["a", "b"], ["c", "a"], ["b", "c"]]
+
+
 def test_one_bad_frame_does_not_cost_the_rest_of_the_batch_their_frames() -> None:
     async def scenario() -> list[RenderResult]:
         engine = RecordingEngine(max_batch=4, seconds_per_batch=0.1, fail_frame=13)

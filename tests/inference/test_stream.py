@@ -9,7 +9,7 @@ import httpx
 from PIL import Image
 
 from inference.engines.preview import PreviewEngine
-from inference.protocol import MAX_FRAME_JPEG_BYTES, Error, ErrorCode, Ready, Usage, Warming
+from inference.protocol import MAX_FRAME_JPEG_BYTES, Ack, Error, ErrorCode, Ready, Usage, Warming
 from tests.inference.helpers import (
     OutputFrame,
     StreamClient,
@@ -26,14 +26,24 @@ def test_round_trip_returns_a_styled_512_frame_tagged_with_the_input_id() -> Non
     jpeg = webcam_jpeg()
     with running_worker() as running, StreamClient.connect(running.ws_url) as client:
         ready = client.start(new_ticket(allowance_seconds=120))
-        assert ready == Ready(engine="preview", model=ready.model, worker_id="test-worker", preview=True)
+        assert ready == Ready(
+            engine="preview",
+            model=ready.model,
+            worker_id="test-worker",
+            preview=True,
+            modes=list(PreviewEngine.modes),
+            mode="preview",
+        )
         assert "preview" in ready.model.lower()
         usage = client.receive()
         assert usage == Usage(seconds_used=0, seconds_remaining=120)
 
         client.send_json('{"type": "params", "prompt": "pixel art, 8-bit", "steps": 3, "seed": 42}')
         client.send_frame(7, jpeg)
+        # The frame is acknowledged as soon as it is waiting for the engine, before its output.
+        assert client.receive() == Ack(frame=7)
         output = client.frame()
+        assert client.received[-1] is output, "nothing but the ack came between the frame and its output"
 
         assert output.frame_id == 7
         assert output.render_ms >= 0
@@ -53,6 +63,7 @@ def test_clients_are_told_warming_until_the_engine_is_ready_and_early_frames_are
         client.send_hello(new_ticket())
         assert client.receive() == Warming()
         client.send_frame(1, webcam_jpeg())  # sent while warming: rendered once ready, not lost
+        assert client.receive() == Ack(frame=1)  # it is waiting for the engine
 
         assert isinstance(client.receive(timeout=10), Ready)
         assert client.frame(1).frame_id == 1
@@ -115,37 +126,57 @@ def test_a_flood_of_frames_renders_only_the_latest_never_a_backlog() -> None:
         except TimeoutError:
             extra = None
         assert not isinstance(extra, OutputFrame)
+        # Acks (this client ignored the flow control, so some may be dropped) name sent frames, in order.
+        acked = [ack.frame for ack in client.messages(Ack)]
+        assert acked == sorted(set(acked))
+        assert set(acked) <= set(range(1, 201))
 
 
 def test_malformed_input_is_answered_with_an_error_and_the_session_goes_on() -> None:
     jpeg = webcam_jpeg()
     oversized = jpeg + b"\0" * (MAX_FRAME_JPEG_BYTES + 1 - len(jpeg))
+    # (what the client sends, the error code, the frame id the error names: a rejected frame gets no ack and
+    # no output, so the error is how the client learns it is off the wire)
     cases = [
-        (lambda c: c.send_json("{not json"), ErrorCode.BAD_JSON),
-        (lambda c: c.send_json("[1, 2]"), ErrorCode.BAD_JSON),
-        (lambda c: c.send_json('{"type": "dance"}'), ErrorCode.UNKNOWN_TYPE),
-        (lambda c: c.send_json('{"type": "params", "steps": 9}'), ErrorCode.BAD_PARAMS),
-        (lambda c: c.send_json('{"type": "params", "seed": -1}'), ErrorCode.BAD_PARAMS),
-        (lambda c: c.send_json('{"type": "params", "prompt": "' + "x" * 501 + '"}'), ErrorCode.BAD_PARAMS),
-        (lambda c: c.send_json('{"type": "hello", "ticket": "again"}'), ErrorCode.UNEXPECTED_HELLO),
-        (lambda c: c.connection.send(b"\x01\x02"), ErrorCode.BAD_FRAME),
-        (lambda c: c.send_frame(3, b"\x89PNG\r\n\x1a\n" + b"\0" * 100), ErrorCode.NOT_JPEG),
-        (lambda c: c.send_frame(4, jpeg[: len(jpeg) // 50]), ErrorCode.NOT_JPEG),
-        (lambda c: c.send_frame(5, oversized), ErrorCode.FRAME_TOO_LARGE),
+        (lambda c: c.send_json("{not json"), ErrorCode.BAD_JSON, None),
+        (lambda c: c.send_json("[1, 2]"), ErrorCode.BAD_JSON, None),
+        (lambda c: c.send_json('{"type": "dance"}'), ErrorCode.UNKNOWN_TYPE, None),
+        (lambda c: c.send_json('{"type": "params", "steps": 9}'), ErrorCode.BAD_PARAMS, None),
+        (lambda c: c.send_json('{"type": "params", "seed": -1}'), ErrorCode.BAD_PARAMS, None),
+        (
+            lambda c: c.send_json('{"type": "params", "prompt": "' + "x" * 501 + '"}'),
+            ErrorCode.BAD_PARAMS,
+            None,
+        ),
+        (
+            lambda c: c.send_json('{"type": "params", "prompt": "neon", "mode": "turbo"}'),
+            ErrorCode.BAD_PARAMS,
+            None,
+        ),
+        (lambda c: c.send_json('{"type": "params", "mode": "Not A Mode!"}'), ErrorCode.BAD_PARAMS, None),
+        (lambda c: c.send_json('{"type": "hello", "ticket": "again"}'), ErrorCode.UNEXPECTED_HELLO, None),
+        (lambda c: c.connection.send(b"\x01\x02"), ErrorCode.BAD_FRAME, None),
+        (lambda c: c.send_frame(3, b"\x89PNG\r\n\x1a\n" + b"\0" * 100), ErrorCode.NOT_JPEG, 3),
+        (lambda c: c.send_frame(4, jpeg[: len(jpeg) // 50]), ErrorCode.NOT_JPEG, 4),
+        (lambda c: c.send_frame(5, oversized), ErrorCode.FRAME_TOO_LARGE, 5),
     ]
     with running_worker() as running, StreamClient.connect(running.ws_url) as client:
         client.start(new_ticket())
         client.send_json('{"type": "params", "prompt": "anime"}')
-        for send, code in cases:
+        for send, code, frame in cases:
             send(client)
             error = client.error()
             assert error.code == code, error
+            assert error.frame == frame, error
             assert error.message
-        # A rejected params message changed nothing: the prompt is still "anime" with default steps.
+        # A rejected params message changed nothing: the prompt is still "anime" with default steps, and
+        # the mode is still the default.
         client.send_frame(99, jpeg)
         assert client.frame(99).jpeg == PreviewEngine().render_one(jpeg, "anime")
         assert not [m for m in client.received if isinstance(m, Error) and m.code == ErrorCode.RENDER_FAILED]
         assert running.metric("stylecast_worker_frame_errors_total", code="not_jpeg") == 2
+        # Only the valid frame was acknowledged.
+        assert client.messages(Ack) == [Ack(frame=99)]
 
 
 def test_frames_of_any_size_and_aspect_are_accepted() -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import re
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -29,8 +32,11 @@ class WireLog:
     sockets: list[str] = field(default_factory=list)
     sent: dict[int, float] = field(default_factory=dict)  # frame id -> monotonic time sent
     received: list[tuple[int, float]] = field(default_factory=list)  # (frame id, time) of output frames
-    max_unanswered: int = 0
+    render_ms: list[int] = field(default_factory=list)  # the worker's render time of each output frame
+    acked: set[int] = field(default_factory=set)  # frame ids acknowledged, or refused with an error
+    max_unacked: int = 0
     text_in: list[str] = field(default_factory=list)
+    text_out: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def attach(self, page: Any) -> None:
@@ -42,22 +48,34 @@ class WireLog:
         page.on("websocket", on_socket)
 
     def _sent(self, payload: str | bytes) -> None:
-        if isinstance(payload, bytes) and len(payload) > FRAME_HEADER_BYTES:
-            with self.lock:
+        with self.lock:
+            if isinstance(payload, str):
+                self.text_out.append(payload)
+            elif len(payload) > FRAME_HEADER_BYTES:
                 self.sent[int.from_bytes(payload[:4], "little")] = time.monotonic()
-                self.max_unanswered = max(self.max_unanswered, self._unanswered())
+                self.max_unacked = max(self.max_unacked, self._unacked())
 
     def _received(self, payload: str | bytes) -> None:
         with self.lock:
             if isinstance(payload, bytes):
                 self.received.append((int.from_bytes(payload[:4], "little"), time.monotonic()))
-            else:
-                self.text_in.append(payload)
+                self.render_ms.append(int.from_bytes(payload[4:8], "little"))
+                return
+            self.text_in.append(payload)
+            message = json.loads(payload)
+            if message.get("type") == "ack" or message.get("frame") is not None:
+                self.acked.add(message["frame"])
 
-    def _unanswered(self) -> int:
-        # The worker keeps only the latest frame per session, so an answer to id N settles every id <= N.
+    def _unacked(self) -> int:
+        # Frames the worker has neither acknowledged nor refused (an output for id N also settles every
+        # id <= N, for safety: it is always preceded by the acks).
         answered = max((frame_id for frame_id, _ in self.received), default=0)
-        return sum(1 for frame_id in self.sent if frame_id > answered)
+        return sum(1 for frame_id in self.sent if frame_id > answered and frame_id not in self.acked)
+
+    def messages(self, kind: str, direction: str = "in") -> list[dict[str, Any]]:
+        with self.lock:
+            texts = list(self.text_in if direction == "in" else self.text_out)
+        return [message for message in map(json.loads, texts) if message.get("type") == kind]
 
     def frames(self) -> int:
         with self.lock:
@@ -171,12 +189,117 @@ def test_flow_control_with_a_slow_engine(start_app: Callable[..., AppProcess], p
     wire = start_streaming(page, app, "slow@example.com")
     wait_until(page, lambda: wire.frames() >= 12, 60, "frames from the slow engine")
     page.wait_for_timeout(2000)
-    # Never more than two frames unanswered, so nothing queues up anywhere...
-    assert wire.max_unanswered <= 2
-    # ...and latency stays near the render time instead of growing with a backlog.
+    # Never more than two frames unacknowledged, so nothing queues up anywhere...
+    assert wire.max_unacked <= 2
+    # ...every frame is acknowledged (the worker holds the latest, the rest are replaced)...
+    assert len(wire.messages("ack")) >= len(wire.sent) - 2
+    # ...so the studio sends at camera rate, not at the engine's: most frames are never rendered...
+    assert len(wire.sent) >= 2 * wire.frames(), (len(wire.sent), wire.frames())
+    # ...and the frame the engine picks is at most a camera interval old: latency is about one render, not
+    # a render plus a queue (two frames unanswered made it two renders).
     latencies = wire.latencies()
     late = latencies[len(latencies) // 2 :]
     assert max(late) < 1.5, f"latency grew: {late}"
+    render_seconds = statistics.median(wire.render_ms[len(wire.render_ms) // 2 :]) / 1000
+    assert statistics.median(late) < 1.6 * render_seconds, (late, render_seconds)
+
+
+def test_quality_select_lists_the_engines_modes(start_app: Callable[..., AppProcess], page: Any) -> None:
+    app = start_app()
+    wire = start_streaming(page, app, "modes@example.com")
+    (ready,) = wire.messages("ready")
+    assert [mode["id"] for mode in ready["modes"]] == ["preview"]
+    select = page.locator("[data-testid=mode]")
+    expect(select).to_be_visible()
+    expect(select.locator("option")).to_have_count(1)
+    expect(select.locator("option")).to_have_text("Preview")
+    expect(select).to_have_value("preview")
+    expect(select).to_be_disabled()  # one mode: nothing to choose
+    expect(page.locator("#mode-help")).to_contain_text("Classical filters")
+    expect(page.locator("[data-testid=mode-label]")).to_have_text("Preview")
+    save_screenshot(page, "studio-quality")
+    # The studio says which mode it wants, with the rest of the params, as soon as the engine is ready...
+    wait_until(page, lambda: bool(wire.messages("params", "out")), 10, "params")
+    assert wire.messages("params", "out")[-1]["mode"] == "preview"
+    # ...and again, live on the same socket, whenever the choice changes.
+    sent = len(wire.messages("params", "out"))
+    select.evaluate("(select) => select.dispatchEvent(new Event('change'))")
+    wait_until(page, lambda: len(wire.messages("params", "out")) > sent, 10, "params after a change")
+    assert wire.messages("params", "out")[-1]["mode"] == "preview"
+    assert len(wire.sockets) == 1
+    assert not wire.messages("error")
+
+
+FLUX_LIKE_MODES = [
+    {
+        "id": "exact",
+        "label": "Exact",
+        "approximate": False,
+        "detail": "The reference pipeline, within rounding.",
+    },
+    {
+        "id": "fast",
+        "label": "Fast",
+        "approximate": True,
+        "detail": "Fewer prompt tokens: close, not identical.",
+    },
+    {"id": "turbo", "label": "Turbo", "approximate": True, "detail": "One step in FP8: visibly different."},
+]
+
+
+def test_choosing_a_quality_mode_applies_it_live(start_app: Callable[..., AppProcess], page: Any) -> None:
+    """The sandbox's preview engine has one mode, so the socket is relayed through the test, which offers
+    the page three modes like FLUX.2's and keeps the preview worker from seeing mode ids it lacks."""
+    app = start_app()
+    connections: list[str] = []
+    params: list[dict[str, Any]] = []
+
+    def relay(route: Any) -> None:
+        connections.append(route.url)
+        server = route.connect_to_server()
+
+        def to_worker(message: str | bytes) -> None:
+            if isinstance(message, str) and json.loads(message).get("type") == "params":
+                sent = json.loads(message)
+                params.append(dict(sent))
+                sent.pop("mode", None)
+                message = json.dumps(sent)
+            server.send(message)
+
+        def to_page(message: str | bytes) -> None:
+            if isinstance(message, str) and json.loads(message).get("type") == "ready":
+                message = json.dumps({**json.loads(message), "modes": FLUX_LIKE_MODES, "mode": "exact"})
+            route.send(message)
+
+        route.on_message(to_worker)
+        server.on_message(to_page)
+
+    page.route_web_socket(re.compile(r"^wss?://"), relay)
+    sign_in(page, app.url, "quality@example.com")
+    page.click("[data-testid=start]")
+    page.wait_for_selector("[data-testid=status][data-state=streaming]", timeout=30_000)
+
+    select = page.locator("[data-testid=mode]")
+    expect(select).to_be_enabled()
+    expect(select.locator("option")).to_have_text(["Exact", "Fast — approximate", "Turbo — approximate"])
+    expect(select).to_have_value("exact")  # the default: the first mode
+    assert select.locator("option[value=fast]").get_attribute("title") == FLUX_LIKE_MODES[1]["detail"]
+    hud = page.locator("[data-testid=mode-label]")
+    expect(hud).to_have_text("Exact")
+    expect(hud).not_to_have_attribute("data-approximate", "")
+    wait_until(page, lambda: bool(params), 10, "params on ready")
+    assert params[-1]["mode"] == "exact"
+
+    select.select_option("fast")
+    wait_until(page, lambda: params[-1]["mode"] == "fast", 10, "params with the new mode")
+    expect(hud).to_have_text("Fast · approx.")
+    expect(hud).to_have_attribute("data-approximate", "")
+    expect(page.locator("#mode-help")).to_have_text(FLUX_LIKE_MODES[1]["detail"])
+    save_screenshot(page, "studio-quality-modes")
+    # The rest of the params went along unchanged, on the same socket: no reconnect.
+    assert params[-1]["prompt"] == params[0]["prompt"]
+    assert len(connections) == 1
+    expect(page.locator("[data-testid=status]")).to_have_attribute("data-state", "streaming")
 
 
 def test_running_out_of_minutes_shows_the_paywall(start_app: Callable[..., AppProcess], page: Any) -> None:
