@@ -516,7 +516,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA yes"
     )
-    parser.add_argument("--compile-scope", default="blocks", choices=("blocks", "full"))
+    parser.add_argument("--compile-scope", default="auto", choices=("auto", "blocks", "full"))
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4], help="concurrent sessions")
     parser.add_argument("--seconds", type=float, default=8.0, help="per sessions/websocket case")
     parser.add_argument(

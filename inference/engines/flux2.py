@@ -74,13 +74,11 @@ Options of ``create_flux2_engine(**options)`` and ``Flux2Engine(...)``, all keyw
     amounts (as those of a compiled Flux2KleinPipeline do); the math stays the pipeline's.
     docs/performance.md has the figures.
 ``compile_scope``
-    ``"blocks"`` (default): regional compilation, diffusers' ``compile_repeated_blocks``: the double
-    and the single block are each compiled once and reused by all 5 and 20 of them, which makes
-    warm-up (and so a cold start) several times shorter than compiling the whole transformer as one
-    graph (``"full"``).
-``fuse_qkv``
-    Fuse the double-stream blocks' q/k/v projections (image and text streams) into one matrix product
-    each (default False); the same products, computed by one kernel instead of three.
+    ``"blocks"``: regional compilation, diffusers' ``compile_repeated_blocks``: the double and the
+    single block are each compiled once and reused by all 5 and 20 of them, which makes warm-up several
+    times shorter than compiling the whole transformer as one graph (``"full"``), at a few ms per frame.
+    ``"auto"`` (default): the exact transformer whole (one call signature, the fastest frame), the FP8
+    one by blocks (its modes make several call signatures).
 ``compile_mode``
     ``torch.compile`` mode of the transformer: None (default) or ``"reduce-overhead"`` (CUDA graphs;
     the transformer's output buffer is reused by the next call, which the denoising loop allows; not
@@ -145,7 +143,7 @@ _CHECKPOINT_PATTERNS = [
     "vae/*",
 ]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-COMPILE_SCOPES = ("blocks", "full")
+COMPILE_SCOPES = ("auto", "blocks", "full")
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +274,7 @@ class Flux2Engine:
         modes: Sequence[str] = tuple(MODE_RECIPES),
         custom_modes: Mapping[str, ModeRecipe] | None = None,
         compile: bool | None = None,
-        compile_scope: str = "blocks",
+        compile_scope: str = "auto",
         compile_mode: str | None = None,
         fuse_qkv: bool = False,
         prompt_cache_size: int = 32,
@@ -448,7 +446,12 @@ class Flux2Engine:
             # dynamic=None: batch size 1 gets a graph of its own, the first other batch size a graph with a
             # symbolic batch dimension that serves every larger batch (no compilation per session count).
             for module in transformers:
-                if self.compile_scope == "blocks":
+                scope = self.compile_scope
+                if scope == "auto":
+                    # The exact transformer has one call signature: one whole graph is the fastest frame.
+                    # The FP8 one has several (extract, cached, reference sizes): blocks compile quicker.
+                    scope = "full" if module is pipe.transformer else "blocks"
+                if scope == "blocks":
                     module.compile_repeated_blocks(fullgraph=True, dynamic=None, mode=transformer_mode)
                 else:
                     module.compile(fullgraph=True, dynamic=None, mode=transformer_mode)
