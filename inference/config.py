@@ -52,7 +52,11 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     model_id: str = DEFAULT_MODEL_ID
     model_path: str | None = None
     cache_dir: str | None = None  # where weights are downloaded; a persistent volume in production
-    max_batch: int = 4
+    # Frames of different sessions rendered in one transformer call. 1: sessions take turns. The klein
+    # transformer is compute-bound at batch 1, so batching adds no throughput while every session waits
+    # for the whole batch: on an H200, 4 sessions at batch 4 saw p50 335 ms, at batch 1 96 ms, with the
+    # same 12.5 frames per second in total (docs/performance.md). Larger batches pay on smaller models.
+    max_batch: int = 1
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: CUDA when available
     dtype: str | None = None  # "bfloat16", "float16", "float32"; None: the engine's default for the device
     # torch.compile the transformer and VAE: a longer warm-up, faster frames. None: on CUDA, not on a CPU.

@@ -50,6 +50,7 @@ def test_the_environment_is_read_and_converted() -> None:
         "steps": 4,
         "max_batch": 8,
         "compile": True,
+        "modes": ("exact", "fast", "turbo"),
         "random_weights": False,
         "tiny": False,
     }

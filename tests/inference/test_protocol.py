@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from inference.engines.base import RenderMode
 from inference.protocol import (
     FRAME_HEADER_BYTES,
     MAX_TEXT_MESSAGE_BYTES,
@@ -80,19 +81,25 @@ def test_oversized_text_messages_are_refused_before_parsing() -> None:
 
 
 def test_server_messages_are_json_tagged_by_type() -> None:
-    ready = Ready(engine="preview", model="Preview filters", worker_id="w1", preview=True)
+    mode = RenderMode(id="preview", label="Preview", approximate=False, detail="filters")
+    ready = Ready(
+        engine="preview", model="Preview filters", worker_id="w1", preview=True, modes=[mode], mode="preview"
+    )
     assert msgspec.json.decode(encode_message(ready)) == {
         "type": "ready",
         "engine": "preview",
         "model": "Preview filters",
         "worker_id": "w1",
         "preview": True,
+        "modes": [{"id": "preview", "label": "Preview", "approximate": False, "detail": "filters"}],
+        "mode": "preview",
     }
     assert encode_message(Warming()) == '{"type":"warming"}'
     assert msgspec.json.decode(encode_message(Error(code=ErrorCode.NOT_JPEG, message="m"))) == {
         "type": "error",
         "code": "not_jpeg",
         "message": "m",
+        "frame": None,
     }
     for message in (ready, Warming(), Usage(seconds_used=3, seconds_remaining=57)):
         assert decode_server_message(encode_message(message)) == message
