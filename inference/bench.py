@@ -257,8 +257,20 @@ class Bench:
             engine = Flux2Engine(**options)
             engine.warm_up()
             warm_up_ms = 1000 * (time.perf_counter() - start)
-            self.rows.append(Row("engine", "warm_up", engine.steps, len(engine.modes), [warm_up_ms]))
-            print(f"  warm_up of {len(engine.modes)} modes: {warm_up_ms / 1000:.1f} s", flush=True)
+            self.rows.append(Row("engine", "warm_up", engine.steps, 1, [warm_up_ms]))
+            # What the worker runs while idle once it is ready: the other modes' compilation.
+            start = time.perf_counter()
+            for task in engine.deferred_warm_ups():
+                task()
+            deferred_ms = 1000 * (time.perf_counter() - start)
+            others = len(engine.modes) - 1
+            if others:
+                self.rows.append(Row("engine", "warm_up_rest", engine.steps, others, [deferred_ms]))
+            print(
+                f"  warm_up (default mode): {warm_up_ms / 1000:.1f} s; the other {others}:"
+                f" {deferred_ms / 1000:.1f} s",
+                flush=True,
+            )
             self.engine = engine
         return self.engine
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from inference.engines.base import Engine, FrameJob
+from inference.engines.base import Engine, FrameJob, deferred_warm_ups
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +125,32 @@ class Scheduler:
             return
         self.engine = engine
         self._call_soon(self._hooks.on_ready, engine)
+        # Ready as soon as the first frame can be rendered; what the engine deferred runs only while no
+        # frame waits, one task at a time, so it never delays a frame by more than the task in progress.
+        deferred = deferred_warm_ups(engine)
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._stopping and not deferred:
                     self._cond.wait()
                 if self._stopping:
                     return
-                batch = self._take_batch(engine.max_batch)
-            self._render(engine, batch)
+                if self._pending:
+                    batch = self._take_batch(engine.max_batch)
+                else:
+                    batch, task = [], deferred.pop(0)
+            if batch:
+                self._render(engine, batch)
+            else:
+                self._run_deferred(task)
+
+    def _run_deferred(self, task: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        try:
+            task()
+        except Exception:  # the mode stays cold and compiles on first use, or fails there, per frame
+            log.exception("deferred warm-up failed")
+            return
+        log.info("deferred warm-up done in %.1f s", time.perf_counter() - started)
 
     def _take_batch(self, size: int) -> list[tuple[FrameJob, Deliver]]:
         """Up to `size` waiting frames, least recently served sessions first. Call with the lock held."""

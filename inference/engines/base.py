@@ -6,7 +6,7 @@ in the hot path) while the CPU preview engine uses Pillow.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Final, Protocol, runtime_checkable
 
@@ -59,6 +59,14 @@ class Engine(Protocol):
         only in the sense that the scheduler never calls it concurrently. A job whose ``mode`` is not one
         of ``modes`` raises ValueError (sessions validate modes before submitting)."""
         ...
+
+
+def deferred_warm_ups(engine: Engine) -> list[Callable[[], None]]:
+    """Warm-up work an engine left out of ``warm_up()`` so its first frame comes sooner (e.g. compiling
+    the modes other than the default), as blocking tasks to run in the render thread while it is idle.
+    Optional: an engine without a ``deferred_warm_ups()`` method has none."""
+    method = getattr(engine, "deferred_warm_ups", None)
+    return list(method()) if method is not None else []
 
 
 def mode_ids(engine: Engine) -> frozenset[str]:

@@ -65,7 +65,8 @@ Options of ``create_flux2_engine(**options)`` and ``Flux2Engine(...)``, all keyw
     Seed of the random weights (default 0).
 ``modes``
     Ids of the built-in modes (``MODE_RECIPES``) this engine offers, default all of them; the first
-    is the default mode. Every mode costs its own compilation in ``warm_up()``.
+    is the default mode. ``warm_up()`` compiles the default one; each other mode's compilation is a
+    ``deferred_warm_ups()`` task the scheduler runs while idle.
 ``custom_modes``
     More modes as ``{id: ModeRecipe}`` (benchmarks measure one approximation at a time this way).
 ``compile``
@@ -96,8 +97,9 @@ import io
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +340,7 @@ class Flux2Engine:
         self._text_ids: dict[tuple[int, ...], torch.Tensor] = {}
         self._reference_ids: dict[int, torch.Tensor] = {}
         self._fp8_transformer: Flux2Transformer2DModel | None = None
+        self._warm_modes: set[str] = set()
         if pipeline is not None:
             self._attach(pipeline)
 
@@ -467,21 +470,31 @@ class Flux2Engine:
     # ------------------------------------------------------------------ the Engine protocol
 
     def warm_up(self) -> None:
-        """Load the weights and render throw-away frames of every mode through ``render()`` (JPEG codecs
+        """Load the weights and warm the default mode, which is all the first frame needs; the other modes
+        are ``deferred_warm_ups()``. Warming renders throw-away frames through ``render()`` (JPEG codecs
         included): the first call allocates workspaces, and with ``compile`` each mode's transformer calls
-        compile on their first use (seconds to tens of seconds each on a GPU), once for batch size 1 and
-        once for a symbolic batch size that serves the rest, so no live frame pays for it."""
+        compile on first use (seconds from a warm compile cache, tens of seconds from an empty one), once
+        for batch size 1 and once for a symbolic batch size that serves the rest."""
         self.load()
+        self.warm_up_mode(self.modes[0].id)
+
+    def deferred_warm_ups(self) -> list[Callable[[], None]]:
+        """One task per mode not warmed yet, for the scheduler to run while no frame is waiting. A mode
+        chosen before its task ran compiles on its first frame instead (once)."""
+        return [partial(self.warm_up_mode, mode.id) for mode in self.modes if mode.id not in self._warm_modes]
+
+    def warm_up_mode(self, mode: str) -> None:
+        if mode in self._warm_modes:
+            return
         jpeg = self.encode_jpegs(_gradient_frame(self.device).to(torch.float32) / 255)[0]
         sizes = sorted({1, min(2, self.max_batch), self.max_batch}) if self.compile else [1]
         # At least 2 steps: reference K/V reuse runs a different transformer call from the second step on.
         steps = max(2, self.steps)
-        for mode in self.modes:
-            for size in sizes:
-                jobs = [FrameJob("warm-up", 0, jpeg, "warm-up", steps, seed, mode.id) for seed in range(size)]
-                self.render(jobs)
+        for size in sizes:
+            self.render([FrameJob("warm-up", 0, jpeg, "warm-up", steps, seed, mode) for seed in range(size)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self._warm_modes.add(mode)
 
     def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
         """One 512x512 JPEG per job, in order."""

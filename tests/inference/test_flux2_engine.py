@@ -76,6 +76,21 @@ def test_factory_is_lazy_and_satisfies_the_engine_protocol() -> None:
     assert engine.pipe is not None
 
 
+def test_warm_up_warms_the_default_mode_and_defers_the_others() -> None:
+    engine = create_flux2_engine(tiny=True, device="cpu")
+    engine.load()
+    calls, hook = _token_counts(engine._fp8_transformer)
+    engine.warm_up()
+    assert calls == []  # the FP8 transformer (fast, turbo) has not run: ready after exact alone
+    tasks = engine.deferred_warm_ups()
+    assert len(tasks) == 2
+    for task in tasks:
+        task()
+    hook.remove()
+    assert [tokens for tokens, _ in calls] == [2048, 1024, 1024 + 256, 1024]  # fast, then turbo
+    assert engine.deferred_warm_ups() == []
+
+
 def test_render_returns_one_512_jpeg_per_job(engine: Flux2Engine) -> None:
     webcam = _jpeg(_frame(1, height=480, width=640))  # 4:3, center-cropped and resized by the engine
     square = _jpeg(_frame(2))

@@ -219,3 +219,57 @@ def test_an_engine_that_fails_to_load_is_reported() -> None:
         return await asyncio.wait_for(failed, 5)
 
     assert str(asyncio.run(scenario())) == "weights not found"
+
+
+class DeferringEngine(RecordingEngine):
+    """Ready after its first warm-up step; two slow warm-up tasks left for when the loop is idle."""
+
+    def __init__(self) -> None:
+        super().__init__(max_batch=1, seconds_per_batch=0.01)
+        self.events: list[str] = []
+        self.all_warm = threading.Event()
+
+    def warm_up(self) -> None:
+        self.events.append("warm_up")
+
+    def deferred_warm_ups(self) -> list[Callable[[], None]]:
+        return [lambda name=name: self._deferred(name) for name in ("fast", "turbo")]
+
+    def _deferred(self, name: str) -> None:
+        time.sleep(0.3)
+        self.events.append(f"deferred:{name}")
+        if name == "turbo":
+            self.all_warm.set()
+
+    def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
+        self.events.append(f"render:{jobs[0].frame_id}")
+        return super().render(jobs)
+
+
+def test_deferred_warm_ups_run_after_ready_and_only_while_no_frame_waits() -> None:
+    async def scenario() -> None:
+        engine = DeferringEngine()
+        ready_at: list[list[str]] = []
+        ready = asyncio.Event()
+
+        def on_ready(_: Engine) -> None:
+            ready_at.append(list(engine.events))
+            ready.set()
+
+        scheduler = Scheduler(lambda: engine)
+        scheduler.start(asyncio.get_running_loop(), SchedulerHooks(on_ready=on_ready, on_failed=print))
+        await asyncio.wait_for(ready.wait(), 5)
+        # Ready before any deferred task: the first frame does not wait for the other modes.
+        assert ready_at == [["warm_up"]]
+        results = Results()
+        await asyncio.sleep(0.1)  # the first deferred task is now running
+        started = time.monotonic()
+        scheduler.submit(_job("a", 1), results.append)
+        await results.until(lambda items: len(items) == 1)
+        # The frame waited for the task in progress (0.3 s), not for both tasks.
+        assert time.monotonic() - started < 0.5
+        assert await asyncio.to_thread(engine.all_warm.wait, 5)
+        assert engine.events == ["warm_up", "deferred:fast", "render:1", "deferred:turbo"]
+        await asyncio.to_thread(scheduler.stop)
+
+    asyncio.run(scenario())
