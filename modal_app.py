@@ -65,7 +65,8 @@ app = modal.App(APP_NAME, image=image)
 class Inference:
     @modal.enter()
     def load(self) -> None:
-        """Load and warm the engine once per container, before it takes any connection."""
+        """Load the engine and warm its default mode once per container, before it takes any connection;
+        the render loop warms the other modes while it is idle."""
         from inference.config import load_worker_config
         from inference.engines import create_engine
 
