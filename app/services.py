@@ -33,12 +33,14 @@ def in_process_worker(settings: Settings) -> Worker:
 @asynccontextmanager
 async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    app.state.clerk = create_clerk_client(settings.clerk_secret_key, settings.clerk_api_url)
     worker: Worker | None = app.state.get("worker")
-    if worker is not None:
-        await worker.start()
-    try:
-        yield
-    finally:
+    # The SDK client owns its httpx connection pools; leaving the context closes them on shutdown.
+    async with create_clerk_client(settings.clerk_secret_key, settings.clerk_api_url) as clerk:
+        app.state.clerk = clerk
         if worker is not None:
-            await worker.stop()
+            await worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                await worker.stop()
