@@ -53,14 +53,7 @@ from PIL import Image
 from inference.engines.base import OUTPUT_SIZE, FrameJob
 from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Engine, ModeRecipe
 from inference.engines.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
-
-PROMPTS = (
-    "an oil painting, thick impasto brush strokes, warm palette",
-    "a claymation character, soft plasticine, studio lighting",
-    "pixel art, 16-bit palette, crisp edges",
-    "a neon noir comic panel, heavy ink, magenta and cyan",
-)
-
+from inference.loadgen import PROMPTS
 
 # Modes measured one approximation at a time (--levers), next to the production modes they make up.
 LEVER_MODES: dict[str, ModeRecipe] = {
@@ -308,7 +301,7 @@ class Bench:
         prompt_embeds = self.base.prompt_embeds(self.prompts[0])
         hidden_states = randn(1, 2 * tokens, config.in_channels)
         text_ids = pipe._prepare_text_ids(prompt_embeds).to(device)
-        img_ids = torch.cat([self.base._latent_ids, self.base._image_latent_ids], dim=1)
+        img_ids = torch.cat([self.base._latent_ids, self.base._reference_latent_ids(OUTPUT_SIZE)], dim=1)
         timestep = torch.full((1,), 0.5, device=device, dtype=dtype)
         image = randn(1, 3, OUTPUT_SIZE, OUTPUT_SIZE, dtype=vae.dtype).clamp(-1, 1)
         image = image.contiguous(memory_format=torch.channels_last)

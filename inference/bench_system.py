@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import io
 import json
 import math
@@ -43,19 +42,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from inference.engines.base import Engine, FrameJob, RenderMode
+    from inference.engines.base import Engine, FrameJob
     from inference.scheduler import RenderResult
 
 # Taken before anything heavy is imported: the cold-start child's "python" stage ends here.
 _STARTED_WALL: Final = time.time()
 _STARTED_PERF: Final = time.perf_counter()
 
-PROMPTS: Final = (
-    "an oil painting, thick impasto brush strokes, warm palette",
-    "a claymation character, soft plasticine, studio lighting",
-    "pixel art, 16-bit palette, crisp edges",
-    "a neon noir comic panel, heavy ink, magenta and cyan",
-)
 # The issue's targets.
 MIN_SESSION_SHARE: Final = 0.8  # every session >= 0.8x its fair share
 MIN_AGGREGATE_VS_SINGLE: Final = 0.9  # aggregate FPS of N sessions >= 0.9x one session's
@@ -136,35 +129,8 @@ class PrimedEngine:
         self._prime_batches = [list(batch) for batch in prime_batches]
         self.prime_seconds: float | None = None
 
-    @property
-    def name(self) -> str:
-        return self._engine.name
-
-    @property
-    def model(self) -> str:
-        return self._engine.model
-
-    @property
-    def max_batch(self) -> int:
-        return self._engine.max_batch
-
-    @property
-    def modes(self) -> tuple[RenderMode, ...]:
-        modes = tuple(getattr(self._engine, "modes", ()))
-        if modes:
-            return modes
-        # An engine from before render modes renders one way; sessions need a default mode to announce.
-        from inference.engines.base import RenderMode
-
-        return (RenderMode(id="default", label="Default", approximate=False, detail="The only mode."),)
-
-    @property
-    def preview(self) -> bool:
-        from inference.engines import is_preview
-
-        return is_preview(self._engine)  # type: ignore[arg-type]
-
     def __getattr__(self, name: str) -> Any:
+        # Everything but warm-up is the engine's own: name, model, max_batch, modes, preview, render.
         return getattr(self._engine, name)
 
     def warm_up(self) -> None:
@@ -206,6 +172,7 @@ async def _run_sessions(
     jpegs: Sequence[bytes],
     ready_timeout: float,
 ) -> dict[str, Any]:
+    from inference.loadgen import PROMPTS
     from inference.scheduler import Scheduler, SchedulerHooks
 
     prompts = [PROMPTS[index % len(PROMPTS)] for index in range(sessions)]
@@ -487,14 +454,13 @@ def measure_websocket(
     is compared with batch 1's rate, and p50 latency with the call time at the batch size the run forms
     (min(sessions, max_batch)): with N sessions batched, no frame can arrive sooner than its batch's call.
 
-    Returns ``{"kind": "websocket", "mode", "mode_sent", "steps", "camera_fps", "seconds", "engine",
+    Returns ``{"kind": "websocket", "mode", "steps", "camera_fps", "seconds", "engine",
     "max_batch", "engine_ms": {batch: {"median_ms", "first_ms", "times_ms"}}, "engine_fps",
     "server_ready_s", "targets", "runs": [{"sessions", "aggregate_fps", "per_session_fps", "fairness",
     "latency_p50_ms", "latency_p95_ms", "render_ms_p50", "fps_vs_engine", "latency_vs_engine_frame",
     "latency_vs_engine_call", "meets_targets", "loadgen", "error"}], "table", "error"}``. Latency is
     pooled over every delivered frame of the run; ``render_ms_p50`` is the render time the worker reported
-    with its output frames; ``loadgen`` is run_load's own record. ``mode_sent`` is False when ``mode`` was
-    asked for but this loadgen has no ``mode`` option (the runs then used the default). When the worker
+    with its output frames; ``loadgen`` is run_load's own record. When the worker
     cannot be set up, ``error`` says why and ``runs`` is empty."""
     try:
         return _measure_websocket(
@@ -538,11 +504,10 @@ def _measure_websocket(
     from inference.worker import WorkerStatus
 
     jpeg = _camera_jpegs(1)[0]
-    load_prompts = tuple(getattr(loadgen, "PROMPTS", PROMPTS))
     sizes = sorted({1, *(min(count, engine.max_batch) for count in sessions)})
     engine_ms = {
         size: _engine_call_ms(
-            engine, size, jpeg=jpeg, prompts=load_prompts, steps=steps, mode=mode, iters=engine_iters
+            engine, size, jpeg=jpeg, prompts=loadgen.PROMPTS, steps=steps, mode=mode, iters=engine_iters
         )
         for size in sizes
     }
@@ -553,7 +518,7 @@ def _measure_websocket(
         engine,
         [
             [
-                _frame_job(index, 0, jpeg, load_prompts[index % len(load_prompts)], steps, mode)
+                _frame_job(index, 0, jpeg, loadgen.PROMPTS[index % len(loadgen.PROMPTS)], steps, mode)
                 for index in range(size)
             ]
             for size in _batch_sizes(max(sessions), engine.max_batch)
@@ -569,7 +534,6 @@ def _measure_websocket(
     )
     app = create_inference_app(config, engine_factory=lambda: primed)  # type: ignore[arg-type, return-value]
     worker = app.state.worker
-    mode_sent = bool(mode) and "mode" in inspect.signature(loadgen.run_load).parameters
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
     with _LoopbackServer(app) as server:
@@ -589,9 +553,8 @@ def _measure_websocket(
                 "seconds": seconds,
                 "fps": fps,
                 "steps": steps,
+                "mode": mode or None,
             }
-            if mode_sent:
-                options["mode"] = mode
             try:
                 result = asyncio.run(loadgen.run_load(**options))
             except Exception as error:  # one failing case must not cost the others
@@ -649,7 +612,6 @@ def _measure_websocket(
     return {
         "kind": "websocket",
         "mode": mode,
-        "mode_sent": mode_sent or not mode,
         "steps": steps,
         "camera_fps": fps,
         "seconds": seconds,
@@ -904,6 +866,7 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
 
     from inference.engines.base import FrameJob, deferred_warm_ups
     from inference.engines.flux2 import Flux2Engine
+    from inference.loadgen import PROMPTS
 
     marks["imports"] = _since_spawn(spawned)
     engine = Flux2Engine(model=model, local_files_only=True, **options)

@@ -46,7 +46,6 @@ from inference.protocol import (
 from inference.tickets import issue_ticket
 
 MAX_UNACKED = 2  # frames on the wire that the worker has not acknowledged yet
-MAX_IN_FLIGHT = MAX_UNACKED  # the old name
 STALE_FRAME_SECONDS = 4.0  # an unacknowledged frame older than this no longer counts (a lost ack)
 PROMPTS = (
     "an expressive oil painting, thick impasto brushwork",

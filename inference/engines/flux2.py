@@ -389,7 +389,6 @@ class Flux2Engine:
         self._latent_ids = Flux2KleinPipeline._prepare_latent_ids(torch.empty(shape, device="meta")).to(
             self.device
         )
-        self._image_latent_ids = self._reference_latent_ids(OUTPUT_SIZE)
         # The frame normalisation of VaeImageProcessor (x / 255 * 2 - 1 in float32, then the VAE's dtype) as
         # a table of its 256 possible results, computed on the CPU as the pipeline computes them. On CUDA,
         # dividing by a scalar is done as a multiplication by its reciprocal, which rounds differently.
