@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,7 @@ class Bench:
                 "steps": self.args.steps[0],
                 "compile": self.args.compile,
                 "compile_scope": self.args.compile_scope,
+                "cuda_graphs": self.args.cuda_graphs,
                 "modes": tuple(self.args.modes),
             }
             if self.args.levers:
@@ -282,10 +284,33 @@ class Bench:
                         for i in range(batch)
                     ]
                     self._run(phase, "render", steps, batch, lambda jobs=jobs: engine.render(jobs))
+        if engine.cuda_graphs and self.device.type == "cuda":
+            self.measure_launched(engine)
         if self.args.components:
             self.measure_components("compiled")
         if self.args.profile:
             self.profile(engine)
+
+    def measure_launched(self, engine: Flux2Engine) -> None:
+        """The CUDA-graph lever and its gate: each mode with its kernels launched one by one instead of
+        replayed, and the largest difference between the two outputs (rounding-level at most: a replay runs
+        the compiled kernels, though libraries may pick other algorithms inside a capture)."""
+        steps, prompt, seed = self.args.steps[0], self.prompts[0], self.seeds[0]
+        identical: dict[str, float] = {}
+        for mode in engine.modes:
+            call = partial(engine.render_frames, self.frame_tensor, [prompt], steps=steps, seeds=[seed])
+            replayed = call(mode=mode.id)
+            engine.cuda_graphs = False
+            try:
+                launched = call(mode=mode.id)
+                identical[mode.id] = deviation(replayed, launched)[0]
+                self.measure_render_frames(engine, f"launched:{mode.id}", mode.id, steps)
+                job = FrameJob("session-0", 0, self.jpegs[0], prompt, steps, seed, mode.id)
+                self._run(f"launched:{mode.id}", "render", steps, 1, lambda job=job: engine.render([job]))
+            finally:
+                engine.cuda_graphs = True
+        self.system["cuda_graphs_vs_launched_max_abs"] = identical
+        print(f"  CUDA graph replay vs launched kernels, max |difference|: {identical}", flush=True)
 
     def measure_components(self, phase: str) -> None:
         pipe, device = self.pipe, self.device
@@ -372,6 +397,7 @@ class Bench:
             options = {
                 "compile": args.compile,
                 "compile_scope": args.compile_scope,
+                "cuda_graphs": args.cuda_graphs,
                 "modes": list(args.modes),
                 "max_batch": max(args.batch),
                 "steps": args.steps[0],
@@ -522,6 +548,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA yes"
     )
     parser.add_argument("--compile-scope", default="auto", choices=("auto", "blocks", "full"))
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay each frame as a CUDA graph (default: when compiled on CUDA)",
+    )
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4], help="concurrent sessions")
     parser.add_argument("--seconds", type=float, default=8.0, help="per sessions/websocket case")
     parser.add_argument(
@@ -531,7 +563,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="modes of the sessions/websocket cases (default: exact)",
     )
     parser.add_argument(
-        "--system-max-batch", type=int, nargs="+", default=[4], help="scheduler batch limits to compare"
+        "--system-max-batch", type=int, nargs="+", default=[1], help="scheduler batch limits to compare"
     )
     parser.add_argument(
         "--cold-start-dir",

@@ -128,6 +128,7 @@ class Scheduler:
         # Ready as soon as the first frame can be rendered; what the engine deferred runs only while no
         # frame waits, one task at a time, so it never delays a frame by more than the task in progress.
         deferred = deferred_warm_ups(engine)
+        deferred_count, deferred_seconds = len(deferred), 0.0
         while True:
             with self._cond:
                 while not self._pending and not self._stopping and not deferred:
@@ -141,16 +142,19 @@ class Scheduler:
             if batch:
                 self._render(engine, batch)
             else:
-                self._run_deferred(task)
+                deferred_seconds += self._run_deferred(task)
+                if not deferred:
+                    seconds = deferred_seconds
+                    log.info("deferred warm-up done: %d tasks in %.1f s", deferred_count, seconds)
 
-    def _run_deferred(self, task: Callable[[], None]) -> None:
+    def _run_deferred(self, task: Callable[[], None]) -> float:
+        """Run one deferred warm-up task; returns the seconds it took."""
         started = time.perf_counter()
         try:
             task()
         except Exception:  # the mode stays cold and compiles on first use, or fails there, per frame
-            log.exception("deferred warm-up failed")
-            return
-        log.info("deferred warm-up done in %.1f s", time.perf_counter() - started)
+            log.exception("deferred warm-up task failed")
+        return time.perf_counter() - started
 
     def _take_batch(self, size: int) -> list[tuple[FrameJob, Deliver]]:
         """Up to `size` waiting frames, least recently served sessions first. Call with the lock held."""

@@ -72,18 +72,23 @@ Options of ``create_flux2_engine(**options)`` and ``Flux2Engine(...)``, all keyw
 ``compile``
     ``torch.compile`` the transformer and the VAE's encoder and decoder; default (None): on CUDA yes,
     on CPU no. Compiled kernels round differently from eager ones, so outputs move by rounding-level
-    amounts (as those of a compiled Flux2KleinPipeline do); the math stays the pipeline's.
-    docs/performance.md has the figures.
+    amounts (as those of a compiled Flux2KleinPipeline do); the math stays the pipeline's. A compiled VAE
+    also gets channels-last weights and its mid-block attention as plain products (see
+    ``compile_components``). docs/performance.md has the figures.
 ``compile_scope``
     ``"blocks"``: regional compilation, diffusers' ``compile_repeated_blocks``: the double and the
     single block are each compiled once and reused by all 5 and 20 of them, which makes warm-up several
     times shorter than compiling the whole transformer as one graph (``"full"``), at a few ms per frame.
     ``"auto"`` (default): the exact transformer whole (one call signature, the fastest frame), the FP8
     one by blocks (its modes make several call signatures).
-``compile_mode``
-    ``torch.compile`` mode of the transformer: None (default) or ``"reduce-overhead"`` (CUDA graphs;
-    the transformer's output buffer is reused by the next call, which the denoising loop allows; not
-    with modes that reuse reference keys and values across steps, whose cache would be overwritten).
+``cuda_graphs``
+    Replay each frame's GPU work as one captured CUDA graph (``torch.cuda.CUDAGraph``) instead of
+    launching its ~2,000 kernels one by one from Python; default (None): when ``compile`` is on and the
+    device is CUDA. One graph per (mode, steps, batch size), captured on first use (the warm-up captures
+    the default ones); all share one memory pool. The bench compares each mode replayed and launched: on
+    an H200 ``turbo`` was bit-identical, while the modes with a 512² reference differed at rounding level
+    (max 0.027 on [0, 1] pixels with random weights, the same 44.6 dB from the eager pipeline), so some
+    library kernel is chosen differently inside a capture.
 ``prompt_cache_size``
     How many prompts' embeddings to keep (default 32; about 8 MB each at klein-4B size in bf16).
 ``jpeg_quality``
@@ -107,6 +112,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from diffusers.models.attention_processor import AttnProcessor
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2KVAttnProcessor,
     Flux2KVParallelSelfAttnProcessor,
@@ -124,6 +130,7 @@ from inference.engines.klein_config import (
     TINY,
     build_random_components,
 )
+from inference.protocol import MAX_STEPS, MIN_STEPS
 
 try:  # nvJPEG decode/encode on the GPU; the CPU-only install has no torchvision and uses Pillow.
     import torchvision.io as tvio
@@ -277,7 +284,7 @@ class Flux2Engine:
         custom_modes: Mapping[str, ModeRecipe] | None = None,
         compile: bool | None = None,
         compile_scope: str = "auto",
-        compile_mode: str | None = None,
+        cuda_graphs: bool | None = None,
         fuse_qkv: bool = False,
         prompt_cache_size: int = 32,
         jpeg_quality: int = 90,
@@ -301,8 +308,6 @@ class Flux2Engine:
             )
         if not mode_list:
             raise ValueError("an engine needs at least one mode")
-        if compile_mode == "reduce-overhead" and any(r.reference_kv_reuse for r in self._recipes.values()):
-            raise ValueError("CUDA graphs overwrite the reused reference keys/values: not with those modes")
         self.modes: tuple[RenderMode, ...] = tuple(mode_list)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
@@ -321,7 +326,7 @@ class Flux2Engine:
         self.weights_seed = weights_seed
         self.compile = self.device.type == "cuda" if compile is None else compile
         self.compile_scope = compile_scope
-        self.compile_mode = compile_mode
+        self.cuda_graphs = self.compile if cuda_graphs is None else cuda_graphs
         self.fuse_qkv_projections = fuse_qkv
         self.prompt_cache_size = prompt_cache_size
         self.jpeg_quality = jpeg_quality
@@ -341,6 +346,8 @@ class Flux2Engine:
         self._reference_ids: dict[int, torch.Tensor] = {}
         self._fp8_transformer: Flux2Transformer2DModel | None = None
         self._warm_modes: set[str] = set()
+        self._frame_graphs: dict[tuple[str, int, int], _FrameGraph] = {}
+        self._graph_pool: Any = None
         if pipeline is not None:
             self._attach(pipeline)
 
@@ -401,12 +408,15 @@ class Flux2Engine:
             # A second transformer sharing nothing with the first: FP8 blocks, and the bf16 one stays exact.
             # Costs half the bf16 transformer's memory again (~4 GB at klein-4B size).
             self._fp8_transformer = copy.deepcopy(pipe.transformer)
+            # One product for q, k and v of each stream of the double blocks instead of three: the text
+            # stream's products are only 128 rows, where FP8 kernels are mostly launch and tail.
+            self._fp8_transformer.fuse_qkv_projections()
             quantize_transformer_fp8(self._fp8_transformer)
         for recipe in recipes:
             if recipe.reference_kv_reuse:
                 _use_kv_attention(self._transformer_for(recipe))
         if self.compile:
-            self.compile_components(transformer_mode=self.compile_mode)
+            self.compile_components()
 
     def _transformer_for(self, recipe: ModeRecipe) -> Flux2Transformer2DModel:
         assert self.pipe is not None
@@ -429,9 +439,7 @@ class Flux2Engine:
         pipe = self.load() if self.pipe is None else self.pipe
         pipe.transformer.fuse_qkv_projections()
 
-    def compile_components(
-        self, *, transformer: bool = True, vae: bool = True, transformer_mode: str | None = None
-    ) -> None:
+    def compile_components(self, *, transformer: bool = True, vae: bool = True) -> None:
         """``torch.compile`` the transformer and/or the VAE encoder and decoder in place (compilation itself
         happens in the first call of each input shape). Compiling a module again replaces its compilation."""
         pipe = self.load() if self.pipe is None else self.pipe
@@ -454,15 +462,21 @@ class Flux2Engine:
                     # The FP8 one has several (extract, cached, reference sizes): blocks compile quicker.
                     scope = "full" if module is pipe.transformer else "blocks"
                 if scope == "blocks":
-                    module.compile_repeated_blocks(fullgraph=True, dynamic=None, mode=transformer_mode)
+                    module.compile_repeated_blocks(fullgraph=True, dynamic=None)
                 else:
-                    module.compile(fullgraph=True, dynamic=None, mode=transformer_mode)
+                    module.compile(fullgraph=True, dynamic=None)
         if vae:
             # The VAE runs once per frame each way; GroupNorm at batch 1 is where eager PyTorch loses most
             # (one thread block per group), and a compiled reduction does not.
             # Static shapes: a dynamic graph would serve the 256² reference frames of "turbo" too, but it is
             # then also what the 512² frames run through (dynamo tries its newest graph first), and its
             # kernels are slower (exact mode 73 -> 78 ms per frame on an H200 when turbo was warmed up).
+            # Channels-last weights, the layout the tensor-core convolutions read, so no layout copies sit
+            # between them; and the mid-block attention (one head of 512 channels, which the flash kernels
+            # do not take) as plain matrix products that inductor fuses. Each saves 0.2-0.4 ms per pass on an
+            # H200 (decoder at 512²: 7.35 -> 6.99 ms with both). Compiled kernels round differently anyway.
+            pipe.vae.to(memory_format=torch.channels_last)
+            pipe.vae.set_attn_processor(AttnProcessor())
             pipe.vae.encoder.compile(fullgraph=True, dynamic=False)
             pipe.vae.decoder.compile(fullgraph=True, dynamic=False)
 
@@ -478,14 +492,23 @@ class Flux2Engine:
         self.warm_up_mode(self.modes[0].id)
 
     def deferred_warm_ups(self) -> list[Callable[[], None]]:
-        """One task per mode not warmed yet, for the scheduler to run while no frame is waiting. A mode
-        chosen before its task ran compiles on its first frame instead (once)."""
-        return [partial(self.warm_up_mode, mode.id) for mode in self.modes if mode.id not in self._warm_modes]
+        """Tasks for the scheduler to run while no frame is waiting: one per mode not warmed yet (a mode
+        chosen before its task ran compiles on its first frame instead, once), then, with CUDA graphs, one
+        per other step count of each mode, so that changing steps mid-stream does not wait for a capture."""
+        cold = [mode.id for mode in self.modes if mode.id not in self._warm_modes]
+        tasks = [partial(self.warm_up_mode, mode) for mode in cold]
+        if self.cuda_graphs and self.device.type == "cuda":
+            tasks += [
+                partial(self._capture_graph, mode.id, steps)
+                for mode in self.modes
+                for steps in range(MIN_STEPS, MAX_STEPS + 1)
+            ]
+        return tasks
 
     def warm_up_mode(self, mode: str) -> None:
         if mode in self._warm_modes:
             return
-        jpeg = self.encode_jpegs(_gradient_frame(self.device).to(torch.float32) / 255)[0]
+        jpeg = self._warm_up_jpeg()
         sizes = sorted({1, min(2, self.max_batch), self.max_batch}) if self.compile else [1]
         # At least 2 steps: reference K/V reuse runs a different transformer call from the second step on.
         steps = max(2, self.steps)
@@ -494,6 +517,13 @@ class Flux2Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._warm_modes.add(mode)
+
+    def _capture_graph(self, mode: str, steps: int) -> None:
+        if (mode, steps, 1) not in self._frame_graphs:
+            self.render([FrameJob("warm-up", 0, self._warm_up_jpeg(), "warm-up", steps, 0, mode)])
+
+    def _warm_up_jpeg(self) -> bytes:
+        return self.encode_jpegs(_gradient_frame(self.device).to(torch.float32) / 255)[0]
 
     def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
         """One 512x512 JPEG per job, in order."""
@@ -623,13 +653,12 @@ class Flux2Engine:
         denoising steps and one mode for all. Returns float images in [0, 1], (B, 3, 512, 512), on the
         device; in the exact mode these are what Flux2KleinPipeline(..., output_type="pt") returns for the
         same inputs."""
-        pipe = self.load()
+        self.load()
         mode = mode or self.modes[0].id
         try:
             recipe = self._recipes[mode]
         except KeyError:
             raise ValueError(f"unknown mode {mode!r}; this engine has {', '.join(self._recipes)}") from None
-        transformer, vae = self._transformer_for(recipe), pipe.vae
         batch_size = frames.shape[0]
         if not (len(prompts) == len(seeds) == batch_size):
             raise ValueError(
@@ -640,17 +669,50 @@ class Flux2Engine:
                 f"frames must be (B, 3, {OUTPUT_SIZE}, {OUTPUT_SIZE}), got {tuple(frames.shape)}"
             )
 
+        # Everything looked up per job (and cached) comes first: what follows is the frame's GPU work alone,
+        # the part a CUDA graph can capture.
         # 1. Prompt embeddings, cached per prompt
         prompt_embeds = torch.cat([self.prompt_embeds(prompt) for prompt in prompts])
         if recipe.text_tokens < prompt_embeds.shape[1]:
             prompt_embeds = prompt_embeds[:, : recipe.text_tokens]
+        # 2. Initial noise, fixed per seed
+        noise = torch.cat([self._noise(seed, prompt_embeds.dtype) for seed in seeds])
+        frames = frames.to(self.device)
+        if not (self.cuda_graphs and self.device.type == "cuda"):
+            return self._denoise(frames, prompt_embeds, noise, recipe=recipe, steps=steps)
+        key = (mode, steps, batch_size)
+        graph = self._frame_graphs.get(key)
+        if graph is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            logger.info("capturing the CUDA graph of mode %s, %d steps, batch %d", *key)
+            denoise = partial(self._denoise, recipe=recipe, steps=steps)
+            graph = _FrameGraph(denoise, (frames, prompt_embeds, noise), pool=self._graph_pool)
+            self._frame_graphs[key] = graph
+        return graph(frames, prompt_embeds, noise)
+
+    def _denoise(
+        self,
+        frames: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        recipe: ModeRecipe,
+        steps: int,
+    ) -> torch.Tensor:
+        """The GPU work of a frame: encode the reference, ``steps`` transformer steps, decode. Nothing here
+        reads a tensor's values on the host, so it can be captured as a CUDA graph (the caches it reads
+        from are filled by a first, uncaptured call)."""
+        pipe = self.pipe
+        assert pipe is not None
+        transformer, vae = self._transformer_for(recipe), pipe.vae
+        batch_size = frames.shape[0]
         text_ids = self._txt_ids(prompt_embeds)
 
-        # 2. Reference latents of the frames. VaeImageProcessor's arithmetic: [0, 255] -> [0, 1] -> [-1, 1]
+        # 3. Reference latents of the frames. VaeImageProcessor's arithmetic: [0, 255] -> [0, 1] -> [-1, 1]
         # Looked up in (B, H, W, C) order and viewed as (B, C, H, W): the pipeline's tensor comes from an HWC
         # numpy array, so it is channels-last in memory (with a full batch stride), and convolution kernels
         # differ by memory format, so matching that layout is what makes the encoder's output identical.
-        frames = frames.to(self.device)
         if recipe.reference_size != OUTPUT_SIZE:
             frames = _resize(frames, recipe.reference_size)
         pixels = frames.permute(0, 2, 3, 1).contiguous()
@@ -658,9 +720,7 @@ class Flux2Engine:
         image_latents = pipe._encode_vae_image(image=image, generator=None)
         image_latents = Flux2KleinPipeline._pack_latents(image_latents)  # (B, 1024, C) at 512²
         image_latent_ids = self._reference_latent_ids(recipe.reference_size).expand(batch_size, -1, -1)
-
-        # 3. Initial noise, fixed per seed
-        latents = torch.cat([self._noise(seed, prompt_embeds.dtype) for seed in seeds])
+        latents = noise
         latent_ids = self._latent_ids.expand(batch_size, -1, -1)
 
         # 4. Denoising loop
@@ -717,6 +777,46 @@ class Flux2Engine:
         latents = Flux2KleinPipeline._unpatchify_latents(latents)
         image = vae.decode(latents, return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pt")
+
+
+class _FrameGraph:
+    """One captured ``_denoise`` call. Replaying it runs every kernel of a frame with a single launch,
+    reading the inputs from buffers of its own and writing the output to a buffer of its own.
+
+    Why: a frame is ~2,000 kernels, many of them short (FP8 products, norms), and launching them from
+    Python left the GPU idle ~6 ms per frame on an H200 (profiled: 37.3 ms per turbo frame, 31.4 ms of
+    kernels). The captured kernels are the compiled ones; outputs match the launched ones to rounding."""
+
+    def __init__(
+        self,
+        denoise: Callable[..., torch.Tensor],
+        inputs: tuple[torch.Tensor, ...],
+        *,
+        pool: Any,
+    ) -> None:
+        device = inputs[0].device
+        self.inputs = tuple(tensor.clone() for tensor in inputs)
+        # Uncaptured calls first, on a side stream as capture requires: they compile what is not compiled
+        # yet, fill the engine's caches (ids, schedules: host-to-device copies cannot be captured) and let
+        # libraries allocate their workspaces.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                denoise(*self.inputs)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the worker's other threads may touch CUDA meanwhile (memory metrics) without
+        # invalidating the capture; frames are only ever rendered by one thread.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.output = denoise(*self.inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for buffer, tensor in zip(self.inputs, inputs, strict=True):
+            buffer.copy_(tensor)
+        self.graph.replay()
+        # A copy: the next replay overwrites the output buffer.
+        return self.output.clone()
 
 
 class Float8Linear(torch.nn.Module):
