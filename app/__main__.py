@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger().setLevel(settings.log_level)
     from app.factory import create_app
+    from inference.server import WEBSOCKET_SERVER_OPTIONS
 
     app = create_app(settings)
     log.info("Stylecast in %s mode at %s", settings.mode.value, settings.app_url)
@@ -40,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             settings.state_dir.resolve(),
         )
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), proxy_headers=True
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+        **WEBSOCKET_SERVER_OPTIONS,  # the sandbox serves the worker's /ws from this process
     )
     return 0
 

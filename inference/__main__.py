@@ -9,12 +9,7 @@ import sys
 import uvicorn
 
 from inference.config import ENGINE_NAMES, WorkerConfigError, load_worker_config
-from inference.protocol import FRAME_HEADER_BYTES, MAX_FRAME_JPEG_BYTES, MAX_TEXT_MESSAGE_BYTES
-from inference.server import create_inference_app
-
-# Frames up to twice the limit still arrive and are answered with `frame_too_large`; anything bigger is
-# cut off by the WebSocket layer (close 1009) before it is buffered.
-WS_MAX_MESSAGE_BYTES = 2 * (MAX_FRAME_JPEG_BYTES + FRAME_HEADER_BYTES + MAX_TEXT_MESSAGE_BYTES)
+from inference.server import WEBSOCKET_SERVER_OPTIONS, create_inference_app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = create_inference_app(config)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, ws_max_size=WS_MAX_MESSAGE_BYTES
-    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **WEBSOCKET_SERVER_OPTIONS)
     return 0
 
 

@@ -406,14 +406,14 @@ class _LoopbackServer:
     def __init__(self, app: Any) -> None:
         import uvicorn
 
-        from inference.__main__ import WS_MAX_MESSAGE_BYTES
+        from inference.server import WEBSOCKET_SERVER_OPTIONS
 
         # Bound here and handed to uvicorn, so no other process can take the port in between.
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))
         self.port = int(self._socket.getsockname()[1])
         # As `python -m inference` configures it.
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", ws_max_size=WS_MAX_MESSAGE_BYTES)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", **WEBSOCKET_SERVER_OPTIONS)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, name="bench-uvicorn", daemon=True

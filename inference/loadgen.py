@@ -3,11 +3,14 @@
     STREAM_SECRET=... python -m inference.loadgen --url ws://127.0.0.1:8001/ws --sessions 1 2 4 --seconds 15
 
 Each session signs its own ticket with STREAM_SECRET, says `hello`, sets a prompt of its own (and `--mode`,
-if given) and sends webcam-sized JPEG frames at camera rate (`--fps`) with the studio's flow control: at
-most two frames unacknowledged (the worker acks a frame as soon as it is the session's waiting frame, and
-answers a rejected one with an error naming it). It reports, per session and in total, delivered frames per
-second, send-to-receive latency of the outputs, the engine's render time, acks and errors, and writes the
-result as JSON when `--out` is given.
+if given) and sends webcam-sized JPEG frames with the studio's flow control: at most two frames
+unacknowledged (the worker acks a frame as soon as it is the session's waiting frame, and answers a rejected
+one with an error naming it), never faster than the camera (`--fps`) and, as the studio does when the
+worker's `ready` says `pace`, paced to arrive just before the engine takes them (`inference.pacing`);
+`--pacing`/`--no-pacing` overrule the worker.
+It reports, per session and in total, delivered frames per second, send-to-receive latency of the outputs,
+how long the rendered frames waited for the engine, the engine's render time, acks and errors, and writes
+the result as JSON when `--out` is given.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from PIL import Image
 from websockets.asyncio.client import connect
 
+from inference.pacing import FramePacer
 from inference.protocol import (
     Ack,
     Error,
@@ -88,6 +92,7 @@ class SessionResult:
     acks: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
+    waits_ms: list[float] = field(default_factory=list)  # how long each rendered frame waited for the engine
     render_ms: list[int] = field(default_factory=list)
     received_at: list[float] = field(default_factory=list)  # perf_counter() of each delivered output
     max_unanswered: int = 0  # sent frames neither answered (output, error) nor superseded by a newer output
@@ -95,6 +100,7 @@ class SessionResult:
     engine: str = ""
     mode: str = ""  # the session's mode, as `ready` said (or as chosen with --mode)
     modes: list[str] = field(default_factory=list)
+    pacing: bool = False  # whether this session paced its frames (else: camera rate)
 
     def summary(self, seconds: float) -> dict[str, object]:
         latency_p50 = _median(self.latencies_ms)
@@ -105,6 +111,7 @@ class SessionResult:
             "engine": self.engine,
             "mode": self.mode,
             "modes": self.modes,
+            "pacing": self.pacing,
             "sent": self.sent,
             "acks": self.acks,
             "errors": dict(self.errors),
@@ -115,6 +122,7 @@ class SessionResult:
             "sent_fps": self.sent / seconds,
             "latency_p50_ms": latency_p50,
             "latency_p95_ms": _percentile(self.latencies_ms, 0.95),
+            "wait_ms_p50": _median(self.waits_ms),
             "render_ms_p50": render_p50,
             "render_ms_mean": statistics.fmean(self.render_ms) if self.render_ms else float("nan"),
             # Send-to-receive over the engine call's own time; 1.0 would be a frame that never waited.
@@ -133,9 +141,12 @@ async def run_session(
     steps: int,
     frames: list[bytes],
     mode: str | None = None,
+    *,
+    pacing: bool | None = None,
 ) -> SessionResult:
     """One studio-like client for `seconds` after the engine is ready. `mode`: a mode id of the engine
-    (ValueError when the worker does not offer it), or None for the engine's default."""
+    (ValueError when the worker does not offer it), or None for the engine's default. `pacing`: True
+    paces frames with FramePacer, False sends at camera rate, None does what `ready` says (the studio)."""
     result = SessionResult(prompt=prompt)
     ticket = issue_ticket(
         secret,
@@ -145,7 +156,8 @@ async def run_session(
     )
     unacked: dict[int, float] = {}  # frame id -> when sent, until acked or answered with an error
     sent_at: dict[int, float] = {}  # frame id -> when sent, until its output or a newer one arrives
-    acked = asyncio.Event()
+    news = asyncio.Event()  # set by every message from the worker: a send may be due now
+    pacer = FramePacer(fps)
     async with connect(url, max_size=4 * 1024 * 1024, open_timeout=60) as socket:
         await socket.send(encode_message(Hello(ticket=ticket)))
         while True:  # wait until the engine is warm: cold start is not what this measures
@@ -154,6 +166,7 @@ async def run_session(
                 result.engine = message.engine
                 result.modes = [option.id for option in message.modes]
                 result.mode = message.mode
+                result.pacing = message.pace if pacing is None else pacing
                 break
         if mode is not None:
             if mode not in result.modes:
@@ -162,26 +175,27 @@ async def run_session(
             result.mode = mode
         await socket.send(encode_message(Params(prompt=prompt, steps=steps, seed=7, mode=mode)))
 
-        def settle(frame_id: int) -> None:
-            unacked.pop(frame_id, None)
-            acked.set()
-
         async def receive() -> None:
             async for data in socket:
                 now = time.perf_counter()
+                news.set()
                 if isinstance(data, str):
                     message = decode_server_message(data)
                     if isinstance(message, Ack):
                         result.acks += 1
-                        settle(message.frame)
+                        pacer.acked(message.frame, now)
+                        unacked.pop(message.frame, None)
                     elif isinstance(message, Error):
                         result.errors[message.code.value] += 1
                         if message.frame is not None:
                             sent_at.pop(message.frame, None)
-                            settle(message.frame)
+                            unacked.pop(message.frame, None)
                     continue
                 frame_id, render_ms, _ = unpack_frame(data)
+                waited = pacer.rendered(frame_id, render_ms, now)
                 if frame_id in sent_at:
+                    if waited is not None:
+                        result.waits_ms.append(waited * 1000)
                     result.latencies_ms.append((now - sent_at[frame_id]) * 1000)
                     result.render_ms.append(render_ms)
                     result.received_at.append(now)
@@ -191,29 +205,33 @@ async def run_session(
                 for pending in [pending for pending in sent_at if pending <= frame_id]:
                     del sent_at[pending]
                 for pending in [pending for pending in unacked if pending <= frame_id]:
-                    settle(pending)
+                    del unacked[pending]
 
         receiver = asyncio.create_task(receive())
         interval = 1.0 / fps
         next_frame_id = 1
         deadline = time.perf_counter() + seconds
-        next_send = time.perf_counter()
+        camera_due = time.perf_counter()
         try:
             while time.perf_counter() < deadline:
                 now = time.perf_counter()
                 for stale in [frame for frame, at in unacked.items() if now - at > STALE_FRAME_SECONDS]:
                     del unacked[stale]
                     sent_at.pop(stale, None)
-                if len(unacked) >= MAX_UNACKED:
-                    acked.clear()
-                    with_timeout = min(STALE_FRAME_SECONDS, max(0.0, deadline - now))
+                # Unpaced: the camera's next frame, at most `fps` a second and not a backlog of missed ones.
+                due = pacer.due() if result.pacing else camera_due
+                if len(unacked) >= MAX_UNACKED or due > now:
+                    # Until the worker says something (an ack frees a place; an output moves `due`).
+                    timeout = min(STALE_FRAME_SECONDS, max(0.0, deadline - now))
+                    if len(unacked) < MAX_UNACKED:
+                        timeout = min(timeout, due - now)
+                    news.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(acked.wait(), timeout=with_timeout)
+                        await asyncio.wait_for(news.wait(), timeout=timeout)
                     continue
-                # The camera's next frame: at most `fps` a second, and not a backlog of missed ones.
-                await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
-                next_send = max(next_send + interval, time.perf_counter())
                 sent = time.perf_counter()
+                camera_due = max(camera_due + interval, sent)
+                pacer.sent(next_frame_id, sent)
                 unacked[next_frame_id] = sent
                 sent_at[next_frame_id] = sent
                 result.max_unacked = max(result.max_unacked, len(unacked))
@@ -235,18 +253,23 @@ async def run_load(
     steps: int,
     *,
     mode: str | None = None,
+    pacing: bool | None = None,
 ) -> dict[str, object]:
     """`sessions` concurrent studio-like clients for `seconds`; `mode` is sent by every session (None:
-    the engine's default). Per-session figures are under "per_session"."""
+    the engine's default); `pacing` as in run_session. Per-session figures are under "per_session"."""
     frames = webcam_frames()
     prompts = [PROMPTS[index % len(PROMPTS)] for index in range(sessions)]
     results = await asyncio.gather(
-        *(run_session(url, secret, prompt, seconds, fps, steps, frames, mode) for prompt in prompts)
+        *(
+            run_session(url, secret, prompt, seconds, fps, steps, frames, mode, pacing=pacing)
+            for prompt in prompts
+        )
     )
     per_session = [result.summary(seconds) for result in results]
     rates = [float(summary["fps"]) for summary in per_session]  # type: ignore[arg-type]
     fair_share = sum(rates) / len(rates)
     latencies = [latency for result in results for latency in result.latencies_ms]
+    waits = [wait for result in results for wait in result.waits_ms]
     render_ms = [float(ms) for result in results for ms in result.render_ms]
     latency_p50 = _median(latencies)
     render_p50 = _median(render_ms)
@@ -256,10 +279,12 @@ async def run_load(
         "target_fps": fps,
         "steps": steps,
         "mode": results[0].mode if results else "",
+        "pacing": [result.pacing for result in results],
         "aggregate_fps": sum(rates),
         "min_session_share": min(rates) / fair_share if fair_share else 0.0,
         "latency_p50_ms": latency_p50,
         "latency_p95_ms": _percentile(latencies, 0.95),
+        "wait_ms_p50": _median(waits),
         "render_ms_p50": render_p50,
         "latency_over_render": latency_p50 / render_p50 if render_p50 > 0 else math.nan,
         "per_session": per_session,
@@ -271,7 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="ws://127.0.0.1:8001/ws")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1])
     parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--fps", type=float, default=30.0, help="camera rate: frames sent per second")
+    parser.add_argument("--fps", type=float, default=30.0, help="camera rate: frames a second at most")
+    parser.add_argument(
+        "--pacing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pace frames to the engine, or send at camera rate (default: as the worker's ready says)",
+    )
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--mode", help="a render mode id of the engine (default: the engine's default mode)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
@@ -286,14 +317,24 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for sessions in args.sessions:
         run = asyncio.run(
-            run_load(args.url, secret, sessions, args.seconds, args.fps, args.steps, mode=args.mode)
+            run_load(
+                args.url,
+                secret,
+                sessions,
+                args.seconds,
+                args.fps,
+                args.steps,
+                mode=args.mode,
+                pacing=args.pacing,
+            )
         )
         runs.append(run)
         for index, session in enumerate(run["per_session"]):  # type: ignore[arg-type]
             print(
                 f"sessions={sessions} #{index} mode={session['mode']} fps={session['fps']:.2f} "
                 f"sent_fps={session['sent_fps']:.1f} p50={session['latency_p50_ms']:.1f}ms "
-                f"p95={session['latency_p95_ms']:.1f}ms render_p50={session['render_ms_p50']:.1f}ms "
+                f"p95={session['latency_p95_ms']:.1f}ms wait_p50={session['wait_ms_p50']:.1f}ms "
+                f"render_p50={session['render_ms_p50']:.1f}ms "
                 f"acks={session['acks']} errors={session['errors']} max_unacked={session['max_unacked']}"
             )
         print(

@@ -95,6 +95,10 @@ class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True):
     preview: bool  # True: classical filters standing in for the model; the UI must say so
     modes: list[RenderMode]  # what `params.mode` may choose; the first is the default
     mode: str  # the session's current mode
+    # True: the worker renders one frame per engine call, and a client should pace its frames to arrive
+    # just before its turn (docs/protocol.md, "Pacing"). False: it batches sessions, and a client should
+    # send at camera rate so that a frame of every session waits at each batch boundary.
+    pace: bool = False
 
 
 class Ack(msgspec.Struct, tag="ack", tag_field="type", frozen=True):

@@ -4,12 +4,15 @@
   mounts it in its own process in sandbox mode (and then starts/stops the Worker in its lifespan).
 * `worker_ops_router(worker)`: `/health` and Prometheus `/metrics`.
 * `create_inference_app(config)`: the standalone worker app, both routers plus the Worker's lifecycle.
+* `WEBSOCKET_SERVER_OPTIONS`: the uvicorn settings of every server that carries `/ws`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Final
 
 import httpx
 from litestar import Litestar, Response, Router, get, websocket
@@ -20,9 +23,29 @@ from inference.config import WorkerConfig
 from inference.engines.base import Engine
 from inference.metering import Clock
 from inference.metrics import METRICS_CONTENT_TYPE
+from inference.protocol import FRAME_HEADER_BYTES, MAX_FRAME_JPEG_BYTES, MAX_TEXT_MESSAGE_BYTES
 from inference.worker import Worker, WorkerStatus
 
-__all__ = ["Worker", "WorkerStatus", "create_inference_app", "worker_ops_router", "worker_router"]
+__all__ = [
+    "WEBSOCKET_SERVER_OPTIONS",
+    "Worker",
+    "WorkerStatus",
+    "create_inference_app",
+    "worker_ops_router",
+    "worker_router",
+]
+
+# Frames up to twice the limit still arrive and are answered with `frame_too_large`; anything bigger is
+# cut off by the WebSocket layer (close 1009) before it is buffered.
+WS_MAX_MESSAGE_BYTES: Final = 2 * (MAX_FRAME_JPEG_BYTES + FRAME_HEADER_BYTES + MAX_TEXT_MESSAGE_BYTES)
+
+# Keyword arguments for uvicorn wherever it serves `/ws` (`python -m inference`, `python -m app`, the bench).
+# Per-message deflate is uvicorn's default and every browser offers it, but the frames are JPEG, which
+# deflate cannot shrink: it only spends CPU on both ends, about 7 ms per frame of a 200 KB output on
+# loopback (docs/performance.md), all of it added to the latency the user sees.
+WEBSOCKET_SERVER_OPTIONS: Final[Mapping[str, Any]] = MappingProxyType(
+    {"ws_max_size": WS_MAX_MESSAGE_BYTES, "ws_per_message_deflate": False}
+)
 
 
 def worker_router(worker: Worker, *, path: str = "/") -> Router:

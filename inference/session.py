@@ -190,6 +190,7 @@ class StreamSession:
                 preview=is_preview(engine),
                 modes=list(engine.modes),
                 mode=self.mode or engine.modes[0].id,
+                pace=engine.max_batch == 1,
             )
         )
         self._queue(self._usage_message())

@@ -20,10 +20,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: Any, port: int | None = None, *, lifespan: str = "on") -> Iterator[str]:
-    """Serve `app` until the block ends; yields its base URL, e.g. "http://127.0.0.1:54321"."""
+def serve(app: Any, port: int | None = None, *, lifespan: str = "on", **options: Any) -> Iterator[str]:
+    """Serve `app` until the block ends; yields its base URL, e.g. "http://127.0.0.1:54321". `options` are
+    further uvicorn settings."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan, **options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

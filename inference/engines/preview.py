@@ -400,5 +400,7 @@ class PreviewEngine:
 
 def create_preview_engine(config: WorkerConfig) -> PreviewEngine:
     return PreviewEngine(
-        delay_seconds=config.preview_delay_seconds, warmup_seconds=config.preview_warmup_seconds
+        max_batch=config.max_batch,
+        delay_seconds=config.preview_delay_seconds,
+        warmup_seconds=config.preview_warmup_seconds,
     )

@@ -31,7 +31,7 @@ from inference.protocol import (
     pack_frame,
     unpack_frame,
 )
-from inference.server import Worker, create_inference_app
+from inference.server import WEBSOCKET_SERVER_OPTIONS, Worker, create_inference_app
 from inference.tickets import issue_ticket
 from tests.live_server import serve
 
@@ -131,7 +131,7 @@ def running_worker(
     wait_ready: bool = True,
 ) -> Iterator[RunningWorker]:
     app = create_inference_app(config or worker_config(), clock=clock, engine_factory=engine_factory)
-    with serve(app) as url:
+    with serve(app, **WEBSOCKET_SERVER_OPTIONS) as url:
         running = RunningWorker(
             url=url, ws_url=url.replace("http://", "ws://") + "/ws", app=app, worker=app.state.worker
         )

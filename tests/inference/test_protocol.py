@@ -93,6 +93,7 @@ def test_server_messages_are_json_tagged_by_type() -> None:
         "preview": True,
         "modes": [{"id": "preview", "label": "Preview", "approximate": False, "detail": "filters"}],
         "mode": "preview",
+        "pace": False,
     }
     assert encode_message(Warming()) == '{"type":"warming"}'
     assert msgspec.json.decode(encode_message(Error(code=ErrorCode.NOT_JPEG, message="m"))) == {

@@ -33,6 +33,7 @@ def test_round_trip_returns_a_styled_512_frame_tagged_with_the_input_id() -> Non
             preview=True,
             modes=list(PreviewEngine.modes),
             mode="preview",
+            pace=True,  # one frame per engine call (MAX_BATCH 1, the default): clients should pace
         )
         assert "preview" in ready.model.lower()
         usage = client.receive()

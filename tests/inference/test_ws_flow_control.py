@@ -1,6 +1,7 @@
-"""Flow control over the real `/ws`: every valid frame is acked as soon as it waits for the engine, a client
-keeps at most two frames unacknowledged and so streams at camera rate, and then the engine always finds a
-fresh frame per session when a batch ends: latency near one render, every session its fair share."""
+"""Flow control over the real `/ws`: every valid frame is acked as soon as it waits for the engine and a
+client keeps at most two frames unacknowledged; a client paced like the studio (inference.pacing) sends one
+frame per turn, timed to arrive just before it: the engine always finds a fresh frame per session when a
+batch ends, latency is about one render, and every session gets its fair share."""
 
 from __future__ import annotations
 
@@ -52,27 +53,54 @@ def test_each_valid_frame_is_acked_before_its_output_and_replaced_frames_get_non
         assert ack_at < output_at
 
 
-def test_one_session_gets_the_engine_rate_at_about_one_render_of_latency() -> None:
-    with running_worker(worker_config(preview_delay_seconds=RENDER_DELAY_SECONDS, max_batch=4)) as running:
-        result = asyncio.run(run_load(running.ws_url, SECRET, sessions=1, seconds=4.0, fps=30.0, steps=2))
-    (session,) = result["per_session"]
-    assert session["max_unacked"] <= 2
-    assert (
-        session["acks"] >= session["sent"] - 2
-    )  # all but the last frame or two, still on the wire at the end
-    assert not session["errors"]
-    # The client streams at camera rate, not at the engine's rate: most frames are replaced, unrendered.
-    assert session["sent_fps"] >= 20
-    assert session["sent"] >= 2 * session["delivered"]
-    # The engine is never idle: outputs come as fast as it renders...
-    engine_fps = 1000 / session["render_ms_mean"]
-    assert session["steady_fps"] >= 0.9 * engine_fps, session
-    # ...and each output was sent at most a camera interval before its render began: the old flow control
-    # (two frames unanswered, so the second waits a whole render behind the first) made this about 2x.
-    assert session["latency_p50_ms"] <= 1.5 * session["render_ms_p50"], session
+def test_a_paced_session_gets_the_engine_rate_with_less_latency_than_at_camera_rate() -> None:
+    # One frame per engine call (MAX_BATCH 1, the default): the worker's `ready` asks clients to pace.
+    with running_worker(worker_config(preview_delay_seconds=RENDER_DELAY_SECONDS)) as running:
+        paced, camera_rate = (
+            asyncio.run(
+                run_load(running.ws_url, SECRET, sessions=1, seconds=4.0, fps=30.0, steps=2, pacing=pacing)
+            )["per_session"][0]
+            for pacing in (None, False)
+        )
+    assert paced["pacing"] is True
+    assert camera_rate["pacing"] is False
+    for session in (paced, camera_rate):
+        assert session["max_unacked"] <= 2
+        assert session["acks"] >= session["sent"] - 2  # all but the last frame or two, still on the wire
+        assert not session["errors"]
+        # The engine is never idle: outputs come as fast as it renders.
+        engine_fps = 1000 / session["render_ms_mean"]
+        assert session["steady_fps"] >= 0.9 * engine_fps, session
+    # At camera rate most frames are replaced unrendered, and the one rendered waited for whatever was left
+    # of the render before it...
+    assert camera_rate["sent"] >= 2 * camera_rate["delivered"], camera_rate
+    assert camera_rate["latency_p50_ms"] <= 1.5 * camera_rate["render_ms_p50"], camera_rate
+    # ...while a paced client sends one frame per render, timed to arrive just before the engine is free.
+    assert paced["sent"] <= paced["delivered"] + 3, paced
+    assert paced["wait_ms_p50"] < camera_rate["wait_ms_p50"], (paced, camera_rate)
+    assert paced["latency_p50_ms"] < camera_rate["latency_p50_ms"], (paced, camera_rate)
+    assert paced["latency_p50_ms"] <= 1.25 * paced["render_ms_p50"], paced
+
+
+def test_four_paced_sessions_take_turns_at_about_one_render_of_latency() -> None:
+    with running_worker(worker_config(preview_delay_seconds=RENDER_DELAY_SECONDS)) as running:
+        four = asyncio.run(run_load(running.ws_url, SECRET, sessions=4, seconds=5.0, fps=30.0, steps=2))
+    sessions = four["per_session"]
+    rates = [session["fps"] for session in sessions]
+    assert min(rates) >= 0.8 * sum(rates) / len(rates), rates
+    for session in sessions:
+        assert session["pacing"] is True
+        assert session["max_unacked"] <= 2
+        assert session["delivered"] >= 5
+        # One frame per turn, hardly any replaced unrendered...
+        assert session["sent"] <= 1.2 * session["delivered"] + 3, session
+        # ...each timed to its turn: no render of another session's frame in front of it, mostly.
+        assert session["latency_p50_ms"] <= 1.3 * session["render_ms_p50"], session
 
 
 def test_four_sessions_each_get_a_fair_share_of_the_engine() -> None:
+    # A worker that batches sessions (MAX_BATCH 4) asks clients for camera rate, so that a frame of every
+    # session waits at each batch boundary.
     with running_worker(worker_config(preview_delay_seconds=RENDER_DELAY_SECONDS, max_batch=4)) as running:
         single = asyncio.run(run_load(running.ws_url, SECRET, sessions=1, seconds=3.0, fps=30.0, steps=2))
         batches = -running.metric("stylecast_worker_batch_size_count")
@@ -88,6 +116,7 @@ def test_four_sessions_each_get_a_fair_share_of_the_engine() -> None:
     # Batching four sessions costs no throughput against one session alone.
     assert four["aggregate_fps"] >= 0.9 * single["aggregate_fps"], (four["aggregate_fps"], single)
     for session in sessions:
+        assert session["pacing"] is False
         assert session["max_unacked"] <= 2
         assert session["delivered"] >= 5
         # Latency stays near one (batch) render here too, not a render plus a queue.

@@ -1,0 +1,122 @@
+"""When a client should send its next frame: one per service interval, timed to reach the worker just
+before the engine takes it (docs/protocol.md, "Pacing"). `inference.loadgen` uses this class; the studio's
+`Pacer` in app/static/studio.js is the same algorithm in JavaScript, so keep the two in step.
+
+Sent at camera rate instead, a frame waits in the worker's slot for whatever is left of the render before
+it, about half a camera interval on average, and most frames are replaced unrendered. The pacer needs no
+help from the worker: a frame's `ack` leaves the worker when the frame starts waiting and its output when
+the render ends, on the same socket, so `output - ack - render_ms` is the time it waited, measured on the
+client's own clock. The next frame is moved by half the difference between that wait and a small target
+(a margin that grows with the jitter of the waits), and the interval follows the time between outputs,
+never shorter than the camera's. For its first few outputs a session sends one frame at a time (the next
+when the last comes back): sessions that start together would otherwise fill the engine's line with
+frames that each wait a whole round before any of them knows the interval.
+
+Times are in seconds of a monotonic clock.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+# Share of each new sample in the running averages of the output interval (a plain mean of the first few,
+# so the first outputs set the pace at once) and of the wait and its jitter.
+INTERVAL_SMOOTHING: Final = 0.25
+WAIT_SMOOTHING: Final = 0.2
+# Share of the wait's error applied to the next send. When a newer frame is already on its way it carries
+# the same error, so only half is corrected at a time (settles in a few frames without overshooting);
+# otherwise nearly all of it.
+GAIN: Final = 0.5
+GAIN_NOTHING_IN_FLIGHT: Final = 0.9
+# The wait aimed for: twice the waits' mean deviation, so a jittery network still arrives before the engine
+# is free, within these bounds.
+MIN_MARGIN: Final = 0.004
+MAX_MARGIN: Final = 0.020
+JITTER_MARGINS: Final = 2.0
+# Outputs received one frame at a time before pacing starts, and how long such a frame may go unanswered
+# (refused, lost) before the next one is sent anyway.
+SETTLING_OUTPUTS: Final = 3
+SETTLING_TIMEOUT: Final = 1.0
+# A gap between outputs longer than this is a pause (a stall, a hidden tab), not the service interval.
+MAX_GAP: Final = 2.0
+# Acks kept for frames without an output yet; with at most two frames unacknowledged, a few are plenty.
+MAX_TRACKED_ACKS: Final = 8
+
+
+class FramePacer:
+    def __init__(self, camera_fps: float) -> None:
+        self.camera_interval = 1.0 / camera_fps
+        self.interval = self.camera_interval  # the session's service interval, as its outputs show it
+        self.wait = 0.0  # running average of how long rendered frames waited for the engine
+        self.jitter = 0.0  # running average of the waits' deviation from that
+        self.correction = 0.0  # the next send's shift, from the latest output; used once
+        self.outputs = 0
+        self._last_sent_id = 0
+        self._last_sent_at = -math.inf
+        # The camera's next frame: `camera_fps` a second on average (a late frame does not delay the ones
+        # after it), never two less than half a camera interval apart.
+        self._camera_due = -math.inf
+        self._last_output_id = 0
+        self._acked_at: dict[int, float] = {}
+        self._last_output_at: float | None = None
+        self._gaps = 0
+        self._waits = 0
+
+    @property
+    def margin(self) -> float:
+        """How long a frame should wait in the worker."""
+        return min(max(MIN_MARGIN, JITTER_MARGINS * self.jitter), MAX_MARGIN, self.interval / 4)
+
+    def acked(self, frame_id: int, at: float) -> None:
+        self._acked_at[frame_id] = at
+        if len(self._acked_at) > MAX_TRACKED_ACKS:  # frames that were replaced or refused
+            del self._acked_at[min(self._acked_at)]
+
+    def rendered(self, frame_id: int, render_ms: int, at: float) -> float | None:
+        """An output for `frame_id` arrived at `at`, and the worker says its render took `render_ms`.
+        Returns how long the frame waited for the engine (None when its ack was not seen)."""
+        self.outputs += 1
+        self._last_output_id = max(self._last_output_id, frame_id)
+        if self._last_output_at is not None and at - self._last_output_at <= MAX_GAP:
+            self._gaps += 1
+            share = max(INTERVAL_SMOOTHING, 1 / self._gaps)
+            gap = at - self._last_output_at
+            self.interval = max(self.camera_interval, self.interval + share * (gap - self.interval))
+        self._last_output_at = at
+        acked_at = self._acked_at.get(frame_id)
+        # Older frames were rendered or replaced: their acks will not be needed again.
+        self._acked_at = {frame: time for frame, time in self._acked_at.items() if frame > frame_id}
+        if acked_at is None:
+            return None
+        waited = max(0.0, at - acked_at - render_ms / 1000)
+        # Jitter is how much the waits of a settled pace vary: a wait far from the margin is the pace still
+        # settling (or a missed turn), which the correction below takes care of. It starts from none and
+        # grows only as fast as the running average lets it, so the settling does not count as jitter.
+        if self.outputs > SETTLING_OUTPUTS and abs(waited - self.margin) <= MAX_MARGIN:
+            if self._waits:
+                self.jitter += WAIT_SMOOTHING * (abs(waited - self.wait) - self.jitter)
+                self.wait += WAIT_SMOOTHING * (waited - self.wait)
+            else:
+                self.wait = waited
+            self._waits += 1
+        gain = GAIN if self._last_sent_id > frame_id else GAIN_NOTHING_IN_FLIGHT
+        limit = self.interval / 2
+        self.correction = min(max(gain * (waited - self.margin), -limit), limit)
+        return waited
+
+    def due(self) -> float:
+        """When the next frame should be sent (-inf: now). Ask again after each output: it moves."""
+        if self.outputs < SETTLING_OUTPUTS:
+            if self._last_sent_id > self._last_output_id:  # one frame at a time
+                return self._last_sent_at + SETTLING_TIMEOUT
+            return self._camera_due
+        return max(self._camera_due, self._last_sent_at + self.interval + self.correction)
+
+    def sent(self, frame_id: int, at: float) -> None:
+        """Frame `frame_id` was sent at `at` (ids increase): the correction is spent."""
+        self._last_sent_id = frame_id
+        self._last_sent_at = at
+        tick = at if math.isinf(self._camera_due) else max(self._camera_due, at - self.camera_interval / 2)
+        self._camera_due = tick + self.camera_interval
+        self.correction = 0.0
