@@ -423,7 +423,12 @@ class Bench:
                     )
                 else:
                     result = bench_system.measure_websocket(
-                        engine, sessions=tuple(args.sessions), seconds=args.seconds, mode=mode, steps=steps
+                        engine,
+                        sessions=tuple(args.sessions),
+                        seconds=args.seconds,
+                        mode=mode,
+                        steps=steps,
+                        levers=args.levers,
                     )
                 results.append({"mode": mode, "max_batch": max_batch, **result})
         engine.max_batch = max(args.batch)

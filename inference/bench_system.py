@@ -401,9 +401,10 @@ def _engine_call_ms(
 
 
 class _LoopbackServer:
-    """uvicorn serving ``app`` on 127.0.0.1 in a thread of this process, on a port the OS picked."""
+    """uvicorn serving ``app`` on 127.0.0.1 in a thread of this process, on a port the OS picked, configured
+    as ``python -m inference`` configures it; ``options`` overrule that (a lever measured against it)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **options: Any) -> None:
         import uvicorn
 
         from inference.server import WEBSOCKET_SERVER_OPTIONS
@@ -412,8 +413,8 @@ class _LoopbackServer:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))
         self.port = int(self._socket.getsockname()[1])
-        # As `python -m inference` configures it.
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", **WEBSOCKET_SERVER_OPTIONS)
+        settings = {**WEBSOCKET_SERVER_OPTIONS, **options}
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", **settings)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, name="bench-uvicorn", daemon=True
@@ -444,10 +445,14 @@ def measure_websocket(
     fps: float = 30.0,
     engine_iters: int = 5,
     ready_timeout: float = 900.0,
+    levers: bool = False,
 ) -> dict[str, Any]:
     """The worker's real ``/ws`` path on loopback: ``create_inference_app`` with ``engine`` (already loaded
     and warm) in a uvicorn thread of this process, a random STREAM_SECRET, no usage reporting; then
-    ``inference.loadgen.run_load`` for each count in ``sessions``, ``seconds`` each.
+    ``inference.loadgen.run_load`` for each count in ``sessions``, ``seconds`` each, pacing frames as the
+    worker's ``ready`` asks (as the studio does). With ``levers``, one session also runs at camera rate
+    and against a server with per-message deflate on (``variant`` "camera-rate", "deflate"; the others
+    are "shipped").
 
     First the engine's own time per ``render()`` call is measured here (median of ``engine_iters`` calls
     on the same 640x480 camera JPEGs, at batch 1 and at each batch size the runs can form): delivered FPS
@@ -456,12 +461,14 @@ def measure_websocket(
 
     Returns ``{"kind": "websocket", "mode", "steps", "camera_fps", "seconds", "engine",
     "max_batch", "engine_ms": {batch: {"median_ms", "first_ms", "times_ms"}}, "engine_fps",
-    "server_ready_s", "targets", "runs": [{"sessions", "aggregate_fps", "per_session_fps", "fairness",
-    "latency_p50_ms", "latency_p95_ms", "render_ms_p50", "fps_vs_engine", "latency_vs_engine_frame",
-    "latency_vs_engine_call", "meets_targets", "loadgen", "error"}], "table", "error"}``. Latency is
-    pooled over every delivered frame of the run; ``render_ms_p50`` is the render time the worker reported
-    with its output frames; ``loadgen`` is run_load's own record. When the worker
-    cannot be set up, ``error`` says why and ``runs`` is empty."""
+    "server_ready_s", "targets", "runs": [{"sessions", "variant", "pacing", "aggregate_fps",
+    "per_session_fps", "fairness", "latency_p50_ms", "latency_p95_ms", "wait_ms_p50", "render_ms_p50",
+    "fps_vs_engine", "latency_vs_engine_frame", "latency_vs_engine_call", "meets_targets", "loadgen",
+    "error"}], "table", "error"}``. Latency is pooled over every delivered frame of the run;
+    ``wait_ms_p50`` is how long the rendered frames waited for the engine, as the client measured it;
+    ``render_ms_p50`` is the render time the worker reported with its output frames; ``loadgen`` is
+    run_load's own record. Targets are judged on the shipped runs. When the worker cannot be set up,
+    ``error`` says why and ``runs`` is empty."""
     try:
         return _measure_websocket(
             engine,
@@ -472,6 +479,7 @@ def measure_websocket(
             fps=fps,
             engine_iters=engine_iters,
             ready_timeout=ready_timeout,
+            levers=levers,
         )
     except Exception as error:  # the bench's other measurements must survive a broken socket path
         message = f"{type(error).__name__}: {error}"
@@ -487,6 +495,42 @@ def measure_websocket(
         }
 
 
+def _websocket_run(
+    result: dict[str, Any], *, count: int, variant: str, engine_ms: dict[int, Any], max_batch: int
+) -> dict[str, Any]:
+    """One run_load result as a row of the websocket section."""
+    frame_ms = engine_ms[1]["median_ms"]
+    per_session = list(result.get("per_session", []))
+    rates = [float(session["fps"]) for session in per_session]
+    aggregate = sum(rates)
+    fair_share = aggregate / count
+    p50 = _finite(result.get("latency_p50_ms"))
+    p95 = _finite(result.get("latency_p95_ms"))
+    call_ms = engine_ms[min(count, max_batch)]["median_ms"]
+    fps_vs_engine = aggregate * frame_ms / 1000.0
+    return {
+        "sessions": count,
+        "variant": variant,
+        "pacing": all(result.get("pacing") or [False]),
+        "aggregate_fps": aggregate,
+        "per_session_fps": rates,
+        "fairness": min(rates) / fair_share if fair_share else 0.0,
+        "latency_p50_ms": _round(p50),
+        "latency_p95_ms": _round(p95),
+        "wait_ms_p50": _round(_finite(result.get("wait_ms_p50"))),
+        "render_ms_p50": _finite(result.get("render_ms_p50")),
+        "fps_vs_engine": fps_vs_engine,
+        "latency_vs_engine_frame": None if p50 is None else p50 / frame_ms,
+        "latency_vs_engine_call": None if p50 is None else p50 / call_ms,
+        "meets_targets": {
+            "fps": fps_vs_engine >= MIN_DELIVERED_VS_ENGINE,
+            "latency": p50 is not None and p50 <= MAX_LATENCY_VS_ENGINE * call_ms,
+        },
+        "loadgen": result,
+        "error": None,
+    }
+
+
 def _measure_websocket(
     engine: Engine,
     *,
@@ -497,6 +541,7 @@ def _measure_websocket(
     fps: float,
     engine_iters: int,
     ready_timeout: float,
+    levers: bool,
 ) -> dict[str, Any]:
     from inference import loadgen
     from inference.config import ENGINE_NAMES, WorkerConfig
@@ -532,81 +577,61 @@ def _measure_websocket(
         default_steps=steps,
         max_batch=engine.max_batch,
     )
-    app = create_inference_app(config, engine_factory=lambda: primed)  # type: ignore[arg-type, return-value]
-    worker = app.state.worker
+    # (variant, sessions, pacing override, server options), in the order they run; each server its own
+    # worker, so one lever's worker never serves another's runs.
+    cases: list[tuple[str, int, bool | None, dict[str, Any]]] = [
+        ("shipped", count, None, {}) for count in sessions
+    ]
+    if levers:
+        cases += [("camera-rate", 1, False, {}), ("deflate", 1, None, {"ws_per_message_deflate": True})]
     runs: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    with _LoopbackServer(app) as server:
-        deadline = time.monotonic() + ready_timeout
-        while worker.status is not WorkerStatus.READY:
-            if worker.status is WorkerStatus.FAILED or time.monotonic() > deadline:
-                reason = worker.failure or f"still {worker.status} after {ready_timeout:.0f} s"
-                raise RuntimeError(f"the loopback worker is not ready: {reason}")
-            time.sleep(0.05)
-        server_ready_s = time.perf_counter() - started
-        url = f"ws://127.0.0.1:{server.port}/ws"
-        for count in sessions:
-            options: dict[str, Any] = {
-                "url": url,
-                "secret": config.stream_secret,
-                "sessions": count,
-                "seconds": seconds,
-                "fps": fps,
-                "steps": steps,
-                "mode": mode or None,
-            }
-            try:
-                result = asyncio.run(loadgen.run_load(**options))
-            except Exception as error:  # one failing case must not cost the others
-                runs.append({"sessions": count, "error": f"{type(error).__name__}: {error}"})
-                continue
-            per_session = list(result.get("per_session", []))
-            rates = [float(session["fps"]) for session in per_session]
-            aggregate = sum(rates)
-            fair_share = aggregate / count
-            delivered = [session for session in per_session if session.get("delivered")]
-            # Pooled over every delivered frame when this loadgen reports it, else the sessions' middle p50.
-            p50 = _finite(result.get("latency_p50_ms"))
-            if p50 is None:
-                p50 = _median([float(session["latency_p50_ms"]) for session in delivered])
-            p95 = _finite(result.get("latency_p95_ms"))
-            if p95 is None and delivered:
-                p95 = max(float(session["latency_p95_ms"]) for session in delivered)
-            call_ms = engine_ms[min(count, engine.max_batch)]["median_ms"]
-            fps_vs_engine = aggregate / engine_fps
-            runs.append(
-                {
-                    "sessions": count,
-                    "aggregate_fps": aggregate,
-                    "per_session_fps": rates,
-                    "fairness": min(rates) / fair_share if fair_share else 0.0,
-                    "latency_p50_ms": _round(p50),
-                    "latency_p95_ms": _round(p95),
-                    # The render time the worker reported with each output frame, if this loadgen keeps it.
-                    "render_ms_p50": _finite(result.get("render_ms_p50")),
-                    "fps_vs_engine": fps_vs_engine,
-                    "latency_vs_engine_frame": None if p50 is None else p50 / frame_ms,
-                    "latency_vs_engine_call": None if p50 is None else p50 / call_ms,
-                    "meets_targets": {
-                        "fps": fps_vs_engine >= MIN_DELIVERED_VS_ENGINE,
-                        "latency": p50 is not None and p50 <= MAX_LATENCY_VS_ENGINE * call_ms,
-                    },
-                    "loadgen": result,
-                    "error": None,
-                }
-            )
+    server_ready_s = None
+    for options in ({}, {"ws_per_message_deflate": True}):
+        server_cases = [case for case in cases if case[3] == options]
+        if not server_cases:
+            continue
+        app = create_inference_app(config, engine_factory=lambda: primed)  # type: ignore[arg-type, return-value]
+        worker = app.state.worker
+        started = time.perf_counter()
+        with _LoopbackServer(app, **options) as server:
+            deadline = time.monotonic() + ready_timeout
+            while worker.status is not WorkerStatus.READY:
+                if worker.status is WorkerStatus.FAILED or time.monotonic() > deadline:
+                    reason = worker.failure or f"still {worker.status} after {ready_timeout:.0f} s"
+                    raise RuntimeError(f"the loopback worker is not ready: {reason}")
+                time.sleep(0.05)
+            if server_ready_s is None:
+                server_ready_s = time.perf_counter() - started
+            url = f"ws://127.0.0.1:{server.port}/ws"
+            for variant, count, pacing, _ in server_cases:
+                load = {"sessions": count, "seconds": seconds, "fps": fps, "steps": steps}
+                try:
+                    result = asyncio.run(
+                        loadgen.run_load(url, config.stream_secret, **load, mode=mode or None, pacing=pacing)
+                    )
+                except Exception as error:  # one failing case must not cost the others
+                    message = f"{type(error).__name__}: {error}"
+                    runs.append({"sessions": count, "variant": variant, "error": message})
+                    continue
+                runs.append(
+                    _websocket_run(
+                        result, count=count, variant=variant, engine_ms=engine_ms, max_batch=engine.max_batch
+                    )
+                )
     header = (
-        f"{'sessions':>8s} {'delivered fps':>13s} {'vs engine':>9s} {'p50 ms':>7s} {'p95 ms':>7s} "
-        f"{'p50/call':>8s} {'fairness':>8s}  (engine: {frame_ms:.1f} ms = {engine_fps:.2f} fps at batch 1)"
+        f"{'sessions':>8s} {'variant':>11s} {'delivered fps':>13s} {'vs engine':>9s} {'p50 ms':>7s} "
+        f"{'p95 ms':>7s} {'wait ms':>7s} {'p50/call':>8s} {'fairness':>8s}  "
+        f"(engine: {frame_ms:.1f} ms = {engine_fps:.2f} fps at batch 1)"
     )
     table = [header]
     for run in runs:
         if run["error"] is not None:
-            table.append(f"{run['sessions']:8d}  ERROR {run['error']}")
+            table.append(f"{run['sessions']:8d} {run['variant']:>11s}  ERROR {run['error']}")
             continue
         table.append(
-            f"{run['sessions']:8d} {run['aggregate_fps']:13.2f} {run['fps_vs_engine']:9.2f} "
-            f"{_fmt(run['latency_p50_ms'], '7.1f'):>7s} {_fmt(run['latency_p95_ms'], '7.1f'):>7s} "
+            f"{run['sessions']:8d} {run['variant']:>11s} {run['aggregate_fps']:13.2f} "
+            f"{run['fps_vs_engine']:9.2f} {_fmt(run['latency_p50_ms'], '7.1f'):>7s} "
+            f"{_fmt(run['latency_p95_ms'], '7.1f'):>7s} {_fmt(run['wait_ms_p50'], '7.1f'):>7s} "
             f"{_fmt(run['latency_vs_engine_call'], '8.2f'):>8s} {run['fairness']:8.2f}"
         )
     return {
@@ -619,7 +644,7 @@ def _measure_websocket(
         "max_batch": engine.max_batch,
         "engine_ms": {str(size): timing for size, timing in engine_ms.items()},
         "engine_fps": engine_fps,
-        "server_ready_s": round(server_ready_s, 2),
+        "server_ready_s": None if server_ready_s is None else round(server_ready_s, 2),
         "targets": {
             "min_delivered_vs_engine": MIN_DELIVERED_VS_ENGINE,
             "max_latency_vs_engine_call": MAX_LATENCY_VS_ENGINE,

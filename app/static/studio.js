@@ -1,11 +1,13 @@
 // Stylecast studio: webcam → GPU worker → styled canvas, speaking the protocol in docs/protocol.md.
 //
-// Hot-path rules: frames are captured with the async canvas.toBlob (never toDataURL) at camera rate (at
-// most MAX_CAPTURE_FPS), at most MAX_UNACKED frames are on the wire unacknowledged at any time (the worker
-// acks a frame as soon as it waits for the GPU, keeping one per session: no queue can grow, and the GPU
-// always finds a frame at most one camera interval old), output frames are decoded with createImageBitmap
-// and drawn in requestAnimationFrame, and the HUD updates a few text nodes a few times a second — nothing
-// per frame touches the DOM.
+// Hot-path rules: frames are captured with the async canvas.toBlob (never toDataURL), at most
+// MAX_CAPTURE_FPS a second, and at most MAX_UNACKED frames are on the wire unacknowledged at any time (the
+// worker acks a frame as soon as it waits for the GPU, keeping one per session: no queue can grow). When
+// the worker's `ready` says `pace`, the Pacer times each capture to reach the worker just before the GPU
+// is free for this session (one frame per turn, hardly any wait); otherwise frames go at camera rate and
+// the GPU finds one at most a camera interval old. Output frames are decoded with createImageBitmap and
+// drawn in requestAnimationFrame, and the HUD updates a few text nodes a few times a second — nothing per
+// frame touches the DOM.
 
 const SIZE = 512;
 const MAX_UNACKED = 2;
@@ -18,6 +20,98 @@ const STALE_FRAME_MS = 4000; // an unacknowledged frame older than this no longe
 const CLOSE_BAD_TICKET = 4401;
 const CLOSE_ALLOWANCE_USED = 4402;
 const CLOSE_NORMAL = 1000;
+
+// When to send the next frame: one per service interval, timed by how long the last rendered frame
+// waited for the engine (its output's arrival, less its ack's, less the render time the worker reports).
+// The same algorithm as inference/pacing.py (the reasoning is there and in docs/protocol.md): keep the two
+// in step. Times in milliseconds of performance.now().
+const PACING = {
+  intervalSmoothing: 0.25,
+  waitSmoothing: 0.2,
+  gain: 0.5,
+  gainNothingInFlight: 0.9,
+  minMarginMs: 4,
+  maxMarginMs: 20,
+  jitterMargins: 2,
+  settlingOutputs: 3,
+  settlingTimeoutMs: 1000,
+  maxGapMs: 2000,
+  maxTrackedAcks: 8,
+};
+
+class Pacer {
+  constructor(cameraFps) {
+    this.cameraInterval = 1000 / cameraFps;
+    this.interval = this.cameraInterval;
+    this.wait = 0;
+    this.jitter = 0;
+    this.correction = 0;
+    this.outputs = 0;
+    this.lastSentId = 0;
+    this.lastSentAt = -Infinity;
+    this.cameraDue = -Infinity;
+    this.lastOutputId = 0;
+    this.lastOutputAt = null;
+    this.gaps = 0;
+    this.waits = 0;
+    this.ackedAt = new Map();
+  }
+
+  get margin() {
+    const wanted = Math.max(PACING.minMarginMs, PACING.jitterMargins * this.jitter);
+    return Math.min(wanted, PACING.maxMarginMs, this.interval / 4);
+  }
+
+  acked(frameId, at) {
+    this.ackedAt.set(frameId, at);
+    if (this.ackedAt.size > PACING.maxTrackedAcks) this.ackedAt.delete(Math.min(...this.ackedAt.keys()));
+  }
+
+  // Returns how long the frame waited for the engine, or null when its ack was not seen.
+  rendered(frameId, renderMs, at) {
+    this.outputs += 1;
+    this.lastOutputId = Math.max(this.lastOutputId, frameId);
+    if (this.lastOutputAt !== null && at - this.lastOutputAt <= PACING.maxGapMs) {
+      this.gaps += 1;
+      const share = Math.max(PACING.intervalSmoothing, 1 / this.gaps);
+      this.interval = Math.max(this.cameraInterval, this.interval + share * (at - this.lastOutputAt - this.interval));
+    }
+    this.lastOutputAt = at;
+    const ackedAt = this.ackedAt.get(frameId);
+    for (const frame of [...this.ackedAt.keys()]) if (frame <= frameId) this.ackedAt.delete(frame);
+    if (ackedAt === undefined) return null;
+    const waited = Math.max(0, at - ackedAt - renderMs);
+    if (this.outputs > PACING.settlingOutputs && Math.abs(waited - this.margin) <= PACING.maxMarginMs) {
+      if (this.waits) {
+        this.jitter += PACING.waitSmoothing * (Math.abs(waited - this.wait) - this.jitter);
+        this.wait += PACING.waitSmoothing * (waited - this.wait);
+      } else {
+        this.wait = waited;
+      }
+      this.waits += 1;
+    }
+    const gain = this.lastSentId > frameId ? PACING.gain : PACING.gainNothingInFlight;
+    const limit = this.interval / 2;
+    this.correction = Math.min(Math.max(gain * (waited - this.margin), -limit), limit);
+    return waited;
+  }
+
+  due() {
+    if (this.outputs < PACING.settlingOutputs) {
+      if (this.lastSentId > this.lastOutputId) return this.lastSentAt + PACING.settlingTimeoutMs;
+      return this.cameraDue;
+    }
+    return Math.max(this.cameraDue, this.lastSentAt + this.interval + this.correction);
+  }
+
+  sent(frameId, at) {
+    this.lastSentId = frameId;
+    this.lastSentAt = at;
+    const tick = Number.isFinite(this.cameraDue) ? Math.max(this.cameraDue, at - this.cameraInterval / 2) : at;
+    this.cameraDue = tick + this.cameraInterval;
+    this.correction = 0;
+  }
+}
 
 const $ = (id) => document.getElementById(id);
 const root = $("studio");
@@ -77,6 +171,9 @@ const session = {
   modes: [], // the engine's render modes, from `ready`; the first is the default
   lastCaptureAt: 0,
   capturing: false,
+  pace: false, // the worker's `ready` asked for paced frames
+  pacer: new Pacer(MAX_CAPTURE_FPS), // a new one per connection
+  captureTimer: 0,
   reconnectAttempt: 0,
   reconnectTimer: 0,
   pendingBitmap: null,
@@ -171,15 +268,30 @@ function forgetStaleFrames(now) {
 function forgetFrames() {
   session.unacked.clear();
   session.sentAt.clear();
+  session.pacer = new Pacer(MAX_CAPTURE_FPS);
+  clearTimeout(session.captureTimer);
+}
+
+// Paced frames are captured on a timer at the pacer's due time (display frames are too coarse for it);
+// the timer is set again whenever the worker's news moves that time.
+function armCaptureTimer() {
+  clearTimeout(session.captureTimer);
+  if (!session.pace || !session.ready) return;
+  session.captureTimer = setTimeout(maybeCapture, Math.max(0, session.pacer.due() - performance.now()));
 }
 
 function maybeCapture() {
   const socket = session.socket;
   if (!session.ready || !socket || socket.readyState !== WebSocket.OPEN || session.capturing) return;
+  if (document.hidden) return; // a hidden tab sends nothing, and is not billed
   const now = performance.now();
   forgetStaleFrames(now);
   if (session.unacked.size >= MAX_UNACKED) return;
-  if (now - session.lastCaptureAt < 1000 / MAX_CAPTURE_FPS - CAPTURE_SLACK_MS) return;
+  if (session.pace) {
+    if (now < session.pacer.due()) return armCaptureTimer();
+  } else if (now - session.lastCaptureAt < 1000 / MAX_CAPTURE_FPS - CAPTURE_SLACK_MS) {
+    return;
+  }
   if (!drawCameraSquare()) return;
   session.capturing = true;
   session.lastCaptureAt = now;
@@ -196,9 +308,11 @@ function maybeCapture() {
         const sentAt = performance.now();
         session.unacked.set(id, sentAt);
         session.sentAt.set(id, sentAt);
+        session.pacer.sent(id, sentAt);
         socket.send(message);
       } finally {
         session.capturing = false;
+        armCaptureTimer();
       }
     },
     "image/jpeg",
@@ -206,8 +320,8 @@ function maybeCapture() {
   );
 }
 
-// Capture is paced by the display, the camera rate cap and the flow control, so a hidden tab sends
-// nothing and is not billed.
+// Capture is driven by the display (and, when paced, by the capture timer), the camera rate cap and the
+// flow control; a hidden tab sends nothing and is not billed.
 function captureLoop() {
   if (!session.wanted) return;
   maybeCapture();
@@ -229,8 +343,10 @@ function captureLoop() {
 
 async function onBinary(buffer) {
   if (buffer.byteLength <= HEADER_BYTES) return;
+  const now = performance.now();
   const view = new DataView(buffer);
   const id = view.getUint32(0, true);
+  session.pacer.rendered(id, view.getUint32(4, true), now);
   const sentAt = session.sentAt.get(id);
   // Ids increase and the worker keeps only the latest frame of a session, so an output for `id` means every
   // older frame was rendered or replaced: none of them will come back (and all of them were acked).
@@ -239,7 +355,7 @@ async function onBinary(buffer) {
       if (pending <= id) frames.delete(pending);
     }
   }
-  const now = performance.now();
+  armCaptureTimer();
   if (sentAt !== undefined) session.lastLatency = now - sentAt;
   session.delivered.push(now);
   try {
@@ -261,12 +377,15 @@ function onText(data) {
   switch (message.type) {
     case "ack":
       session.unacked.delete(message.frame); // off the wire: the next camera frame may go
+      session.pacer.acked(message.frame, performance.now());
+      armCaptureTimer();
       break;
     case "warming":
       setStatus("warming");
       break;
     case "ready":
       session.ready = true;
+      session.pace = message.pace === true;
       session.reconnectAttempt = 0;
       ui.engine.hidden = !message.preview;
       ui.engine.textContent = message.preview ? "PREVIEW · CPU filters" : message.model;

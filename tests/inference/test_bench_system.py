@@ -44,23 +44,39 @@ def test_sessions_through_the_scheduler(engine: Flux2Engine) -> None:
     assert len(result["table"]) == 3
 
 
-def test_websocket_on_loopback(engine: Flux2Engine) -> None:
-    result = bench_system.measure_websocket(engine, sessions=(1,), seconds=2.0, engine_iters=2)
+def test_websocket_on_loopback_with_its_levers(engine: Flux2Engine) -> None:
+    engine.max_batch = 1  # as the bench's default --system-max-batch: the worker asks clients to pace
+    try:
+        result = bench_system.measure_websocket(
+            engine, sessions=(1,), seconds=2.0, engine_iters=2, levers=True
+        )
+    finally:
+        engine.max_batch = 2
 
     json.dumps(result)
     assert result["error"] is None
     assert result["engine_ms"]["1"]["median_ms"] > 0
     assert result["engine_fps"] == pytest.approx(1000 / result["engine_ms"]["1"]["median_ms"])
-    (run,) = result["runs"]
-    assert run["error"] is None
-    assert run["aggregate_fps"] > 0
-    assert run["per_session_fps"] == [run["aggregate_fps"]]
-    assert run["latency_p50_ms"] > 0
-    assert run["latency_vs_engine_frame"] == pytest.approx(
-        run["latency_p50_ms"] / result["engine_ms"]["1"]["median_ms"], rel=1e-3
-    )
-    assert run["fairness"] == pytest.approx(1.0)
-    assert len(result["table"]) == 2
+    assert [(run["variant"], run["pacing"]) for run in result["runs"]] == [
+        ("shipped", True),
+        ("camera-rate", False),
+        ("deflate", True),
+    ]
+    for run in result["runs"]:
+        assert run["error"] is None
+        assert run["aggregate_fps"] > 0
+        assert run["per_session_fps"] == [run["aggregate_fps"]]
+        assert run["latency_p50_ms"] > 0
+        assert run["wait_ms_p50"] is not None
+        assert run["latency_vs_engine_frame"] == pytest.approx(
+            run["latency_p50_ms"] / result["engine_ms"]["1"]["median_ms"], rel=1e-3
+        )
+        assert run["fairness"] == pytest.approx(1.0)
+    # Paced frames are sent one per render; at camera rate most are replaced before the engine takes them.
+    shipped, camera_rate, _ = (run["loadgen"]["per_session"][0] for run in result["runs"])
+    assert shipped["sent"] <= shipped["delivered"] + 3
+    assert camera_rate["sent"] > shipped["sent"]
+    assert len(result["table"]) == 4
 
 
 def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 import statistics
@@ -184,19 +185,47 @@ def test_snapshot_and_recording_downloads(start_app: Callable[..., AppProcess], 
     assert (decoded[0].width, decoded[0].height) == (512, 512)
 
 
-def test_flow_control_with_a_slow_engine(start_app: Callable[..., AppProcess], page: Any) -> None:
-    app = start_app(PREVIEW_DELAY_MS="250")
+def test_a_slow_engine_gets_paced_frames_at_about_one_render_of_latency(
+    start_app: Callable[..., AppProcess], page: Any
+) -> None:
+    app = start_app(PREVIEW_DELAY_MS="250")  # one frame per engine call: `ready` asks the studio to pace
     wire = start_streaming(page, app, "slow@example.com")
+    (ready,) = wire.messages("ready")
+    assert ready["pace"] is True
     wait_until(page, lambda: wire.frames() >= 12, 60, "frames from the slow engine")
-    page.wait_for_timeout(2000)
-    # Never more than two frames unacknowledged, so nothing queues up anywhere...
+    page.wait_for_timeout(1000)
+    # Never more than two frames unacknowledged, every frame acknowledged...
     assert wire.max_unacked <= 2
-    # ...every frame is acknowledged (the worker holds the latest, the rest are replaced)...
     assert len(wire.messages("ack")) >= len(wire.sent) - 2
-    # ...so the studio sends at camera rate, not at the engine's: most frames are never rendered...
+    # ...and one frame sent per render, not a camera's worth replaced unrendered in the worker...
+    assert len(wire.sent) <= 1.2 * wire.frames() + 3, (len(wire.sent), wire.frames())
+    # ...each timed to arrive just before the engine is free: latency is one render and a little.
+    latencies = wire.latencies()
+    late = latencies[len(latencies) // 2 :]
+    render_seconds = statistics.median(wire.render_ms[len(wire.render_ms) // 2 :]) / 1000
+    assert statistics.median(late) < 1.3 * render_seconds, (late, render_seconds)
+    # The engine was kept busy: outputs came about one render apart.
+    with wire.lock:
+        arrivals = [at for _, at in wire.received][len(wire.received) // 2 :]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    assert statistics.median(gaps) < 1.3 * render_seconds, (gaps, render_seconds)
+
+
+def test_a_batching_worker_gets_frames_at_camera_rate(
+    start_app: Callable[..., AppProcess], page: Any
+) -> None:
+    app = start_app(PREVIEW_DELAY_MS="250", MAX_BATCH="4")  # batches sessions: `ready` says not to pace
+    wire = start_streaming(page, app, "batching@example.com")
+    (ready,) = wire.messages("ready")
+    assert ready["pace"] is False
+    wait_until(page, lambda: wire.frames() >= 8, 60, "frames from the slow engine")
+    page.wait_for_timeout(1000)
+    assert wire.max_unacked <= 2
+    assert len(wire.messages("ack")) >= len(wire.sent) - 2
+    # At camera rate most frames are replaced unrendered, so a frame waits at every batch boundary...
     assert len(wire.sent) >= 2 * wire.frames(), (len(wire.sent), wire.frames())
-    # ...and the frame the engine picks is at most a camera interval old: latency is about one render, not
-    # a render plus a queue (two frames unanswered made it two renders).
+    # ...and the one the engine picks is at most a camera interval old: latency is about one render, not a
+    # render plus a queue (two frames unanswered made it two renders).
     latencies = wire.latencies()
     late = latencies[len(latencies) // 2 :]
     assert max(late) < 1.5, f"latency grew: {late}"
