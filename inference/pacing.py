@@ -40,8 +40,9 @@ SETTLING_OUTPUTS: Final = 3
 SETTLING_TIMEOUT: Final = 1.0
 # A gap between outputs longer than this is a pause (a stall, a hidden tab), not the service interval.
 MAX_GAP: Final = 2.0
-# Acks kept for frames without an output yet; with at most two frames unacknowledged, a few are plenty.
-MAX_TRACKED_ACKS: Final = 8
+# Acks kept for frames without an output yet: paced, one or two; at camera rate, a camera's worth of frames
+# for a render of up to two seconds.
+MAX_TRACKED_ACKS: Final = 64
 
 
 class FramePacer:

@@ -36,7 +36,7 @@ const PACING = {
   settlingOutputs: 3,
   settlingTimeoutMs: 1000,
   maxGapMs: 2000,
-  maxTrackedAcks: 8,
+  maxTrackedAcks: 64,
 };
 
 class Pacer {
