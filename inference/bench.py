@@ -462,6 +462,10 @@ def environment(engine: Flux2Engine) -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         info["git_commit"] = commit.stdout.strip()
+        # A copy of a working tree (a GPU machine's) can run code that differs from its .git's HEAD.
+        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        changes = subprocess.run(status, capture_output=True, text=True, check=True)
+        info["git_tracked_changes"] = bool(changes.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         info["git_commit"] = None
     return info
