@@ -92,7 +92,7 @@ class SessionResult:
     acks: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
-    waits_ms: list[float] = field(default_factory=list)  # how long each rendered frame waited for the engine
+    waits_ms: list[int] = field(default_factory=list)  # how long each rendered frame waited (worker's word)
     render_ms: list[int] = field(default_factory=list)
     received_at: list[float] = field(default_factory=list)  # perf_counter() of each delivered output
     max_unanswered: int = 0  # sent frames neither answered (output, error) nor superseded by a newer output
@@ -122,7 +122,7 @@ class SessionResult:
             "sent_fps": self.sent / seconds,
             "latency_p50_ms": latency_p50,
             "latency_p95_ms": _percentile(self.latencies_ms, 0.95),
-            "wait_ms_p50": _median(self.waits_ms),
+            "wait_ms_p50": _median([float(ms) for ms in self.waits_ms]),
             "render_ms_p50": render_p50,
             "render_ms_mean": statistics.fmean(self.render_ms) if self.render_ms else float("nan"),
             # Send-to-receive over the engine call's own time; 1.0 would be a frame that never waited.
@@ -183,7 +183,6 @@ async def run_session(
                     message = decode_server_message(data)
                     if isinstance(message, Ack):
                         result.acks += 1
-                        pacer.acked(message.frame, now)
                         unacked.pop(message.frame, None)
                     elif isinstance(message, Error):
                         result.errors[message.code.value] += 1
@@ -191,11 +190,10 @@ async def run_session(
                             sent_at.pop(message.frame, None)
                             unacked.pop(message.frame, None)
                     continue
-                frame_id, render_ms, _ = unpack_frame(data)
-                waited = pacer.rendered(frame_id, render_ms, now)
+                frame_id, render_ms, waited_ms, _ = unpack_frame(data)
+                pacer.rendered(frame_id, waited_ms, now)
                 if frame_id in sent_at:
-                    if waited is not None:
-                        result.waits_ms.append(waited * 1000)
+                    result.waits_ms.append(waited_ms)
                     result.latencies_ms.append((now - sent_at[frame_id]) * 1000)
                     result.render_ms.append(render_ms)
                     result.received_at.append(now)
@@ -269,7 +267,7 @@ async def run_load(
     rates = [float(summary["fps"]) for summary in per_session]  # type: ignore[arg-type]
     fair_share = sum(rates) / len(rates)
     latencies = [latency for result in results for latency in result.latencies_ms]
-    waits = [wait for result in results for wait in result.waits_ms]
+    waits = [float(wait) for result in results for wait in result.waits_ms]
     render_ms = [float(ms) for result in results for ms in result.render_ms]
     latency_p50 = _median(latencies)
     render_p50 = _median(render_ms)

@@ -3,14 +3,14 @@ before the engine takes it (docs/protocol.md, "Pacing"). `inference.loadgen` use
 `Pacer` in app/static/studio.js is the same algorithm in JavaScript, so keep the two in step.
 
 Sent at camera rate instead, a frame waits in the worker's slot for whatever is left of the render before
-it, about half a camera interval on average, and most frames are replaced unrendered. The pacer needs no
-help from the worker: a frame's `ack` leaves the worker when the frame starts waiting and its output when
-the render ends, on the same socket, so `output - ack - render_ms` is the time it waited, measured on the
-client's own clock. The next frame is moved by half the difference between that wait and a small target
-(a margin that grows with the jitter of the waits), and the interval follows the time between outputs,
-never shorter than the camera's. For its first few outputs a session sends one frame at a time (the next
-when the last comes back): sessions that start together would otherwise fill the engine's line with
-frames that each wait a whole round before any of them knows the interval.
+it, about half a camera interval on average, and most frames are replaced unrendered. Each output frame's
+header says how long its input waited for the engine (the worker measures it: arrival to render start;
+the client cannot, since an output's own transfer time would count as waiting). The next frame is moved
+by (most of) the difference between that wait and a small target (a margin that grows with the jitter of
+the waits), and the interval follows the time between outputs, never shorter than the camera's. For its
+first few outputs a session sends one frame at a time (the next when the last comes back): sessions that
+start together would otherwise fill the engine's line with frames that each wait a whole round before
+any of them knows the interval.
 
 Times are in seconds of a monotonic clock.
 """
@@ -40,9 +40,6 @@ SETTLING_OUTPUTS: Final = 3
 SETTLING_TIMEOUT: Final = 1.0
 # A gap between outputs longer than this is a pause (a stall, a hidden tab), not the service interval.
 MAX_GAP: Final = 2.0
-# Acks kept for frames without an output yet: paced, one or two; at camera rate, a camera's worth of frames
-# for a render of up to two seconds.
-MAX_TRACKED_ACKS: Final = 64
 
 
 class FramePacer:
@@ -59,7 +56,6 @@ class FramePacer:
         # after it), never two less than half a camera interval apart.
         self._camera_due = -math.inf
         self._last_output_id = 0
-        self._acked_at: dict[int, float] = {}
         self._last_output_at: float | None = None
         self._gaps = 0
         self._waits = 0
@@ -69,28 +65,20 @@ class FramePacer:
         """How long a frame should wait in the worker."""
         return min(max(MIN_MARGIN, JITTER_MARGINS * self.jitter), MAX_MARGIN, self.interval / 4)
 
-    def acked(self, frame_id: int, at: float) -> None:
-        self._acked_at[frame_id] = at
-        if len(self._acked_at) > MAX_TRACKED_ACKS:  # frames that were replaced or refused
-            del self._acked_at[min(self._acked_at)]
-
-    def rendered(self, frame_id: int, render_ms: int, at: float) -> float | None:
-        """An output for `frame_id` arrived at `at`, and the worker says its render took `render_ms`.
-        Returns how long the frame waited for the engine (None when its ack was not seen)."""
+    def rendered(self, frame_id: int, waited_ms: int, at: float) -> None:
+        """An output for `frame_id` arrived at `at`; the worker says its input waited `waited_ms` (negative:
+        the engine had been idle that long when it arrived)."""
         self.outputs += 1
         self._last_output_id = max(self._last_output_id, frame_id)
+        waited = waited_ms / 1000
         if self._last_output_at is not None and at - self._last_output_at <= MAX_GAP:
             self._gaps += 1
             share = max(INTERVAL_SMOOTHING, 1 / self._gaps)
-            gap = at - self._last_output_at
+            # The engine's time idle for this frame is not part of the session's turn: counted in, a frame
+            # late by that much would set the pace at one frame per round trip.
+            gap = at - self._last_output_at - max(0.0, -waited)
             self.interval = max(self.camera_interval, self.interval + share * (gap - self.interval))
         self._last_output_at = at
-        acked_at = self._acked_at.get(frame_id)
-        # Older frames were rendered or replaced: their acks will not be needed again.
-        self._acked_at = {frame: time for frame, time in self._acked_at.items() if frame > frame_id}
-        if acked_at is None:
-            return None
-        waited = max(0.0, at - acked_at - render_ms / 1000)
         # Jitter is how much the waits of a settled pace vary: a wait far from the margin is the pace still
         # settling (or a missed turn), which the correction below takes care of. It starts from none and
         # grows only as fast as the running average lets it, so the settling does not count as jitter.
@@ -104,7 +92,6 @@ class FramePacer:
         gain = GAIN if self._last_sent_id > frame_id else GAIN_NOTHING_IN_FLIGHT
         limit = self.interval / 2
         self.correction = min(max(gain * (waited - self.margin), -limit), limit)
-        return waited
 
     def due(self) -> float:
         """When the next frame should be sent (-inf: now). Ask again after each output: it moves."""

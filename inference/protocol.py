@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, StrEnum
-from typing import Annotated, Final
+from typing import Annotated, Final, NamedTuple
 
 import msgspec
 
@@ -24,12 +24,16 @@ MAX_SEED: Final = 2**32 - 1  # every UI and generator agrees on uint32; larger v
 MAX_FRAME_JPEG_BYTES: Final = 1024 * 1024
 MAX_TEXT_MESSAGE_BYTES: Final = 16 * 1024  # a 500-char prompt is at most ~3 KiB of escaped JSON
 
-# Binary frame header, both directions: uint32 frame id, uint32 "milliseconds" (little-endian).
-# Input frames: the client picks the id (the worker echoes it) and sends 0 as the second word.
-# Output frames: the id of the input frame they were rendered from, and how long the render took.
-FRAME_HEADER: Final = struct.Struct("<II")
+# Binary frame header, both directions, little-endian: uint32 frame id, uint16 render milliseconds, int16
+# waited milliseconds. Input frames: the client picks the id (the worker echoes it) and sends zeros.
+# Output frames: the id of the input frame they were rendered from, how long the render took, and how long
+# that frame waited for the engine after it arrived, negative when the engine had been idle that long when
+# it arrived (what a pacing client steers by, docs/protocol.md).
+FRAME_HEADER: Final = struct.Struct("<IHh")
 FRAME_HEADER_BYTES: Final = FRAME_HEADER.size
 MAX_FRAME_ID: Final = 2**32 - 1
+MAX_RENDER_MS: Final = 2**16 - 1  # longer renders are reported as this
+MAX_WAITED_MS: Final = 2**15 - 1  # longer waits (and idle times) are reported as this (and its negative)
 
 Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
 Steps = Annotated[int, msgspec.Meta(ge=MIN_STEPS, le=MAX_STEPS)]
@@ -189,15 +193,23 @@ def decode_server_message(data: str | bytes) -> Warming | Ready | Ack | Usage | 
     return msgspec.json.decode(data, type=ServerMessage)
 
 
-def pack_frame(frame_id: int, jpeg: bytes, milliseconds: int = 0) -> bytes:
-    return FRAME_HEADER.pack(frame_id, min(max(milliseconds, 0), MAX_FRAME_ID)) + jpeg
+class Frame(NamedTuple):
+    frame_id: int
+    render_ms: int  # output frames: how long the render took; input frames: 0
+    waited_ms: int  # output frames: how long the input waited for the engine (< 0: idle); input frames: 0
+    jpeg: bytes
 
 
-def unpack_frame(data: bytes) -> tuple[int, int, bytes]:
-    """(frame_id, milliseconds, jpeg); raises ProtocolError(BAD_FRAME) when there is no header."""
+def pack_frame(frame_id: int, jpeg: bytes, render_ms: int = 0, waited_ms: int = 0) -> bytes:
+    render_ms = min(max(render_ms, 0), MAX_RENDER_MS)
+    waited_ms = min(max(waited_ms, -MAX_WAITED_MS), MAX_WAITED_MS)
+    return FRAME_HEADER.pack(frame_id, render_ms, waited_ms) + jpeg
+
+
+def unpack_frame(data: bytes) -> Frame:
+    """Raises ProtocolError(BAD_FRAME) when there is no header."""
     if len(data) < FRAME_HEADER_BYTES:
         raise ProtocolError(
             ErrorCode.BAD_FRAME, f"binary messages start with a {FRAME_HEADER_BYTES}-byte frame header"
         )
-    frame_id, milliseconds = FRAME_HEADER.unpack_from(data)
-    return frame_id, milliseconds, data[FRAME_HEADER_BYTES:]
+    return Frame(*FRAME_HEADER.unpack_from(data), data[FRAME_HEADER_BYTES:])

@@ -36,9 +36,19 @@ class RenderResult:
     jpeg: bytes | None  # None when rendering this frame failed
     render_ms: int  # wall time of the engine call that produced it
     error: str | None = None
+    # From the frame's submit to the start of that engine call; negative when the engine sat idle for that
+    # long before the frame arrived (it came late for its turn).
+    waited_ms: int = 0
 
 
 Deliver = Callable[[RenderResult], None]  # called on the event loop
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    job: FrameJob
+    deliver: Deliver
+    submitted_at: float  # time.perf_counter()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +64,7 @@ class Scheduler:
     def __init__(self, engine_factory: Callable[[], Engine]) -> None:
         self._engine_factory = engine_factory
         self._cond = threading.Condition()
-        self._pending: dict[str, tuple[FrameJob, Deliver]] = {}
+        self._pending: dict[str, _Pending] = {}
         # When each waiting session's place in line was taken (kept when a newer frame replaces its frame).
         self._waiting_since: dict[str, int] = {}
         # Each session's place in the line of service: larger is served more recently. Forgotten when the
@@ -66,6 +76,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hooks: SchedulerHooks | None = None
+        self._free_since = 0.0  # render thread only: when the engine last finished a call or a task
         self.engine: Engine | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop, hooks: SchedulerHooks) -> None:
@@ -80,7 +91,7 @@ class Scheduler:
         """Make `job` its session's pending frame; True when it replaced one that was never rendered."""
         with self._cond:
             replaced = job.session_id in self._pending
-            self._pending[job.session_id] = (job, deliver)
+            self._pending[job.session_id] = _Pending(job, deliver, time.perf_counter())
             if not replaced:  # replacing a frame keeps its place in line: it does not lose a turn
                 self._waiting_since[job.session_id] = next(self._arrivals)
             self._cond.notify()
@@ -129,6 +140,7 @@ class Scheduler:
         # frame waits, one task at a time, so it never delays a frame by more than the task in progress.
         deferred = deferred_warm_ups(engine)
         deferred_count, deferred_seconds = len(deferred), 0.0
+        self._free_since = time.perf_counter()
         while True:
             with self._cond:
                 while not self._pending and not self._stopping and not deferred:
@@ -143,6 +155,7 @@ class Scheduler:
                 self._render(engine, batch)
             else:
                 deferred_seconds += self._run_deferred(task)
+                self._free_since = time.perf_counter()
                 if not deferred:
                     seconds = deferred_seconds
                     log.info("deferred warm-up done: %d tasks in %.1f s", deferred_count, seconds)
@@ -156,7 +169,7 @@ class Scheduler:
             log.exception("deferred warm-up task failed")
         return time.perf_counter() - started
 
-    def _take_batch(self, size: int) -> list[tuple[FrameJob, Deliver]]:
+    def _take_batch(self, size: int) -> list[_Pending]:
         """Up to `size` waiting frames, least recently served sessions first. Call with the lock held."""
         chosen = sorted(
             self._pending,
@@ -169,11 +182,11 @@ class Scheduler:
             self._last_served[session] = next(self._services)
         return batch
 
-    def _render(self, engine: Engine, batch: list[tuple[FrameJob, Deliver]]) -> None:
+    def _render(self, engine: Engine, batch: list[_Pending]) -> None:
         assert self._hooks is not None
         started = time.perf_counter()
         try:
-            outputs = engine.render([job for job, _ in batch])
+            outputs = engine.render([item.job for item in batch])
             if len(outputs) != len(batch):
                 raise RuntimeError(f"engine returned {len(outputs)} frames for a batch of {len(batch)}")
         except Exception as exc:
@@ -182,15 +195,23 @@ class Scheduler:
                 for item in batch:
                     self._render(engine, [item])
                 return
-            job, deliver = batch[0]
+            job = batch[0].job
             log.warning("render failed for session %s frame %d: %s", job.session_id, job.frame_id, exc)
-            self._call_soon(deliver, RenderResult(job, None, 0, error=str(exc) or type(exc).__name__))
+            failed = RenderResult(job, None, 0, error=str(exc) or type(exc).__name__)
+            self._call_soon(batch[0].deliver, failed)
             return
-        seconds = time.perf_counter() - started
+        finished = time.perf_counter()
+        seconds = finished - started
         self._hooks.on_batch(len(batch), seconds)
         render_ms = round(seconds * 1000)
-        for (job, deliver), jpeg in zip(batch, outputs, strict=True):
-            self._call_soon(deliver, RenderResult(job, jpeg, render_ms))
+        for item, jpeg in zip(batch, outputs, strict=True):
+            if item.submitted_at > self._free_since:  # the engine was idle until this frame came
+                waited = self._free_since - item.submitted_at
+            else:
+                waited = started - item.submitted_at
+            result = RenderResult(item.job, jpeg, render_ms, waited_ms=round(waited * 1000))
+            self._call_soon(item.deliver, result)
+        self._free_since = finished
 
     def _call_soon(self, callback: Callable[..., object], *args: object) -> None:
         assert self._loop is not None

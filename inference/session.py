@@ -253,7 +253,7 @@ class StreamSession:
         metrics.frames_in.inc()
         frame_id: int | None = None
         try:
-            frame_id, _, jpeg = unpack_frame(data)
+            frame_id, _, _, jpeg = unpack_frame(data)
             if len(jpeg) > MAX_FRAME_JPEG_BYTES:
                 raise ProtocolError(
                     ErrorCode.FRAME_TOO_LARGE,
@@ -338,7 +338,9 @@ class StreamSession:
         if self.meter.exhausted(now):
             await self._end_allowance()
             return False
-        await self.socket.send_bytes(pack_frame(job.frame_id, result.jpeg, result.render_ms))
+        await self.socket.send_bytes(
+            pack_frame(job.frame_id, result.jpeg, render_ms=result.render_ms, waited_ms=result.waited_ms)
+        )
         self.worker.metrics.frames_out.inc()
         if self.meter.record_delivery(now):
             self.worker.metrics.billable_seconds.inc()

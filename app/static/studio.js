@@ -14,7 +14,7 @@ const MAX_UNACKED = 2;
 const MAX_CAPTURE_FPS = 30;
 const CAPTURE_SLACK_MS = 4; // display frames are not exactly 1/60 s apart: 2 of them still count as 1/30 s
 const JPEG_QUALITY = 0.8;
-const HEADER_BYTES = 8; // uint32 frame id + uint32 milliseconds, little-endian
+const HEADER_BYTES = 8; // uint32 frame id, uint16 render ms, int16 waited ms; little-endian
 const PARAMS_DEBOUNCE_MS = 250;
 const STALE_FRAME_MS = 4000; // an unacknowledged frame older than this no longer counts (a lost ack)
 const CLOSE_BAD_TICKET = 4401;
@@ -22,9 +22,9 @@ const CLOSE_ALLOWANCE_USED = 4402;
 const CLOSE_NORMAL = 1000;
 
 // When to send the next frame: one per service interval, timed by how long the last rendered frame
-// waited for the engine (its output's arrival, less its ack's, less the render time the worker reports).
-// The same algorithm as inference/pacing.py (the reasoning is there and in docs/protocol.md): keep the two
-// in step. Times in milliseconds of performance.now().
+// waited for the engine (the worker says so in the output's header). The same algorithm as
+// inference/pacing.py (the reasoning is there and in docs/protocol.md): keep the two in step. Times in
+// milliseconds of performance.now().
 const PACING = {
   intervalSmoothing: 0.25,
   waitSmoothing: 0.2,
@@ -36,7 +36,6 @@ const PACING = {
   settlingOutputs: 3,
   settlingTimeoutMs: 1000,
   maxGapMs: 2000,
-  maxTrackedAcks: 64,
 };
 
 class Pacer {
@@ -54,7 +53,6 @@ class Pacer {
     this.lastOutputAt = null;
     this.gaps = 0;
     this.waits = 0;
-    this.ackedAt = new Map();
   }
 
   get margin() {
@@ -62,25 +60,16 @@ class Pacer {
     return Math.min(wanted, PACING.maxMarginMs, this.interval / 4);
   }
 
-  acked(frameId, at) {
-    this.ackedAt.set(frameId, at);
-    if (this.ackedAt.size > PACING.maxTrackedAcks) this.ackedAt.delete(Math.min(...this.ackedAt.keys()));
-  }
-
-  // Returns how long the frame waited for the engine, or null when its ack was not seen.
-  rendered(frameId, renderMs, at) {
+  rendered(frameId, waited, at) {
     this.outputs += 1;
     this.lastOutputId = Math.max(this.lastOutputId, frameId);
     if (this.lastOutputAt !== null && at - this.lastOutputAt <= PACING.maxGapMs) {
       this.gaps += 1;
       const share = Math.max(PACING.intervalSmoothing, 1 / this.gaps);
-      this.interval = Math.max(this.cameraInterval, this.interval + share * (at - this.lastOutputAt - this.interval));
+      const gap = at - this.lastOutputAt - Math.max(0, -waited); // the engine's idle time is not the turn's
+      this.interval = Math.max(this.cameraInterval, this.interval + share * (gap - this.interval));
     }
     this.lastOutputAt = at;
-    const ackedAt = this.ackedAt.get(frameId);
-    for (const frame of [...this.ackedAt.keys()]) if (frame <= frameId) this.ackedAt.delete(frame);
-    if (ackedAt === undefined) return null;
-    const waited = Math.max(0, at - ackedAt - renderMs);
     if (this.outputs > PACING.settlingOutputs && Math.abs(waited - this.margin) <= PACING.maxMarginMs) {
       if (this.waits) {
         this.jitter += PACING.waitSmoothing * (Math.abs(waited - this.wait) - this.jitter);
@@ -93,7 +82,6 @@ class Pacer {
     const gain = this.lastSentId > frameId ? PACING.gain : PACING.gainNothingInFlight;
     const limit = this.interval / 2;
     this.correction = Math.min(Math.max(gain * (waited - this.margin), -limit), limit);
-    return waited;
   }
 
   due() {
@@ -346,7 +334,7 @@ async function onBinary(buffer) {
   const now = performance.now();
   const view = new DataView(buffer);
   const id = view.getUint32(0, true);
-  session.pacer.rendered(id, view.getUint32(4, true), now);
+  session.pacer.rendered(id, view.getInt16(6, true), now);
   const sentAt = session.sentAt.get(id);
   // Ids increase and the worker keeps only the latest frame of a session, so an output for `id` means every
   // older frame was rendered or replaced: none of them will come back (and all of them were acked).
@@ -377,7 +365,6 @@ function onText(data) {
   switch (message.type) {
     case "ack":
       session.unacked.delete(message.frame); // off the wire: the next camera frame may go
-      session.pacer.acked(message.frame, performance.now());
       armCaptureTimer();
       break;
     case "warming":

@@ -144,6 +144,7 @@ def running_worker(
 class OutputFrame:
     frame_id: int
     render_ms: int
+    waited_ms: int
     jpeg: bytes
 
 
@@ -185,8 +186,8 @@ class StreamClient:
             raise
         message: Message
         if isinstance(data, bytes):
-            frame_id, render_ms, jpeg = unpack_frame(data)
-            message = OutputFrame(frame_id, render_ms, jpeg)
+            frame_id, render_ms, waited_ms, jpeg = unpack_frame(data)
+            message = OutputFrame(frame_id, render_ms, waited_ms, jpeg)
         else:
             message = decode_server_message(data)
         self.received.append(message)

@@ -4,7 +4,6 @@ client sends can make the decoder fail in an undocumented way."""
 from __future__ import annotations
 
 import contextlib
-import struct
 
 import msgspec
 import pytest
@@ -14,7 +13,9 @@ from hypothesis import strategies as st
 from inference.engines.base import RenderMode
 from inference.protocol import (
     FRAME_HEADER_BYTES,
+    MAX_RENDER_MS,
     MAX_TEXT_MESSAGE_BYTES,
+    MAX_WAITED_MS,
     Error,
     ErrorCode,
     Hello,
@@ -106,10 +107,16 @@ def test_server_messages_are_json_tagged_by_type() -> None:
         assert decode_server_message(encode_message(message)) == message
 
 
-def test_frame_header_is_two_little_endian_uint32() -> None:
-    packed = pack_frame(0x01020304, b"\xff\xd8jpeg", milliseconds=260)
-    assert packed[:FRAME_HEADER_BYTES] == struct.pack("<II", 0x01020304, 260)
-    assert unpack_frame(packed) == (0x01020304, 260, b"\xff\xd8jpeg")
+def test_frame_header_is_an_id_and_two_millisecond_counts_little_endian() -> None:
+    packed = pack_frame(0x01020304, b"\xff\xd8jpeg", render_ms=260, waited_ms=7)
+    assert packed[:FRAME_HEADER_BYTES] == bytes([4, 3, 2, 1, 260 % 256, 1, 7, 0])
+    assert unpack_frame(packed) == (0x01020304, 260, 7, b"\xff\xd8jpeg")
+    # A negative wait (the engine was idle when the frame came) is two's complement.
+    assert pack_frame(1, b"", waited_ms=-2)[6:8] == bytes([0xFE, 0xFF])
+    # Input frames carry zeros; times beyond the header's range are reported as its bounds.
+    assert unpack_frame(pack_frame(5, b"")) == (5, 0, 0, b"")
+    limited = unpack_frame(pack_frame(5, b"", render_ms=70_000, waited_ms=-40_000))
+    assert limited == (5, MAX_RENDER_MS, -MAX_WAITED_MS, b"")
     with pytest.raises(ProtocolError) as raised:
         unpack_frame(b"\x00" * (FRAME_HEADER_BYTES - 1))
     assert raised.value.code is ErrorCode.BAD_FRAME
@@ -121,6 +128,12 @@ def test_no_client_text_crashes_the_decoder(data: str | bytes) -> None:
         decode_client_message(data)
 
 
-@given(st.integers(0, 2**32 - 1), st.binary(max_size=64), st.integers(0, 2**32 - 1))
-def test_frames_round_trip(frame_id: int, payload: bytes, milliseconds: int) -> None:
-    assert unpack_frame(pack_frame(frame_id, payload, milliseconds)) == (frame_id, milliseconds, payload)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=64),
+    st.integers(0, MAX_RENDER_MS),
+    st.integers(-MAX_WAITED_MS, MAX_WAITED_MS),
+)
+def test_frames_round_trip(frame_id: int, payload: bytes, render_ms: int, waited_ms: int) -> None:
+    packed = pack_frame(frame_id, payload, render_ms=render_ms, waited_ms=waited_ms)
+    assert unpack_frame(packed) == (frame_id, render_ms, waited_ms, payload)

@@ -115,6 +115,27 @@ def test_a_newer_frame_replaces_the_pending_one() -> None:
     assert replaced == [False, False] + [True] * 98
 
 
+def test_each_result_says_how_long_its_frame_waited_or_how_long_the_engine_idled_for_it() -> None:
+    async def scenario() -> dict[int, RenderResult]:
+        engine = RecordingEngine(max_batch=1, seconds_per_batch=0.2)
+        scheduler = await _started(engine)
+        results = Results()
+        scheduler.submit(_job("s", 1), results.append)
+        await asyncio.sleep(0.05)  # frame 1 is rendering: frame 2 waits for the rest of it, ~150 ms
+        scheduler.submit(_job("s", 2), results.append)
+        await results.until(lambda items: len(items) == 2)
+        await asyncio.sleep(0.1)  # the engine is idle for 100 ms before frame 3 comes
+        scheduler.submit(_job("s", 3), results.append)
+        await results.until(lambda items: len(items) == 3)
+        await asyncio.to_thread(scheduler.stop)
+        return {result.job.frame_id: result for result in results.items}
+
+    results = asyncio.run(scenario())
+    assert 100 <= results[2].waited_ms <= 200, results[2]
+    assert -150 <= results[3].waited_ms <= -80, results[3]  # late by the engine's idle time
+    assert all(190 <= result.render_ms <= 300 for result in results.values())
+
+
 def test_sessions_take_turns_when_there_are_more_than_batch_slots() -> None:
     async def scenario() -> RecordingEngine:
         engine = RecordingEngine(max_batch=2, seconds_per_batch=0.005)

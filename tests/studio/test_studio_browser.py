@@ -34,6 +34,7 @@ class WireLog:
     sent: dict[int, float] = field(default_factory=dict)  # frame id -> monotonic time sent
     received: list[tuple[int, float]] = field(default_factory=list)  # (frame id, time) of output frames
     render_ms: list[int] = field(default_factory=list)  # the worker's render time of each output frame
+    waited_ms: list[int] = field(default_factory=list)  # and how long its input waited for the engine
     acked: set[int] = field(default_factory=set)  # frame ids acknowledged, or refused with an error
     max_unacked: int = 0
     text_in: list[str] = field(default_factory=list)
@@ -60,7 +61,8 @@ class WireLog:
         with self.lock:
             if isinstance(payload, bytes):
                 self.received.append((int.from_bytes(payload[:4], "little"), time.monotonic()))
-                self.render_ms.append(int.from_bytes(payload[4:8], "little"))
+                self.render_ms.append(int.from_bytes(payload[4:6], "little"))
+                self.waited_ms.append(int.from_bytes(payload[6:8], "little", signed=True))
                 return
             self.text_in.append(payload)
             message = json.loads(payload)
