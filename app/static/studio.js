@@ -283,6 +283,7 @@ function maybeCapture() {
   if (!drawCameraSquare()) return;
   session.capturing = true;
   session.lastCaptureAt = now;
+  const capturedAt = now;
   capture.toBlob(
     async (blob) => {
       try {
@@ -296,7 +297,9 @@ function maybeCapture() {
         const sentAt = performance.now();
         session.unacked.set(id, sentAt);
         session.sentAt.set(id, sentAt);
-        session.pacer.sent(id, sentAt);
+        // The pace counts from capture starts: the encoding time is then a constant delay on the way,
+        // which the waits absorb, instead of being added to every interval.
+        session.pacer.sent(id, capturedAt);
         socket.send(message);
       } finally {
         session.capturing = false;
