@@ -63,26 +63,36 @@ def start_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...
             url=f"http://127.0.0.1:{port}", state_dir=state, process=process, log_path=log_path
         )
         started.append(running)
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"python -m app exited early:\n{running.log()}")
-            try:
-                if httpx.get(f"{running.url}/health", timeout=1).status_code == 200:
-                    return running
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"python -m app did not become healthy:\n{running.log()}")
-            time.sleep(0.1)
+        wait_until_healthy(process, running.url, running.log_path, "python -m app")
+        return running
 
     yield start
     for running in started:
-        running.process.terminate()
+        stop_process(running.process)
+
+
+def wait_until_healthy(process: subprocess.Popen[bytes], url: str, log_path: Path, command: str) -> None:
+    """Until `url`/health answers 200; fails with the process's log if it exits or takes over a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command} exited early:\n{log_path.read_text(errors='replace')}")
         try:
-            running.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            running.process.kill()
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{command} did not become healthy:\n{log_path.read_text(errors='replace')}")
+        time.sleep(0.1)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def chromium_available() -> bool:

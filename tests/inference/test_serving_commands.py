@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import ROOT, AppProcess, clean_environment
+from tests.conftest import ROOT, AppProcess, clean_environment, stop_process, wait_until_healthy
 from tests.inference.helpers import SECRET
 from tests.live_server import free_port
 
@@ -33,25 +31,10 @@ def standalone_worker(tmp_path: Path) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"python -m inference exited early:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"python -m inference did not become healthy:\n{log_path.read_text()}")
-            time.sleep(0.1)
+        wait_until_healthy(process, url, log_path, "python -m inference")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
 
 
 def negotiated_extensions(base_url: str) -> tuple[str, str | None]:
