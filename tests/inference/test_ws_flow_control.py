@@ -79,7 +79,7 @@ def test_a_paced_session_gets_the_engine_rate_with_less_latency_than_at_camera_r
     assert paced["sent"] <= paced["delivered"] + 3, paced
     assert paced["wait_ms_p50"] < camera_rate["wait_ms_p50"], (paced, camera_rate)
     assert paced["latency_p50_ms"] < camera_rate["latency_p50_ms"], (paced, camera_rate)
-    assert paced["latency_p50_ms"] <= 1.25 * paced["render_ms_p50"], paced
+    assert paced["latency_p50_ms"] <= 1.3 * paced["render_ms_p50"], paced
 
 
 def test_four_paced_sessions_take_turns_at_about_one_render_of_latency() -> None:
