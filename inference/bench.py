@@ -16,7 +16,8 @@ Sections (``--sections``, all by default), on one set of weights:
   and seed. ``--levers`` adds single-approximation modes so each lever's effect is measured alone.
 * ``sessions``: 1, 2 and 4 concurrent sessions through the real scheduler (different prompts), each
   keeping its waiting frame fresh at 30 fps: aggregate and per-session FPS, fairness, latency.
-* ``websocket``: the worker's real ``/ws`` on loopback, driven like the studio drives it.
+* ``websocket``: the worker's real ``/ws`` on loopback, driven like the studio drives it (paced, as the
+  worker's ``ready`` asks); with ``--levers`` also at camera rate and with per-message deflate on.
 * ``cold-start``: the pipeline saved with ``save_pretrained``, then a new process: imports,
   ``from_pretrained``, warm-up, first frame; with an empty and with a warm compile cache.
 

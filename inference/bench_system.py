@@ -4,7 +4,8 @@
   already-loaded engine; per-session and aggregate delivered FPS, fairness, submit-to-deliver latency.
 * ``measure_websocket``: the real worker app (``create_inference_app``) served by uvicorn on loopback in
   this process, driven by ``inference.loadgen.run_load`` (JPEG frames at up to 30 fps with the studio's
-  flow control); delivered FPS and send-to-receive latency next to the engine's own time per frame.
+  flow control and pacing); delivered FPS, send-to-receive latency and each frame's wait next to the
+  engine's own time per frame, and optionally the levers (camera rate, per-message deflate).
 * ``measure_cold_start``: the pipeline written with ``save_pretrained`` to local disk, then a fresh child
   process (``python -m inference.bench_system cold-start-child``) from process start through
   ``from_pretrained``, the move to the device, ``warm_up()`` and the first frame, once with an empty and
