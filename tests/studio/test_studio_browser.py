@@ -88,6 +88,14 @@ class WireLog:
         with self.lock:
             return [at - self.sent[frame_id] for frame_id, at in self.received if frame_id in self.sent]
 
+    def settled(self) -> tuple[list[float], float]:
+        """The second half's send-to-receive latencies, and its median render time, in seconds: the
+        stream once it has settled."""
+        latencies = self.latencies()
+        with self.lock:
+            render_ms = self.render_ms[len(self.render_ms) // 2 :]
+        return latencies[len(latencies) // 2 :], statistics.median(render_ms) / 1000
+
 
 def wait_until(page: Any, condition: Callable[[], bool], timeout: float, what: str) -> None:
     # Playwright's sync API delivers events only while the test is inside a Playwright call, so waiting
@@ -202,9 +210,7 @@ def test_a_slow_engine_gets_paced_frames_at_about_one_render_of_latency(
     # ...and one frame sent per render, not a camera's worth replaced unrendered in the worker...
     assert len(wire.sent) <= 1.2 * wire.frames() + 3, (len(wire.sent), wire.frames())
     # ...each timed to arrive just before the engine is free: latency is one render and a little.
-    latencies = wire.latencies()
-    late = latencies[len(latencies) // 2 :]
-    render_seconds = statistics.median(wire.render_ms[len(wire.render_ms) // 2 :]) / 1000
+    late, render_seconds = wire.settled()
     assert statistics.median(late) < 1.3 * render_seconds, (late, render_seconds)
     # The engine was kept busy: outputs came about one render apart.
     with wire.lock:
@@ -228,10 +234,8 @@ def test_a_batching_worker_gets_frames_at_camera_rate(
     assert len(wire.sent) >= 2 * wire.frames(), (len(wire.sent), wire.frames())
     # ...and the one the engine picks is at most a camera interval old: latency is about one render, not a
     # render plus a queue (two frames unanswered made it two renders).
-    latencies = wire.latencies()
-    late = latencies[len(latencies) // 2 :]
+    late, render_seconds = wire.settled()
     assert max(late) < 1.5, f"latency grew: {late}"
-    render_seconds = statistics.median(wire.render_ms[len(wire.render_ms) // 2 :]) / 1000
     assert statistics.median(late) < 1.6 * render_seconds, (late, render_seconds)
 
 
