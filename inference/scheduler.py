@@ -199,6 +199,7 @@ class Scheduler:
             log.warning("render failed for session %s frame %d: %s", job.session_id, job.frame_id, exc)
             failed = RenderResult(job, None, 0, error=str(exc) or type(exc).__name__)
             self._call_soon(batch[0].deliver, failed)
+            self._free_since = time.perf_counter()
             return
         finished = time.perf_counter()
         seconds = finished - started
