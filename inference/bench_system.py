@@ -578,23 +578,19 @@ def _measure_websocket(
         default_steps=steps,
         max_batch=engine.max_batch,
     )
-    # (variant, sessions, pacing override, server options), in the order they run; each server its own
-    # worker, so one lever's worker never serves another's runs.
-    cases: list[tuple[str, int, bool | None, dict[str, Any]]] = [
-        ("shipped", count, None, {}) for count in sessions
-    ]
+    # (variant, sessions, pacing override, per-message deflate on the server), in the order they run; each
+    # server setting gets its own worker, so one lever's worker never serves another's runs.
+    cases: list[tuple[str, int, bool | None, bool]] = [("shipped", count, None, False) for count in sessions]
     if levers:
-        cases += [("camera-rate", 1, False, {}), ("deflate", 1, None, {"ws_per_message_deflate": True})]
+        cases += [("camera-rate", 1, False, False), ("deflate", 1, None, True)]
     runs: list[dict[str, Any]] = []
     server_ready_s = None
-    for options in ({}, {"ws_per_message_deflate": True}):
-        server_cases = [case for case in cases if case[3] == options]
-        if not server_cases:
-            continue
+    for deflate in dict.fromkeys(case[3] for case in cases):
+        server_cases = [case for case in cases if case[3] == deflate]
         app = create_inference_app(config, engine_factory=lambda: primed)  # type: ignore[arg-type, return-value]
         worker = app.state.worker
         started = time.perf_counter()
-        with _LoopbackServer(app, **options) as server:
+        with _LoopbackServer(app, ws_per_message_deflate=deflate) as server:
             deadline = time.monotonic() + ready_timeout
             while worker.status is not WorkerStatus.READY:
                 if worker.status is WorkerStatus.FAILED or time.monotonic() > deadline:
