@@ -30,9 +30,14 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger().setLevel(settings.log_level)
     from app.factory import create_app
+    from inference.config import WorkerConfigError
     from inference.server import WEBSOCKET_SERVER_OPTIONS
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except WorkerConfigError as exc:  # the in-process worker's settings
+        log.error("refusing to start: %s", exc)
+        return 2
     log.info("Stylecast in %s mode at %s", settings.mode.value, settings.app_url)
     log.debug("settings: %s", settings.redacted())
     if settings.is_sandbox:

@@ -6,6 +6,7 @@ the standalone worker (`python -m inference`) reads it with `load_worker_config(
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -21,6 +22,10 @@ ENGINE_NAMES: Final = ("preview", "flux2")
 # HS256 keys shorter than the hash output weaken the signature; PyJWT warns below 32 bytes too.
 MIN_SECRET_BYTES: Final = 32
 DEFAULT_MODEL_ID: Final = "black-forest-labs/FLUX.2-klein-4B"
+# The flux2 engine's model stack is the `inference` extra; the web app and the preview engine need none of
+# it, so a plain `uv run python -m app` does not install it.
+MODEL_STACK_MODULES: Final = ("torch", "diffusers", "transformers", "accelerate", "safetensors")
+MODEL_STACK_INSTALL: Final = "uv sync --extra inference"
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 _MODE_ID: Final = re.compile(MODE_ID_PATTERN)
@@ -77,6 +82,11 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_NAMES:
             raise WorkerConfigError(f"INFERENCE_ENGINE must be one of {', '.join(ENGINE_NAMES)}")
+        if self.engine == "flux2" and (missing := missing_model_stack()):
+            raise WorkerConfigError(
+                f"the flux2 engine needs the GPU model stack, and {', '.join(missing)} is not installed: "
+                f"run `{MODEL_STACK_INSTALL}` (or start with `uv run --extra inference ...`)"
+            )
         if not MIN_STEPS <= self.default_steps <= MAX_STEPS:
             raise WorkerConfigError(f"DEFAULT_STEPS must be between {MIN_STEPS} and {MAX_STEPS}")
         if self.max_batch < 1:
@@ -148,6 +158,11 @@ def load_worker_config(environ: Mapping[str, str] | None = None, **overrides: ob
         for variable, field in _OPTIONAL_ENV.items():  # name the variable the operator set, not the field
             message = message.replace(f"`$.{field}`", variable)
         raise WorkerConfigError(f"Invalid worker setting: {message}") from exc
+
+
+def missing_model_stack() -> list[str]:
+    """The model stack's packages that cannot be imported here (none where the extra is installed)."""
+    return [name for name in MODEL_STACK_MODULES if importlib.util.find_spec(name) is None]
 
 
 def _number(name: str, value: str) -> float:
