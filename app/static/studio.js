@@ -644,7 +644,10 @@ ui.mode.addEventListener("change", () => {
   showMode();
   sendParams(); // live, on the same socket, like the prompt
 });
-ui.seed.addEventListener("change", sendParams);
+ui.seed.addEventListener("change", () => {
+  ui.seed.value = String(currentParams().seed); // the box shows the seed in use, not what was out of range
+  sendParams();
+});
 ui.reseed.addEventListener("click", () => {
   ui.seed.value = String(Math.floor(Math.random() * 0xffffffff));
   sendParams();

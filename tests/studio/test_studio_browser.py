@@ -7,10 +7,7 @@ import itertools
 import json
 import re
 import statistics
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,120 +16,12 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
+from inference.engines.preview import PreviewEngine
 from tests.conftest import AppProcess, save_screenshot, sign_in
+from tests.inference.helpers import mean_abs_diff
+from tests.studio.wire import WireLog, difference, output_colour, start_streaming, wait_until
 
 pytestmark = pytest.mark.browser
-
-FRAME_HEADER_BYTES = 8
-
-
-@dataclass
-class WireLog:
-    """What crossed the studio's WebSockets, as Chromium saw it."""
-
-    sockets: list[str] = field(default_factory=list)
-    sent: dict[int, float] = field(default_factory=dict)  # frame id -> monotonic time sent
-    received: list[tuple[int, float]] = field(default_factory=list)  # (frame id, time) of output frames
-    render_ms: list[int] = field(default_factory=list)  # the worker's render time of each output frame
-    waited_ms: list[int] = field(default_factory=list)  # and how long its input waited for the engine
-    acked: set[int] = field(default_factory=set)  # frame ids acknowledged, or refused with an error
-    max_unacked: int = 0
-    text_in: list[str] = field(default_factory=list)
-    text_out: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def attach(self, page: Any) -> None:
-        def on_socket(socket: Any) -> None:
-            self.sockets.append(socket.url)
-            socket.on("framesent", self._sent)
-            socket.on("framereceived", self._received)
-
-        page.on("websocket", on_socket)
-
-    def _sent(self, payload: str | bytes) -> None:
-        with self.lock:
-            if isinstance(payload, str):
-                self.text_out.append(payload)
-            elif len(payload) > FRAME_HEADER_BYTES:
-                self.sent[int.from_bytes(payload[:4], "little")] = time.monotonic()
-                self.max_unacked = max(self.max_unacked, self._unacked())
-
-    def _received(self, payload: str | bytes) -> None:
-        with self.lock:
-            if isinstance(payload, bytes):
-                self.received.append((int.from_bytes(payload[:4], "little"), time.monotonic()))
-                self.render_ms.append(int.from_bytes(payload[4:6], "little"))
-                self.waited_ms.append(int.from_bytes(payload[6:8], "little", signed=True))
-                return
-            self.text_in.append(payload)
-            message = json.loads(payload)
-            if message.get("type") == "ack" or message.get("frame") is not None:
-                self.acked.add(message["frame"])
-
-    def _unacked(self) -> int:
-        # Frames the worker has neither acknowledged nor refused (an output for id N also settles every
-        # id <= N, for safety: it is always preceded by the acks).
-        answered = max((frame_id for frame_id, _ in self.received), default=0)
-        return sum(1 for frame_id in self.sent if frame_id > answered and frame_id not in self.acked)
-
-    def messages(self, kind: str, direction: str = "in") -> list[dict[str, Any]]:
-        with self.lock:
-            texts = list(self.text_in if direction == "in" else self.text_out)
-        return [message for message in map(json.loads, texts) if message.get("type") == kind]
-
-    def frames(self) -> int:
-        with self.lock:
-            return len(self.received)
-
-    def latencies(self) -> list[float]:
-        with self.lock:
-            return [at - self.sent[frame_id] for frame_id, at in self.received if frame_id in self.sent]
-
-    def settled(self) -> tuple[list[float], float]:
-        """The second half's send-to-receive latencies, and its median render time, in seconds: the
-        stream once it has settled."""
-        latencies = self.latencies()
-        with self.lock:
-            render_ms = self.render_ms[len(self.render_ms) // 2 :]
-        return latencies[len(latencies) // 2 :], statistics.median(render_ms) / 1000
-
-
-def wait_until(page: Any, condition: Callable[[], bool], timeout: float, what: str) -> None:
-    # Playwright's sync API delivers events only while the test is inside a Playwright call, so waiting
-    # is done with page.wait_for_timeout, never time.sleep.
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        page.wait_for_timeout(50)
-
-
-def output_colour(page: Any) -> list[float]:
-    """The mean red, green and blue of the output canvas: a style's palette, whatever the camera shows."""
-    return page.evaluate(
-        """() => {
-          const canvas = document.getElementById('output');
-          const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-          const sums = [0, 0, 0];
-          for (let i = 0; i < data.length; i += 4) {
-            sums[0] += data[i]; sums[1] += data[i + 1]; sums[2] += data[i + 2];
-          }
-          return sums.map((sum) => sum / (data.length / 4));
-        }"""
-    )
-
-
-def difference(a: list[float], b: list[float]) -> float:
-    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
-
-
-def start_streaming(page: Any, app: AppProcess, email: str) -> WireLog:
-    wire = WireLog()
-    wire.attach(page)
-    sign_in(page, app.url, email)
-    page.click("[data-testid=start]")
-    page.wait_for_selector("[data-testid=status][data-state=streaming]", timeout=30_000)
-    return wire
 
 
 def test_stream_frames_and_switch_style_live(start_app: Callable[..., AppProcess], page: Any) -> None:
@@ -165,6 +54,64 @@ def test_stream_frames_and_switch_style_live(start_app: Callable[..., AppProcess
 
     page.click("[data-testid=stop]")
     page.wait_for_selector("[data-testid=status][data-state=idle]")
+
+
+def test_a_typed_prompt_restyles_the_stream_live(start_app: Callable[..., AppProcess], page: Any) -> None:
+    """Typing, not a preset: what the person types is what the worker renders, on the same socket.
+
+    The preview engine picks a look by keywords and otherwise paints a duotone in the colour words of the
+    prompt, so two typed prompts naming different colours give different pictures. Each output is also
+    compared with what the engine renders for its input frame and the typed prompt: a studio that sent
+    anything else (the preset's prompt, a stale or truncated one) fails that comparison."""
+    app = start_app()
+    wire = start_streaming(page, app, "typist@example.com")
+    wait_until(page, lambda: wire.frames() >= 8, 60, "styled frames in the default style")
+    prompt_box = page.locator("[data-testid=prompt]")
+    default_prompt = prompt_box.input_value()
+    engine = PreviewEngine()
+
+    def type_prompt(typed: str, previous: str) -> list[float]:
+        before = output_colour(page)
+        prompt_box.click()
+        prompt_box.press("ControlOrMeta+a")
+        prompt_box.press_sequentially(typed, delay=5)
+
+        def typed_prompt_sent() -> bool:
+            last = wire.last_params()
+            return last is not None and last[0]["prompt"] == typed
+
+        wait_until(page, typed_prompt_sent, 10, f"params with the prompt {typed!r}")
+        last = wire.last_params()
+        assert last is not None
+        after = last[1]
+
+        def styled_after_it() -> list[int]:
+            with wire.lock:
+                return [frame_id for frame_id in wire.jpeg_in if frame_id > after and frame_id in wire.sent]
+
+        wait_until(page, lambda: len(styled_after_it()) >= 6, 30, f"frames styled as {typed!r}")
+        # Outputs are drawn on the next display frame: give the canvas a moment to show the latest.
+        page.wait_for_timeout(200)
+        shown = output_colour(page)
+        assert difference(before, shown) > 8, (typed, before, shown)
+        # No preset is lit up for a prompt that is none of them.
+        expect(page.locator(".preset[aria-pressed=true]")).to_have_count(0)
+
+        for frame_id in styled_after_it()[:3]:
+            with wire.lock:
+                sent, styled = wire.jpeg_out[frame_id], wire.jpeg_in[frame_id]
+            assert mean_abs_diff(styled, engine.render_one(sent, typed)) < 1.5, frame_id
+            assert mean_abs_diff(styled, engine.render_one(sent, previous)) > 10, frame_id
+        return shown
+
+    teal_and_pink = type_prompt("a screen print in teal and pink", default_prompt)
+    red_and_yellow = type_prompt("a gig poster in red and yellow", "a screen print in teal and pink")
+    assert difference(teal_and_pink, red_and_yellow) > 8
+    save_screenshot(page, "studio-typed-prompt")
+    # Typed live: one socket throughout, and the worker refused nothing.
+    assert len(wire.sockets) == 1
+    assert not wire.messages("error")
+    expect(page.locator("[data-testid=status]")).to_have_attribute("data-state", "streaming")
 
 
 def test_snapshot_and_recording_downloads(start_app: Callable[..., AppProcess], page: Any) -> None:
