@@ -39,7 +39,8 @@ import msgspec
 from billing.entitlement import Counter, entitlement
 from billing.metadata import BillingMetadata, PrivateBilling, PublicBilling, StreamUsage
 from billing.plans import PlanCatalogue
-from inference.protocol import UsageReport
+from inference.protocol import StreamClaim, UsageReport
+from inference.tickets import DEFAULT_TTL_SECONDS
 
 # Stream ids: "st_<unix issue time>_<12 hex>". The random part only has to be unique per user and second.
 _STREAM_ID = re.compile(r"^st_(\d{9,11})_([0-9a-f]{12})$")
@@ -49,7 +50,7 @@ MAX_FUTURE_SKEW_SECONDS: Final = 300
 
 class LedgerPolicy(msgspec.Struct, frozen=True, kw_only=True):
     # A ticket must be presented within this long after issue; its stream is live at least until then.
-    ticket_ttl_seconds: int = 30
+    ticket_ttl_seconds: int = DEFAULT_TTL_SECONDS
     # The worker reports at least every 5 s while it delivers; this long without a report is a dead stream.
     stale_after_seconds: int = 30
     # How long an entry is kept after the stream stopped being live, and how old a stream may be when the
@@ -73,6 +74,10 @@ class Refusal(StrEnum):
     # What is left is held by the user's other live streams (another tab, or a stream that just ended
     # and whose final report is still on its way): asking again shortly may succeed.
     MINUTES_IN_USE = "minutes_in_use"
+    # A claim for a stream that a connection (on this or another worker) already claimed.
+    ALREADY_CLAIMED = "already_claimed"
+    # A claim for a stream that has ended or whose ticket can no longer be presented.
+    STREAM_ENDED = "stream_ended"
 
 
 class LedgerRefused(Exception):
@@ -222,6 +227,30 @@ def apply_report(
     return Folded(metadata=metadata, added_seconds=added, counter=ent.counter)
 
 
+def claim_stream(
+    current: BillingMetadata, claim: StreamClaim, *, now: int, policy: LedgerPolicy = DEFAULT_POLICY
+) -> BillingMetadata:
+    """Grant the stream to the connection that claims it first. Raises LedgerRefused for a stream this
+    user was not issued, one already claimed, or one that has ended: the worker closes that connection."""
+    issued = stream_issued_at(claim.stream_id)
+    if issued is None or issued > now + MAX_FUTURE_SKEW_SECONDS:
+        raise LedgerRefused(Refusal.MALFORMED_STREAM_ID, f"{claim.stream_id!r} is not a stream id")
+    entry = current.private.streams.get(claim.stream_id)
+    if entry is None:
+        raise LedgerRefused(
+            Refusal.UNKNOWN_STREAM, f"stream {claim.stream_id} was not issued to user {claim.user_id}"
+        )
+    if entry.claimed:
+        raise LedgerRefused(Refusal.ALREADY_CLAIMED, f"stream {claim.stream_id} is already being served")
+    if not is_live(claim.stream_id, entry, now, policy):
+        raise LedgerRefused(Refusal.STREAM_ENDED, f"stream {claim.stream_id} has ended")
+    claimed = msgspec.structs.replace(entry, claimed=True, reported_at=max(entry.reported_at, now))
+    private = msgspec.structs.replace(
+        current.private, streams={**current.private.streams, claim.stream_id: claimed}
+    )
+    return msgspec.structs.replace(current, private=private)
+
+
 def reserve_stream(
     current: BillingMetadata,
     catalogue: PlanCatalogue,
@@ -282,6 +311,7 @@ __all__ = [
     "Reservation",
     "apply_report",
     "available_seconds",
+    "claim_stream",
     "is_live",
     "live_reserved_seconds",
     "new_stream_id",

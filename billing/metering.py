@@ -35,11 +35,12 @@ from billing.ledger import (
     LedgerRefused,
     Reservation,
     apply_report,
+    claim_stream,
     reserve_stream,
 )
 from billing.metadata import BillingMetadata, MetadataError
 from billing.plans import PlanCatalogue
-from inference.protocol import UsageReport
+from inference.protocol import StreamClaim, UsageReport
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,15 @@ class Metering:
             return reservation.metadata, reservation
 
         return await self._submit(user_id, reserve)
+
+    async def claim(self, claim: StreamClaim) -> None:
+        """Grant a verified stream claim, durably (written to Clerk before this returns). Raises
+        LedgerRefused (already claimed, unknown, ended), AccountStoreError or MetadataError."""
+
+        def grant(metadata: BillingMetadata, now: int) -> tuple[BillingMetadata, None]:
+            return claim_stream(metadata, claim, now=now, policy=self.policy), None
+
+        await self._submit(claim.user_id, grant)
 
     async def view(self, user_id: str) -> Account:
         """The account as the meter shows it: the store's cached view, which every write refreshes. Only

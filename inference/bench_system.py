@@ -577,6 +577,8 @@ def _measure_websocket(
         usage_report_url=None,
         default_steps=steps,
         max_batch=engine.max_batch,
+        # The section measures what N sessions get from one engine, so none of them may be refused.
+        min_session_fps=1e-3,
     )
     # (variant, sessions, pacing override, per-message deflate on the server), in the order they run; each
     # server setting gets its own worker, so one lever's worker never serves another's runs.

@@ -12,6 +12,7 @@ import re
 import socket
 from collections.abc import Mapping
 from typing import Annotated, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
@@ -26,6 +27,8 @@ DEFAULT_MODEL_ID: Final = "black-forest-labs/FLUX.2-klein-4B"
 # it, so a plain `uv run python -m app` does not install it.
 MODEL_STACK_MODULES: Final = ("torch", "diffusers", "transformers", "accelerate", "safetensors")
 MODEL_STACK_INSTALL: Final = "uv sync --extra inference"
+# Where the web app takes stream claims (app/routes/stream.py serves it).
+STREAM_CLAIM_PATH: Final = "/api/stream/claim"
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 _MODE_ID: Final = re.compile(MODE_ID_PATTERN)
@@ -49,6 +52,16 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     usage_final_attempts: int = 8
     # How long a client may take to send `hello` after connecting.
     hello_timeout_seconds: PositiveFloat = 5.0
+    # An authenticated session that sends no frame for this long is closed (4410) and its reservation
+    # released: a forgotten tab must not hold a GPU slot and the user's minutes.
+    idle_timeout_seconds: PositiveFloat = 60.0
+    # Admission: a new session is refused (4503, "try another worker") when it would drop the sessions
+    # already here below this frame rate at the engine's measured render times.
+    min_session_fps: PositiveFloat = 12.0
+    # The app's `POST /api/stream/claim`, asked before `ready` so a ticket streams once across every worker.
+    # Unset: derived from usage_report_url's origin; with neither, claims are remembered by this worker
+    # alone (one worker, development only).
+    stream_claim_url: str | None = None
 
     # Steps of a session that has not chosen any.
     default_steps: int = DEFAULT_STEPS
@@ -99,6 +112,15 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise WorkerConfigError("FLUX2_MODES must be a comma-separated list of mode ids, e.g. exact,fast")
 
     @property
+    def claim_url(self) -> str | None:
+        if self.stream_claim_url:
+            return self.stream_claim_url
+        if not self.usage_report_url:
+            return None
+        origin = urlsplit(self.usage_report_url)
+        return urlunsplit((origin.scheme, origin.netloc, STREAM_CLAIM_PATH, "", ""))
+
+    @property
     def mode_ids(self) -> tuple[str, ...]:
         return tuple(mode.strip() for mode in self.modes.split(",") if mode.strip())
 
@@ -109,6 +131,9 @@ _OPTIONAL_ENV: Final = {
     "WORKER_ID": "worker_id",
     "USAGE_REPORT_URL": "usage_report_url",
     "USAGE_REPORT_INTERVAL_SECONDS": "usage_report_interval_seconds",
+    "STREAM_CLAIM_URL": "stream_claim_url",
+    "IDLE_TIMEOUT_SECONDS": "idle_timeout_seconds",
+    "MIN_SESSION_FPS": "min_session_fps",
     "FLUX2_MODEL_ID": "model_id",
     "FLUX2_MODEL_PATH": "model_path",
     "MODEL_CACHE_DIR": "cache_dir",

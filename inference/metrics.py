@@ -22,6 +22,14 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.sessions = Gauge("stylecast_worker_sessions", "Authenticated WebSocket sessions", registry=r)
+        self.sessions_refused = Counter(
+            "stylecast_worker_sessions_refused",
+            "Connections refused as full (4503): another session would drop below MIN_SESSION_FPS",
+            registry=r,
+        )
+        self.sessions_idle = Counter(
+            "stylecast_worker_sessions_idle", "Sessions closed for sending no frame (4410)", registry=r
+        )
         self.engine_ready = Gauge("stylecast_worker_engine_ready", "1 once the engine is warm", registry=r)
         self.frames_in = Counter("stylecast_worker_frames_in", "Binary frames received", registry=r)
         self.frames_out = Counter("stylecast_worker_frames_out", "Styled frames delivered", registry=r)

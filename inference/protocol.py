@@ -45,9 +45,12 @@ class CloseCode(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # the worker is shutting down; reconnect with a new ticket
     INTERNAL_ERROR = 1011  # the engine failed to load; the worker cannot render
+    TRY_AGAIN_LATER = 1013  # the app could not confirm the stream's claim; reconnect with a new ticket
     BAD_TICKET = 4401  # first message was not a valid, unexpired, unused `hello` ticket
     ALLOWANCE_USED = 4402  # the ticket's allowance of billable seconds is used up
     HELLO_TIMEOUT = 4408  # no `hello` within HELLO_TIMEOUT_SECONDS of connecting
+    IDLE = 4410  # no frame for IDLE_TIMEOUT_SECONDS; the reservation is released, resume with a new ticket
+    WORKER_FULL = 4503  # another session would drop every session below MIN_SESSION_FPS: try another worker
 
 
 class ErrorCode(StrEnum):
@@ -88,6 +91,14 @@ ClientMessage = Hello | Params
 # ---- worker -> client (text) ----
 
 
+class Admitted(msgspec.Struct, tag="admitted", tag_field="type", frozen=True):
+    """The worker's first message: it has a place for this connection, so the client may now get a ticket
+    and send `hello` (within HELLO_TIMEOUT_SECONDS). A full worker closes with 4503 instead, before the
+    client has spent a ticket on it."""
+
+    worker_id: str
+
+
 class Warming(msgspec.Struct, tag="warming", tag_field="type", frozen=True):
     """The model is loading. Frames sent now are kept (the latest one) and rendered once ready; not billed."""
 
@@ -124,7 +135,7 @@ class Error(msgspec.Struct, tag="error", tag_field="type", frozen=True):
     frame: int | None = None  # the input frame this answers, when it is about one (it gets no output)
 
 
-ServerMessage = Warming | Ready | Ack | Usage | Error
+ServerMessage = Admitted | Warming | Ready | Ack | Usage | Error
 
 
 # ---- worker -> app (HTTP) ----
@@ -139,6 +150,19 @@ class UsageReport(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
     seconds: NonNegative
     final: bool  # the stream has ended; no further report for this stream_id follows
+    sent_at: float  # worker's Unix time when this attempt was signed
+
+
+class StreamClaim(msgspec.Struct, frozen=True, kw_only=True):
+    """Body of `POST STREAM_CLAIM_URL`, signed like a usage report: before it sends `ready`, the worker asks
+    the app to mark the ticket's stream as served. The app grants each stream to one connection, on
+    whichever worker it arrives first (200); any other claim for it is refused (409), so a ticket streams
+    once across every worker."""
+
+    stream_id: str
+    user_id: str
+    worker_id: str
+    ticket_id: str
     sent_at: float  # worker's Unix time when this attempt was signed
 
 
@@ -188,7 +212,7 @@ def encode_message(message: ServerMessage | ClientMessage) -> str:
     return _encoder.encode(message).decode()
 
 
-def decode_server_message(data: str | bytes) -> Warming | Ready | Ack | Usage | Error:
+def decode_server_message(data: str | bytes) -> Admitted | Warming | Ready | Ack | Usage | Error:
     """For clients written in Python (tests, load generators)."""
     return msgspec.json.decode(data, type=ServerMessage)
 

@@ -39,6 +39,7 @@ class RenderResult:
     # From the frame's submit to the start of that engine call; negative when the engine sat idle for that
     # long before the frame arrived (it came late for its turn).
     waited_ms: int = 0
+    batch_size: int = 1  # frames rendered by that engine call (its render_ms is theirs together)
 
 
 Deliver = Callable[[RenderResult], None]  # called on the event loop
@@ -210,7 +211,9 @@ class Scheduler:
                 waited = self._free_since - item.submitted_at
             else:
                 waited = started - item.submitted_at
-            result = RenderResult(item.job, jpeg, render_ms, waited_ms=round(waited * 1000))
+            result = RenderResult(
+                item.job, jpeg, render_ms, waited_ms=round(waited * 1000), batch_size=len(batch)
+            )
             self._call_soon(item.deliver, result)
         self._free_since = finished
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Final
 from litestar.connection import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
+from inference.claims import ClaimOutcome
 from inference.engines import is_preview
 from inference.engines.base import Engine, FrameJob, mode_ids
 from inference.imaging import ImageTooLarge, InvalidJpeg, inspect_jpeg
@@ -30,6 +32,7 @@ from inference.metering import BillingMeter
 from inference.protocol import (
     MAX_FRAME_JPEG_BYTES,
     Ack,
+    Admitted,
     CloseCode,
     Error,
     ErrorCode,
@@ -78,12 +81,21 @@ def _unknown_mode(mode: str, engine: Engine) -> str:
 
 
 async def serve_connection(worker: Worker, socket: WebSocket) -> None:
-    """The whole life of one connection, from accept to close."""
+    """The whole life of one connection, from accept to close: admission, hello, claim, session."""
     await socket.accept()
-    ticket = await _authenticate(worker, socket)
-    if ticket is None:
+    if not worker.admit():
+        await _close(socket, CloseCode.WORKER_FULL, "every session here is at the frame-rate floor")
         return
-    await StreamSession(worker, socket, ticket).run()
+    try:
+        with contextlib.suppress(*_SOCKET_ERRORS):
+            await socket.send_text(encode_message(Admitted(worker_id=worker.worker_id)))
+        ticket = await _authenticate(worker, socket)
+        if ticket is None:
+            return
+        session = StreamSession(worker, socket, ticket)
+    finally:
+        worker.release()
+    await session.run()  # registers itself in worker.sessions before its first await
 
 
 async def _close(socket: WebSocket, code: int, reason: str) -> None:
@@ -119,8 +131,12 @@ async def _authenticate(worker: Worker, socket: WebSocket) -> Ticket | None:
     except TicketError as exc:
         await _close(socket, CloseCode.BAD_TICKET, str(exc))
         return None
-    if not worker.claim_ticket(ticket):
+    outcome = await worker.claim(ticket)
+    if outcome is ClaimOutcome.REFUSED:
         await _close(socket, CloseCode.BAD_TICKET, "ticket already used")
+        return None
+    if outcome is ClaimOutcome.UNAVAILABLE:
+        await _close(socket, CloseCode.TRY_AGAIN_LATER, "the stream could not be claimed; try again")
         return None
     return ticket
 
@@ -142,6 +158,8 @@ class StreamSession:
         self._wakeup = asyncio.Event()
         self._finished = False
         self._usage: StreamUsage | None = None
+        # Monotonic time of the last valid frame (or of the start): the idle timeout counts from it.
+        self._last_frame_at = time.monotonic()
         self.ended = asyncio.Event()
 
     async def run(self) -> None:
@@ -268,12 +286,16 @@ class StreamSession:
         except ProtocolError as exc:
             self._error(exc.code, exc.message, frame=frame_id)
             return
+        self._last_frame_at = time.monotonic()
         job = FrameJob(self.session_id, frame_id, jpeg, self.prompt, self.steps, self.seed, self.mode)
         if self.worker.scheduler.submit(job, self._on_rendered):
             metrics.frames_dropped.labels("input").inc()
         self._queue_droppable(Ack(frame=frame_id))
 
     def _on_rendered(self, result: RenderResult) -> None:
+        if result.jpeg is not None:
+            seconds_per_frame = result.render_ms / 1000 / max(result.batch_size, 1)
+            self.worker.admission.observe(result.job.mode or self.worker.default_mode(), seconds_per_frame)
         if self._finished:
             return
         if self._result is not None:
@@ -313,6 +335,11 @@ class StreamSession:
                         return
                     await self.socket.send_text(encode_message(item))
                 if self._finished:
+                    return
+                if time.monotonic() - self._last_frame_at >= self.worker.config.idle_timeout_seconds:
+                    self.worker.metrics.sessions_idle.inc()
+                    idle = self.worker.config.idle_timeout_seconds
+                    await _close(self.socket, CloseCode.IDLE, f"no frame for {idle:g} s")
                     return
                 if self.meter.exhausted(clock()):
                     await self._end_allowance()

@@ -17,7 +17,9 @@ import msgspec
 TICKET_ISSUER: Final = "stylecast-app"
 TICKET_AUDIENCE: Final = "stylecast-worker"
 ALGORITHM: Final = "HS256"
-DEFAULT_TTL_SECONDS: Final = 60
+# A ticket is fetched once the worker has admitted the connection (the `admitted` message), so it only has
+# to outlive one round trip and the hello; the app's ledger reserves the stream's minutes for as long.
+DEFAULT_TTL_SECONDS: Final = 30
 # Tolerated clock skew between the app's and the worker's clocks.
 LEEWAY_SECONDS: Final = 5
 _REQUIRED_CLAIMS: Final = ("iss", "aud", "sub", "iat", "exp", "jti", "stream_id", "allowance")

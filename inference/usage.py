@@ -1,66 +1,49 @@
 """Usage reports from the worker to the app: signing, verification and the reporter that posts them.
 
-Authentication is an HMAC-SHA256 over a timestamp and the exact body, keyed with STREAM_SECRET:
-
-    X-Stylecast-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "stylecast-usage-v1.<t>.<body>")>
-
-The "stylecast-usage-v1." prefix separates these signatures from every other use of the secret. A report
-whose timestamp is more than SIGNATURE_TOLERANCE_SECONDS away from the verifier's clock is refused; a
-replay inside that window is harmless because reports are cumulative (the app keeps the maximum).
+Reports are signed requests (inference/signing.py, purpose "usage"). A replay inside the signature's
+window is harmless because reports are cumulative (the app keeps the maximum).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
 import httpx
-import msgspec
 
 from inference.protocol import UsageReport
+from inference.signing import (
+    SIGNATURE_HEADER,
+    SIGNATURE_TOLERANCE_SECONDS,
+    Purpose,
+    SignedRequestError,
+    encode_signed,
+    verify_signed,
+)
+from inference.signing import signature_header as signed_header
 from inference.tickets import Ticket
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER: Final = "X-Stylecast-Signature"
-SIGNATURE_TOLERANCE_SECONDS: Final = 300
-_SIGNING_PREFIX: Final = b"stylecast-usage-v1."
-_RETRY_STATUSES: Final = frozenset({408, 425, 429})
-_MAX_REPORT_BYTES: Final = 4096
+UsageReportError = SignedRequestError
+RETRY_STATUSES: Final = frozenset({408, 425, 429})
 # A live stream whose total has not changed is reported every HEARTBEAT_INTERVALS * interval seconds.
 HEARTBEAT_INTERVALS: Final = 2
 
 
-class UsageReportError(Exception):
-    """A usage report that must not be trusted (bad or missing signature, stale, malformed)."""
-
-
-def _signature(secret: str, timestamp: int, body: bytes) -> str:
-    message = _SIGNING_PREFIX + str(timestamp).encode() + b"." + body
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-
-
 def signature_header(secret: str, body: bytes, *, timestamp: int) -> str:
-    """The value of SIGNATURE_HEADER for `body` signed at `timestamp`."""
-    return f"t={timestamp},v1={_signature(secret, timestamp, body)}"
+    """The value of SIGNATURE_HEADER for a usage report `body` signed at `timestamp`."""
+    return signed_header(secret, body, timestamp=timestamp, purpose=Purpose.USAGE)
 
 
 def encode_usage_report(
     secret: str, report: UsageReport, *, now: float | None = None
 ) -> tuple[bytes, dict[str, str]]:
     """The body and headers of one report request."""
-    body = msgspec.json.encode(report)
-    timestamp = int(time.time() if now is None else now)
-    headers = {
-        "Content-Type": "application/json",
-        SIGNATURE_HEADER: signature_header(secret, body, timestamp=timestamp),
-    }
-    return body, headers
+    return encode_signed(secret, Purpose.USAGE, report, now=now)
 
 
 def verify_usage_report(
@@ -72,31 +55,20 @@ def verify_usage_report(
     tolerance_seconds: int = SIGNATURE_TOLERANCE_SECONDS,
 ) -> UsageReport:
     """For the app's `POST /api/usage/report`: the authenticated report, or UsageReportError."""
-    if len(body) > _MAX_REPORT_BYTES:
-        raise UsageReportError("usage report body is too large")
-    value = headers.get(SIGNATURE_HEADER) or headers.get(SIGNATURE_HEADER.lower())
-    if value is None:  # plain dicts are case-sensitive; HTTP header names are not
-        value = next((v for k, v in headers.items() if k.lower() == SIGNATURE_HEADER.lower()), None)
-    if not value:
-        raise UsageReportError(f"missing {SIGNATURE_HEADER} header")
-    fields: dict[str, str] = {}
-    for part in value.split(","):
-        key, _, item = part.strip().partition("=")
-        fields[key] = item
-    try:
-        timestamp = int(fields["t"])
-        signature = fields["v1"]
-    except (KeyError, ValueError) as exc:
-        raise UsageReportError(f"malformed {SIGNATURE_HEADER} header") from exc
-    if not hmac.compare_digest(signature.encode(), _signature(secret, timestamp, body).encode()):
-        raise UsageReportError("usage report signature is invalid")
-    current = time.time() if now is None else now
-    if abs(current - timestamp) > tolerance_seconds:
-        raise UsageReportError("usage report timestamp is outside the allowed window")
-    try:
-        return msgspec.json.decode(body, type=UsageReport)
-    except msgspec.DecodeError as exc:
-        raise UsageReportError(f"malformed usage report: {exc}") from exc
+    return verify_signed(
+        secret, Purpose.USAGE, headers, body, UsageReport, now=now, tolerance_seconds=tolerance_seconds
+    )
+
+
+__all__ = [
+    "SIGNATURE_HEADER",
+    "StreamUsage",
+    "UsageReportError",
+    "UsageReporter",
+    "encode_usage_report",
+    "signature_header",
+    "verify_usage_report",
+]
 
 
 class StreamUsage:
@@ -228,7 +200,7 @@ class UsageReporter:
             return "retry"
         if response.is_success:
             return "ok"
-        if response.status_code >= 500 or response.status_code in _RETRY_STATUSES:
+        if response.status_code >= 500 or response.status_code in RETRY_STATUSES:
             log.warning("usage report for stream %s: HTTP %d", report.stream_id, response.status_code)
             return "retry"
         log.error(

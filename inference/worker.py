@@ -13,6 +13,8 @@ from enum import StrEnum
 import httpx
 from litestar.connection import WebSocket
 
+from inference.admission import Admission
+from inference.claims import ClaimOutcome, LocalClaims, StreamClaimer
 from inference.config import WorkerConfig
 from inference.engines import create_engine
 from inference.engines.base import Engine
@@ -21,7 +23,7 @@ from inference.metrics import WorkerMetrics
 from inference.protocol import CloseCode
 from inference.scheduler import Scheduler, SchedulerHooks
 from inference.session import StreamSession, serve_connection
-from inference.tickets import LEEWAY_SECONDS, Ticket
+from inference.tickets import Ticket
 from inference.usage import UsageReporter
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,13 @@ class Worker:
         self.status = WorkerStatus.STOPPED
         self.engine: Engine | None = None
         self.failure: str | None = None
-        self._used_tickets: dict[str, int] = {}
+        self.admission = Admission(config.min_session_fps)
+        # Connections admitted but not yet sessions (waiting for hello, or for their claim): they hold a
+        # place, so two arriving together cannot both take the last one.
+        self.admitting = 0
+        self.claimer: StreamClaimer | None = None
+        self._claims_client: httpx.AsyncClient | None = None
+        self._local_claims = LocalClaims()
 
     async def start(self) -> None:
         """Returns at once; the engine loads and warms up in the render thread."""
@@ -73,6 +81,14 @@ class Worker:
                 retry_max=self.config.usage_retry_max_seconds,
                 final_attempts=self.config.usage_final_attempts,
                 client=self._http_client,
+            )
+        claim_url = self.config.claim_url
+        if claim_url:
+            client = self._http_client
+            if client is None:
+                client = self._claims_client = httpx.AsyncClient(timeout=httpx.Timeout(3.0))
+            self.claimer = StreamClaimer(
+                url=claim_url, secret=self.config.stream_secret, worker_id=self.worker_id, client=client
             )
         self.status = WorkerStatus.WARMING
         self.engine = None
@@ -96,6 +112,9 @@ class Worker:
         await asyncio.to_thread(self.scheduler.stop, grace_seconds)
         if self.reporter is not None:
             await self.reporter.aclose(grace_seconds)
+        if self._claims_client is not None:
+            await self._claims_client.aclose()
+            self._claims_client = None
         self.status = WorkerStatus.STOPPED
         self.metrics.engine_ready.set(0)
 
@@ -120,17 +139,30 @@ class Worker:
             return
         await serve_connection(self, socket)
 
-    def claim_ticket(self, ticket: Ticket) -> bool:
-        """One ticket, one connection: False if this ticket was already used on this worker."""
-        now = time.time()
-        # Forget tickets that could no longer verify anyway, so the memory stays bounded.
-        expired = [jti for jti, expires_at in self._used_tickets.items() if expires_at + LEEWAY_SECONDS < now]
-        for jti in expired:
-            del self._used_tickets[jti]
-        if ticket.ticket_id in self._used_tickets:
+    def default_mode(self) -> str:
+        return self.engine.modes[0].id if self.engine is not None else ""
+
+    def admit(self) -> bool:
+        """Take a place for a new connection unless it would drop every session below the floor; the caller
+        gives it back with `release()` unless the connection becomes a session."""
+        default = self.default_mode()
+        in_use = [session.mode or default for session in self.sessions] + [default] * self.admitting
+        if not self.admission.admits(in_use, default):
+            self.metrics.sessions_refused.inc()
             return False
-        self._used_tickets[ticket.ticket_id] = ticket.expires_at
+        self.admitting += 1
         return True
+
+    def release(self) -> None:
+        self.admitting = max(0, self.admitting - 1)
+
+    async def claim(self, ticket: Ticket) -> ClaimOutcome:
+        """One ticket, one stream: refused if this worker saw the ticket, else the app decides."""
+        if not self._local_claims.claim(ticket):
+            return ClaimOutcome.REFUSED
+        if self.claimer is None:
+            return ClaimOutcome.GRANTED
+        return await self.claimer.claim(ticket)
 
     # ---- render-thread callbacks, delivered on the event loop ----
 

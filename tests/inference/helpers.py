@@ -21,6 +21,7 @@ from websockets.sync.client import ClientConnection, connect
 from inference.config import WorkerConfig
 from inference.engines.base import Engine
 from inference.protocol import (
+    Admitted,
     Error,
     Hello,
     Ready,
@@ -87,6 +88,9 @@ def worker_config(**overrides: object) -> WorkerConfig:
         "stream_secret": SECRET,
         "worker_id": "test-worker",
         "hello_timeout_seconds": 2.0,
+        # These workers render with deliberately slow stand-in engines to test flow control and fairness;
+        # admission (tests/inference/test_admission.py) sets its own floor.
+        "min_session_fps": 0.5,
     }
     values.update(overrides)
     return WorkerConfig(**values)  # type: ignore[arg-type]
@@ -159,12 +163,24 @@ class StreamClient:
     received: list[Message] = field(default_factory=list)
     close_code: int | None = None
     close_reason: str | None = None
+    # The worker's first message, which the connect sequence waits for before it gets a ticket; None when
+    # the worker closed instead (close_code says why, e.g. 4503 when it is full).
+    admitted: Admitted | None = None
 
     @classmethod
     @contextmanager
     def connect(cls, ws_url: str) -> Iterator[StreamClient]:
         with connect(ws_url, max_size=4 * 1024 * 1024, open_timeout=10) as connection:
-            yield cls(connection)
+            client = cls(connection)
+            try:
+                first = decode_server_message(connection.recv(timeout=10))
+            except ConnectionClosed as closed:
+                if closed.rcvd is not None:
+                    client.close_code, client.close_reason = closed.rcvd.code, closed.rcvd.reason
+            else:
+                assert isinstance(first, Admitted), f"the worker's first message was {first!r}"
+                client.admitted = first
+            yield client
 
     def send_hello(self, ticket: str) -> None:
         self.connection.send(encode_message(Hello(ticket=ticket)))

@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pytest
 from litestar import Litestar, Request, Response, post
+from websockets.exceptions import ConnectionClosed
 
-from inference.protocol import CloseCode, Usage, UsageReport
+from inference.protocol import CloseCode, Ready, StreamClaim, Usage, UsageReport
+from inference.signing import Purpose, SignedRequestError, verify_signed
 from inference.usage import UsageReportError, verify_usage_report
 from tests.inference.helpers import (
     SECRET,
@@ -36,6 +39,7 @@ class Receiver:
     reports: list[UsageReport] = field(default_factory=list)
     attempts: int = 0
     refused: list[str] = field(default_factory=list)
+    claims: list[StreamClaim] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def accepted(self) -> list[UsageReport]:
@@ -61,7 +65,25 @@ def usage_receiver(receiver: Receiver) -> Iterator[str]:
             receiver.reports.append(accepted)
         return Response(None, status_code=204)
 
-    with serve(Litestar(route_handlers=[report])) as url:
+    @post("/api/stream/claim", status_code=200)
+    async def claim(request: Request) -> Response[None]:
+        # The app's rule, for the worker's side of it: the first claim of a stream wins.
+        if not receiver.up.is_set():
+            return Response(None, status_code=503)
+        try:
+            claimed = verify_signed(
+                receiver.secret, Purpose.CLAIM, request.headers, await request.body(), StreamClaim
+            )
+        except SignedRequestError as exc:
+            receiver.refused.append(str(exc))
+            return Response(None, status_code=401)
+        with receiver.lock:
+            if any(seen.stream_id == claimed.stream_id for seen in receiver.claims):
+                return Response(None, status_code=409)
+            receiver.claims.append(claimed)
+        return Response(None, status_code=200)
+
+    with serve(Litestar(route_handlers=[report, claim])) as url:
         yield f"{url}/api/usage/report"
 
 
@@ -107,14 +129,16 @@ def test_reports_are_cumulative_and_the_final_one_is_sent_once() -> None:
 
 
 def test_reports_are_retried_with_backoff_while_the_app_is_down() -> None:
-    receiver = Receiver()  # down
+    receiver = Receiver()
+    receiver.up.set()
     clock = FakeClock()
     with usage_receiver(receiver) as url:
         config = worker_config(
             usage_report_url=url, usage_report_interval_seconds=0.1, usage_retry_base_seconds=0.05
         )
         with running_worker(config, clock=clock) as running, StreamClient.connect(running.ws_url) as client:
-            client.start(new_ticket())
+            client.start(new_ticket())  # claimed while the app is up; it goes down after
+            receiver.up.clear()
             _stream_seconds(client, clock, 1)
             wait_for(lambda: receiver.attempts >= 2, timeout=5)
             # Frames keep flowing while the reports fail: the stream never waits for the app.
@@ -150,21 +174,21 @@ def test_the_final_report_is_sent_when_the_allowance_ends_the_stream() -> None:
     assert (final.seconds, final.final) == (2, True)
 
 
-def test_reports_signed_with_another_secret_are_refused_by_the_app() -> None:
+def test_a_worker_with_another_secret_can_neither_claim_nor_report() -> None:
     receiver = Receiver(secret="the-apps-secret-is-different-0123456789")
     receiver.up.set()
-    clock = FakeClock()
     with usage_receiver(receiver) as url:
         config = worker_config(usage_report_url=url, usage_report_interval_seconds=0.2)
-        with running_worker(config, clock=clock) as running, StreamClient.connect(running.ws_url) as client:
-            client.start(new_ticket())
-            _stream_seconds(client, clock, 1)
-            wait_for(lambda: len(receiver.refused) >= 1, timeout=5)
+        with running_worker(config) as running, StreamClient.connect(running.ws_url) as client:
+            client.send_hello(new_ticket())
+            with pytest.raises(ConnectionClosed):
+                client.receive_until(lambda message: isinstance(message, Ready), timeout=5)
+            assert client.close_code == CloseCode.BAD_TICKET
             time.sleep(0.5)
-            # A refusal (401) is not retried: the secret will not fix itself.
-            assert receiver.attempts == 1
-    assert receiver.accepted() == []
-    assert receiver.refused[0] == "usage report signature is invalid"
+            # A refusal (401) is not retried: the secret will not fix itself. No session, so no report.
+            assert receiver.attempts == 0
+    assert receiver.claims == []
+    assert receiver.refused == ["stream claim signature is invalid"]
 
 
 def test_without_a_report_url_nothing_is_reported() -> None:

@@ -1,0 +1,150 @@
+"""A worker admits sessions only while each keeps MIN_SESSION_FPS at the engine's measured render time, and
+closes sessions that send nothing: both are what lets Modal scale out before a viewer watches a slideshow."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from inference.admission import Admission
+from inference.protocol import CloseCode
+from tests.inference.helpers import (
+    StreamClient,
+    new_ticket,
+    running_worker,
+    wait_for,
+    webcam_jpeg,
+    worker_config,
+)
+
+TURBO_ON_AN_H200 = 1 / 30  # seconds per frame
+EXACT_ON_AN_H200 = 1 / 14
+
+
+def _measured(seconds: float, mode: str = "exact", frames: int = 5) -> Admission:
+    admission = Admission(min_session_fps=12)
+    for _ in range(frames):
+        admission.observe(mode, seconds)
+    return admission
+
+
+def test_a_30_fps_engine_takes_two_sessions_at_12_fps_and_refuses_the_third() -> None:
+    admission = _measured(TURBO_ON_AN_H200, "turbo")
+    assert admission.admits([], "turbo")
+    assert admission.admits(["turbo"], "turbo")  # 15 FPS each
+    assert not admission.admits(["turbo", "turbo"], "turbo")  # 10 FPS each
+    assert admission.capacity("turbo") == 2
+
+
+def test_a_14_fps_engine_takes_one_session() -> None:
+    admission = _measured(EXACT_ON_AN_H200)
+    assert admission.admits([], "exact")  # a worker with no session always takes one
+    assert not admission.admits(["exact"], "exact")  # 7 FPS each
+    assert admission.capacity("exact") == 1
+
+
+def test_the_modes_in_use_add_up() -> None:
+    admission = _measured(TURBO_ON_AN_H200, "turbo")
+    for _ in range(5):
+        admission.observe("exact", EXACT_ON_AN_H200)
+    # One exact session alone leaves 1/(1/14 + 1/30) = 9.5 FPS for a turbo newcomer: refused.
+    assert not admission.admits(["exact"], "turbo")
+    assert admission.session_fps(["exact", "turbo"]) == pytest.approx(1 / (1 / 14 + 1 / 30))
+
+
+def test_a_cold_engine_admits_and_one_slow_frame_does_not_close_the_doors() -> None:
+    admission = Admission(min_session_fps=12)
+    assert admission.admits(["exact", "exact"], "exact")  # nothing measured yet
+    admission = _measured(TURBO_ON_AN_H200, "turbo", frames=9)
+    admission.observe("turbo", 4.0)  # a mode compiling on first use
+    assert admission.admits(["turbo"], "turbo")
+    # An unmeasured mode counts as the cheapest measured one.
+    assert admission.frame_seconds("fast") == pytest.approx(TURBO_ON_AN_H200)
+
+
+def _stream_until_measured(client: StreamClient, frames: int = 4) -> None:
+    jpeg = webcam_jpeg(160, 120)
+    for frame_id in range(1, frames + 1):
+        client.send_frame(frame_id, jpeg)
+        client.frame(frame_id, timeout=10)
+
+
+def test_the_worker_refuses_a_session_that_would_drop_everyone_below_the_floor() -> None:
+    # At least 50 ms a frame (20 FPS in total): a third session would get under 6.7 FPS, below the floor of
+    # 7, while two get 10 FPS (7 as long as a frame costs under 71 ms, whatever the machine's load).
+    config = worker_config(preview_delay_seconds=0.05, min_session_fps=7)
+    with running_worker(config) as running:
+        with StreamClient.connect(running.ws_url) as first, StreamClient.connect(running.ws_url) as second:
+            assert first.admitted is not None
+            assert second.admitted is not None
+            first.start(new_ticket())
+            second.start(new_ticket())
+            _stream_until_measured(first)
+            with StreamClient.connect(running.ws_url) as third:
+                # Refused at once, before the client spent a ticket on it, with the "full" code.
+                assert third.admitted is None
+                assert third.close_code == CloseCode.WORKER_FULL
+            # /health and /metrics are answered while the worker is full, and take no session's place.
+            assert httpx.get(f"{running.url}/health").status_code == 200
+            assert httpx.get(f"{running.url}/metrics").status_code == 200
+            assert running.metric("stylecast_worker_sessions_refused_total") == 1
+            # The admitted sessions still stream.
+            second.send_frame(50, webcam_jpeg(160, 120))
+            second.frame(50)
+        # Once a session has left, the next one is admitted.
+        wait_for(lambda: running.metric("stylecast_worker_sessions") == 0)
+        with StreamClient.connect(running.ws_url) as fourth:
+            assert fourth.admitted is not None
+            fourth.start(new_ticket())
+
+
+def test_a_slow_engine_still_serves_one_session() -> None:
+    # 200 ms a frame is 5 FPS, below the floor even alone: one viewer is served, the next is sent away.
+    config = worker_config(preview_delay_seconds=0.2, min_session_fps=12)
+    with running_worker(config) as running, StreamClient.connect(running.ws_url) as only:
+        only.start(new_ticket())
+        _stream_until_measured(only, frames=2)
+        with StreamClient.connect(running.ws_url) as another:
+            assert another.close_code == CloseCode.WORKER_FULL
+
+
+def test_connections_waiting_for_their_hello_hold_a_place() -> None:
+    # Two connections arriving together cannot both take the last place (the floor as above).
+    config = worker_config(preview_delay_seconds=0.05, min_session_fps=7)
+    with running_worker(config) as running, StreamClient.connect(running.ws_url) as first:
+        first.start(new_ticket())
+        _stream_until_measured(first)
+        with StreamClient.connect(running.ws_url) as waiting:  # admitted, no hello yet
+            assert waiting.admitted is not None
+            with StreamClient.connect(running.ws_url) as late:
+                assert late.close_code == CloseCode.WORKER_FULL
+
+
+def test_a_session_that_sends_no_frame_is_closed_as_idle() -> None:
+    config = worker_config(idle_timeout_seconds=0.6)
+    with running_worker(config) as running, StreamClient.connect(running.ws_url) as client:
+        client.start(new_ticket())
+        _stream_until_measured(client, frames=2)
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed):
+            client.receive_until(lambda message: False, timeout=5)
+        assert client.close_code == CloseCode.IDLE
+        assert 0.4 <= time.monotonic() - started <= 3
+        wait_for(lambda: running.metric("stylecast_worker_sessions") == 0)
+        assert running.metric("stylecast_worker_sessions_idle_total") == 1
+
+
+def test_frames_keep_an_idle_timeout_away() -> None:
+    config = worker_config(idle_timeout_seconds=0.6)
+    with running_worker(config) as running, StreamClient.connect(running.ws_url) as client:
+        client.start(new_ticket())
+        jpeg = webcam_jpeg(160, 120)
+        for frame_id in range(1, 8):  # 1.4 s of frames every 0.2 s
+            client.send_frame(frame_id, jpeg)
+            client.frame(frame_id)
+            time.sleep(0.2)
+        assert client.close_code is None
+        assert running.metric("stylecast_worker_sessions_idle_total") == 0
