@@ -1,4 +1,4 @@
-"""`python -m app`: serve the whole product (sandbox mode unless every live key is set)."""
+"""`python -m app`: serve the whole product, in the mode app/settings.py decides (sandbox on loopback)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to start: %s", exc)
         return 2
     log.info("Stylecast in %s mode at %s", settings.mode.value, settings.app_url)
+    if settings.sandbox_exposure:
+        # Only reachable with STYLECAST_MODE=sandbox: the operator asked for it, but must not miss it.
+        log.warning(
+            "SANDBOX MODE IS EXPOSED (%s): anyone who reaches this server can sign in as any email "
+            "without a password and get any plan for free. Never serve real users like this; "
+            "set the live keys for a public deployment.",
+            "; ".join(settings.sandbox_exposure),
+        )
     log.debug("settings: %s", settings.redacted())
     if settings.is_sandbox:
         log.info(

@@ -6,9 +6,10 @@ import logging
 from pathlib import Path
 
 from litestar import Litestar
-from litestar.datastructures import State
+from litestar.datastructures import CacheControlHeader, State
 from litestar.di import Provide
 from litestar.logging.config import LoggingConfig
+from litestar.openapi.config import OpenAPIConfig
 from litestar.plugins.htmx import HTMXPlugin, HTMXRequest
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
@@ -27,7 +28,7 @@ from app.routes.pages import PagesController
 from app.routes.session import SessionController
 from app.routes.stream import StreamController
 from app.routes.usage import UsageController
-from app.security import SecurityHeadersMiddleware, csrf_config
+from app.security import MAX_REQUEST_BODY_BYTES, SecurityHeaders, csrf_config
 from app.services import in_process_worker, services_lifespan
 from app.settings import Settings, load_settings
 from inference.server import worker_router
@@ -44,7 +45,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
         SessionController,
         StreamController,
         UsageController,
-        create_static_files_router(path="/static", directories=[STATIC_DIR], name="static"),
+        # Not fingerprinted, so browsers revalidate (ETag) rather than keep a stale studio.js after a deploy.
+        create_static_files_router(
+            path="/static",
+            directories=[STATIC_DIR],
+            name="static",
+            cache_control=CacheControlHeader(no_cache=True),
+        ),
     ]
     state = State({"settings": settings})
 
@@ -76,7 +83,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "user": Provide(provide_user),
             "maybe_user": Provide(provide_optional_user),
         },
-        middleware=[SecurityHeadersMiddleware(settings), SessionMiddleware(settings)],
+        middleware=[SessionMiddleware(settings)],
+        before_send=[SecurityHeaders(settings)],
+        request_max_body_size=MAX_REQUEST_BODY_BYTES,
+        # The schema maps every endpoint; live mode serves it only when STYLECAST_OPENAPI asks for it.
+        openapi_config=OpenAPIConfig(title="Stylecast", version="1.0.0") if settings.openapi else None,
         csrf_config=csrf_config(settings),
         request_class=HTMXRequest,
         plugins=[HTMXPlugin(), BillingPlugin(settings)],

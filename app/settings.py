@@ -2,20 +2,25 @@
 
 Two modes:
 
-* **sandbox** (default, no Clerk/ChargeBee keys set): the app mounts local emulators of the Clerk and
-  ChargeBee APIs and talks to them over HTTP through the real SDKs; secrets are generated once and kept in
-  the state directory.
-* **live** (every key set): the real Clerk instance and ChargeBee site.
+* **sandbox**: the app mounts local emulators of the Clerk and ChargeBee APIs and talks to them over HTTP
+  through the real SDKs; secrets are generated once and kept in the state directory. Anyone who reaches
+  it can sign in as any email without a password and "pay" for any plan, so it only starts where that is
+  safe: bound to a loopback address with a plain-http APP_URL, or when STYLECAST_MODE=sandbox says so
+  (and then warns loudly).
+* **live**: the real Clerk instance and ChargeBee site; every live variable must be set.
 
-Anything in between refuses to start and names every missing variable.
+`STYLECAST_MODE` (sandbox | live) chooses; unset, the environment must make the choice unambiguous: every
+live key set means live, none of them on loopback means sandbox, anything else refuses to start and names
+what is missing.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,8 +28,10 @@ from urllib.parse import urlsplit
 import msgspec
 
 from app.sandbox.keys import SandboxSecrets, load_or_create_sandbox_secrets
+from inference.config import MIN_SECRET_BYTES
 
-# Variables that decide the mode: all of them set means live, none of them means sandbox.
+# Variables that decide the mode when STYLECAST_MODE is unset: all of them set means live, none of them
+# (on a loopback address) means sandbox.
 LIVE_KEYS: tuple[str, ...] = (
     "CLERK_SECRET_KEY",
     "CLERK_PUBLISHABLE_KEY",
@@ -37,8 +44,10 @@ LIVE_KEYS: tuple[str, ...] = (
 # Live mode also needs these: the secret shared with the GPU worker and the public origin.
 LIVE_ALSO_REQUIRED: tuple[str, ...] = ("STREAM_SECRET", "APP_URL")
 
-# HS256 keys shorter than the hash output weaken ticket and report signatures.
-MIN_STREAM_SECRET_BYTES = 32
+# The webhook's Basic password is the only thing that authenticates ChargeBee's events, and anyone on the
+# internet can try it: long enough that guessing is hopeless (a random 16-character string is ~95 bits).
+MIN_WEBHOOK_PASSWORD_CHARS = 16
+_HOW_TO_GENERATE = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 SANDBOX_CLERK_PREFIX = "/sandbox/clerk/v1"
 SANDBOX_CHARGEBEE_PREFIX = "/sandbox/chargebee"
@@ -52,6 +61,17 @@ class Mode(StrEnum):
 
 class ConfigError(Exception):
     """The environment does not describe a deployment that can start."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 and `localhost`: addresses no other machine can connect to."""
+    name = host.strip().removeprefix("[").removesuffix("]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,10 +113,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     free_plan_seconds: int
     csrf_secret: str
     log_level: str
+    # Whether /schema (the OpenAPI document) is served: sandbox by default, live only with STYLECAST_OPENAPI.
+    openapi: bool
 
     @property
     def is_sandbox(self) -> bool:
         return self.mode is Mode.SANDBOX
+
+    @property
+    def sandbox_exposure(self) -> tuple[str, ...]:
+        """Why this sandbox may be reachable from other machines (empty: loopback only, or live mode)."""
+        if not self.is_sandbox:
+            return ()
+        reasons = []
+        if not is_loopback_host(self.host):
+            reasons.append(f"it listens on {self.host}, which is not a loopback address")
+        app_url = urlsplit(self.app_url)
+        if app_url.scheme == "https":
+            reasons.append(f"APP_URL={self.app_url} is https")
+        elif not is_loopback_host(app_url.hostname or ""):
+            reasons.append(f"APP_URL={self.app_url} names a host other than this machine")
+        return tuple(reasons)
 
     @property
     def clerk_frontend_api(self) -> str | None:
@@ -171,22 +208,13 @@ def load_settings(
         return env.get(name, "").strip() or default
 
     bind_host = host or get("STYLECAST_HOST", "127.0.0.1")
+    # How the operator named the bind host, for messages: the CLI option wins over the variable.
+    host_source = f"--host {bind_host}" if host else f"STYLECAST_HOST={bind_host}"
     try:
         bind_port = port if port is not None else int(get("STYLECAST_PORT", "8000"))
     except ValueError as exc:
         raise ConfigError("STYLECAST_PORT must be a number") from exc
     state = Path(state_dir or get("STYLECAST_STATE_DIR", ".stylecast")).expanduser()
-
-    present = [k for k in LIVE_KEYS if get(k)]
-    mode = Mode.LIVE if present else Mode.SANDBOX
-    if mode is Mode.LIVE:
-        missing = [k for k in (*LIVE_KEYS, *LIVE_ALSO_REQUIRED) if not get(k)]
-        if missing:
-            raise ConfigError(
-                "Half-configured deployment: some live keys are set "
-                f"({', '.join(present)}) but these are missing: {', '.join(missing)}. "
-                "Set all of them for live mode, or none of the Clerk/ChargeBee keys for sandbox mode."
-            )
 
     # The address the app reaches itself on: a wildcard bind is still reachable on loopback.
     loopback = bind_host if bind_host.count(".") == 3 and bind_host != "0.0.0.0" else "127.0.0.1"  # noqa: S104
@@ -196,12 +224,14 @@ def load_settings(
     if urlsplit(app_url).scheme not in ("http", "https"):
         raise ConfigError("APP_URL must be an http(s) origin such as https://stylecast.example.com")
 
+    mode = _decide_mode(get, host_source=host_source, bind_host=bind_host, app_url=app_url)
+
     if mode is Mode.SANDBOX:
         sandbox = load_or_create_sandbox_secrets(state)
         clerk = _sandbox_clerk(sandbox, internal_url)
         chargebee = _sandbox_chargebee(sandbox, internal_url, bind_port)
         stream_secret = get("STREAM_SECRET", sandbox.stream_secret)
-        csrf_secret = sandbox.csrf_secret
+        default_csrf_secret = sandbox.csrf_secret
     else:
         clerk = {
             "clerk_secret_key": get("CLERK_SECRET_KEY"),
@@ -219,10 +249,21 @@ def load_settings(
             "chargebee_webhook_username": get("CHARGEBEE_WEBHOOK_USERNAME"),
             "chargebee_webhook_password": get("CHARGEBEE_WEBHOOK_PASSWORD"),
         }
+        _check_webhook_credentials(
+            chargebee["chargebee_webhook_username"], chargebee["chargebee_webhook_password"]
+        )
         stream_secret = get("STREAM_SECRET")
-        if len(stream_secret.encode()) < MIN_STREAM_SECRET_BYTES:
-            raise ConfigError(f"STREAM_SECRET must be at least {MIN_STREAM_SECRET_BYTES} bytes long")
-        csrf_secret = get("CSRF_SECRET") or _derive_csrf_secret(stream_secret)
+        default_csrf_secret = _derive_csrf_secret(stream_secret)
+    # Checked in both modes: a sandbox override reaches the same signatures, and the in-process worker
+    # would otherwise refuse it later with a less clear error.
+    _check_secret("STREAM_SECRET", stream_secret)
+    csrf_secret = get("CSRF_SECRET")
+    if csrf_secret:
+        _check_secret("CSRF_SECRET", csrf_secret)
+    else:
+        csrf_secret = default_csrf_secret
+
+    openapi = _flag(get, "STYLECAST_OPENAPI", default=mode is Mode.SANDBOX)
 
     try:
         free_plan_seconds = int(get("FREE_PLAN_SECONDS", "60"))
@@ -249,7 +290,78 @@ def load_settings(
         free_plan_seconds=free_plan_seconds,
         csrf_secret=csrf_secret,
         log_level=get("LOG_LEVEL", "INFO").upper(),
+        openapi=openapi,
     )
+
+
+def _decide_mode(get: Callable[[str], str], *, host_source: str, bind_host: str, app_url: str) -> Mode:
+    """The mode the environment asks for, or ConfigError when it does not say so unambiguously."""
+    chosen = get("STYLECAST_MODE").lower()
+    present = [k for k in LIVE_KEYS if get(k)]
+    missing_for_live = [k for k in (*LIVE_KEYS, *LIVE_ALSO_REQUIRED) if not get(k)]
+    if chosen == Mode.LIVE:
+        if missing_for_live:
+            raise ConfigError(f"STYLECAST_MODE=live but these are missing: {', '.join(missing_for_live)}")
+        return Mode.LIVE
+    if chosen == Mode.SANDBOX:
+        if present:
+            raise ConfigError(
+                f"STYLECAST_MODE=sandbox but live keys are set ({', '.join(present)}): ambiguous. "
+                "Unset them for sandbox mode, or set STYLECAST_MODE=live."
+            )
+        return Mode.SANDBOX
+    if chosen:
+        raise ConfigError(f"STYLECAST_MODE must be sandbox or live (or unset), not {chosen!r}")
+
+    if present:
+        if missing_for_live:
+            raise ConfigError(
+                "Half-configured deployment: some live keys are set "
+                f"({', '.join(present)}) but these are missing: {', '.join(missing_for_live)}. "
+                "Set all of them for live mode, or none of the Clerk/ChargeBee keys for sandbox mode."
+            )
+        return Mode.LIVE
+    unsafe = []
+    if not is_loopback_host(bind_host):
+        unsafe.append(f"{host_source} is not a loopback address")
+    if urlsplit(app_url).scheme == "https":
+        unsafe.append(f"APP_URL={app_url} is https, which only a public deployment needs")
+    if unsafe:
+        raise ConfigError(
+            f"{' and '.join(unsafe)}: sandbox mode (passwordless sign-in as any email, free checkout) only "
+            "starts on a loopback address with a plain-http APP_URL unless STYLECAST_MODE=sandbox; "
+            f"for live mode set: {', '.join(missing_for_live)}"
+        )
+    return Mode.SANDBOX
+
+
+def _check_secret(name: str, value: str) -> None:
+    # HMAC keys shorter than the hash output weaken every signature. The worker's own minimum, so the app
+    # never accepts a stream secret its worker refuses.
+    if len(value.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(f"{name} must be at least {MIN_SECRET_BYTES} bytes long; {_HOW_TO_GENERATE}")
+
+
+def _check_webhook_credentials(username: str, password: str) -> None:
+    # RFC 7617: the user-id of Basic credentials cannot contain a colon; the first colon ends it.
+    if ":" in username:
+        raise ConfigError("CHARGEBEE_WEBHOOK_USERNAME must not contain ':' (HTTP Basic cannot carry it)")
+    if len(password) < MIN_WEBHOOK_PASSWORD_CHARS:
+        raise ConfigError(
+            f"CHARGEBEE_WEBHOOK_PASSWORD must be at least {MIN_WEBHOOK_PASSWORD_CHARS} characters long "
+            f"(set the same one on the webhook in ChargeBee); {_HOW_TO_GENERATE}"
+        )
+
+
+def _flag(get: Callable[[str], str], name: str, *, default: bool) -> bool:
+    value = get(name).lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true/false), not {value!r}")
 
 
 def _host_for_url(host: str) -> str:

@@ -37,6 +37,7 @@ from billing.ledger import LedgerRefused
 from billing.metadata import MetadataError
 from billing.metering import Metering
 from billing.plans import PlanCatalogue
+from inference.signing import MAX_SIGNED_BODY_BYTES
 from inference.usage import UsageReportError, verify_usage_report
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,14 @@ def _error(status_code: int, error: str, message: str, **headers: str) -> Respon
 class UsageController(Controller):
     dependencies = {"metering": Provide(provide_metering, sync_to_thread=False)}
 
-    @post("/api/usage/report", name="usage_report", status_code=HTTP_200_OK)
+    # A report is a few hundred bytes; anything larger than a signed request can be is refused with 413
+    # before it is read, so unsigned floods cost no memory.
+    @post(
+        "/api/usage/report",
+        name="usage_report",
+        status_code=HTTP_200_OK,
+        request_max_body_size=MAX_SIGNED_BODY_BYTES,
+    )
     async def report(
         self,
         request: Request[Any, Any, Any],

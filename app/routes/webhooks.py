@@ -39,6 +39,9 @@ from billing.webhooks import MalformedEvent, Outcome, apply_event, parse_event
 log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/api/webhooks/chargebee"
+# ChargeBee's largest events (a subscription with its customer, card, invoice and line items) are tens of
+# KB; 1 MiB keeps a wide margin while a flood of huge posts is refused (413) before it is read.
+WEBHOOK_MAX_BODY_BYTES = 1024 * 1024
 
 
 def _answer(
@@ -66,7 +69,13 @@ def credentials_match(authorization: str | None, username: str, password: str) -
 class ChargebeeWebhookController(Controller):
     dependencies = {"billing": Provide(provide_billing, sync_to_thread=False)}
 
-    @post(WEBHOOK_PATH, name="chargebee_webhook", status_code=200, include_in_schema=False)
+    @post(
+        WEBHOOK_PATH,
+        name="chargebee_webhook",
+        status_code=200,
+        include_in_schema=False,
+        request_max_body_size=WEBHOOK_MAX_BODY_BYTES,
+    )
     async def receive(
         self, request: Request[Any, Any, Any], billing: NamedDependency[BillingServices]
     ) -> Response[dict[str, Any]]:

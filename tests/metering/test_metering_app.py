@@ -202,7 +202,11 @@ def test_a_ticket_names_the_worker_and_needs_the_csrf_token(stack: Stack) -> Non
 def test_the_worker_url_is_the_configured_one_or_the_apps_own(tmp_path: Path) -> None:
     remote = load_settings({"INFERENCE_URL": "wss://gpu.example.com/ws"}, state_dir=tmp_path, dotenv=None)
     assert stream_url(remote) == "wss://gpu.example.com/ws"
-    public = load_settings({"APP_URL": "https://stylecast.example.com"}, state_dir=tmp_path, dotenv=None)
+    public = load_settings(
+        {"APP_URL": "https://stylecast.example.com", "STYLECAST_MODE": "sandbox"},
+        state_dir=tmp_path,
+        dotenv=None,
+    )
     assert stream_url(public) == "wss://stylecast.example.com/ws"
 
 
