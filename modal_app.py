@@ -17,6 +17,20 @@ from typing import Any
 import modal
 
 APP_NAME = "stylecast-inference"
+# How many viewers one GPU carries, from the admission arithmetic (inference/admission.py): sessions take
+# turns, so n sessions each get engine_fps / n, and the worker refuses one that would put everyone below
+# MIN_SESSION_FPS. The engine's rates come from docs/performance.md (random klein-4B weights, 512x512,
+# 2 steps, an H200; an H100 is a little slower, so its containers fill one session sooner, never later).
+MIN_SESSION_FPS = 12
+ENGINE_FPS = {"exact": 13.8, "turbo": 30.5}
+SESSIONS_PER_GPU = {mode: max(1, int(fps // MIN_SESSION_FPS)) for mode, fps in ENGINE_FPS.items()}  # 1, 2
+# Modal scales out when containers average `target_inputs` inputs; a WebSocket is one input for its whole
+# life. Aim at what the default mode (exact) carries, so a new container starts while the first viewer is
+# still alone; allow as many as the fastest mode carries, plus room for /health, /metrics and a refused
+# socket's short life, so those never take a viewer's place (the worker itself refuses the extra viewer
+# with 4503, and the studio retries on another container).
+TARGET_INPUTS = SESSIONS_PER_GPU["exact"]
+MAX_INPUTS = max(SESSIONS_PER_GPU.values()) + 2
 CACHE_DIR = "/cache"  # Hugging Face downloads land on the Volume, so only the first cold start downloads
 SECRET_NAME = "stylecast-worker"  # noqa: S105 (the name of a Modal Secret, not a secret)
 
@@ -39,6 +53,7 @@ image = (
         {
             "HF_HOME": f"{CACHE_DIR}/huggingface",
             "INFERENCE_ENGINE": "flux2",
+            "MIN_SESSION_FPS": str(MIN_SESSION_FPS),
             "MODEL_CACHE_DIR": CACHE_DIR,
             # torch.compile's caches on the Volume too: only the first container ever compiles from
             # scratch; later cold starts load the compiled kernels (docs/performance.md, cold start).
@@ -61,12 +76,14 @@ app = modal.App(APP_NAME, image=image)
     volumes={CACHE_DIR: model_cache},
     secrets=[worker_secret],
 )
-@modal.concurrent(max_inputs=8)  # several sessions per GPU: the scheduler batches their frames
+@modal.concurrent(max_inputs=MAX_INPUTS, target_inputs=TARGET_INPUTS)
 class Inference:
     @modal.enter()
     def load(self) -> None:
         """Load the engine and warm its default mode once per container, before it takes any connection;
-        the render loop warms the other modes while it is idle."""
+        the render loop warms the other modes while it is idle. Modal hands a socket to the app only after
+        this returns: the studio fetches its ticket once the worker has admitted it, so however long this
+        takes, no ticket expires while the socket waits."""
         from inference.config import load_worker_config
         from inference.engines import create_engine
 

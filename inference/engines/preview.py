@@ -371,9 +371,15 @@ class PreviewEngine:
     ) -> None:
         self.max_batch = max_batch
         self.delay_seconds = delay_seconds
+        self._warm = False
         self.warmup_seconds = warmup_seconds
 
     def warm_up(self) -> None:
+        # Like a model's load, the simulated one happens once: warming a warm engine (Modal's enter hook
+        # warms it, then the worker's render loop asks again) costs nothing.
+        if self._warm:
+            return
+        self._warm = True
         if self.warmup_seconds:
             time.sleep(self.warmup_seconds)
         # Build the cached tables now, so the first frame of any style is as fast as every other one.

@@ -8,8 +8,9 @@ import warnings
 import httpx
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed
 
-from inference.protocol import Ready
+from inference.protocol import CloseCode, Ready
 from tests.inference.helpers import SECRET, StreamClient, decode, new_ticket, wait_for, webcam_jpeg
 from tests.live_server import serve
 
@@ -48,3 +49,45 @@ def test_modal_class_serves_tiny_flux2_frames_through_the_local_seam(monkeypatch
             pixels = decode(frame.jpeg)
             assert pixels.shape == (512, 512, 3)
             assert np.asarray(pixels).std() > 0  # an image, not a blank
+
+
+def test_the_first_stream_after_a_cold_start_outlives_a_ticket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Modal hands a socket to the app only once `@modal.enter` has finished. A ticket fetched before the
+    socket opened expires during a long warm-up; the connect sequence (wait for `admitted`, then fetch the
+    ticket) streams at once."""
+    import modal_app
+
+    monkeypatch.setenv("STREAM_SECRET", SECRET)
+    monkeypatch.setenv("INFERENCE_ENGINE", "preview")
+    monkeypatch.setenv("PREVIEW_WARMUP_MS", "7000")  # longer than the ticket below lives, leeway included
+    monkeypatch.delenv("USAGE_REPORT_URL", raising=False)
+    fetched_before_connecting = new_ticket(ttl_seconds=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        asgi_app = modal_app.Inference().web.local()  # runs the enter hook: the 7 s warm-up
+
+    with serve(asgi_app) as url:
+        ws_url = url.replace("http://", "ws://") + "/ws"
+        assert httpx.get(f"{url}/health").status_code == 200  # warm before the first socket arrives
+        with StreamClient.connect(ws_url) as early:
+            early.send_hello(fetched_before_connecting)
+            with pytest.raises(ConnectionClosed):
+                early.receive_until(lambda message: isinstance(message, Ready), timeout=5)
+            assert early.close_code == CloseCode.BAD_TICKET
+            assert "expired" in (early.close_reason or "")
+        with StreamClient.connect(ws_url) as client:
+            assert client.admitted is not None
+            client.send_hello(new_ticket(ttl_seconds=1))  # fetched now, after the socket opened
+            assert isinstance(client.receive_until(lambda m: isinstance(m, Ready), timeout=10), Ready)
+            client.send_frame(1, webcam_jpeg(320, 240))
+            assert client.frame(1).jpeg
+
+
+def test_modal_concurrency_follows_the_admission_arithmetic() -> None:
+    import modal_app
+
+    # exact (13.8 FPS) carries one viewer at 12 FPS, turbo (30.5 FPS) two: Modal scales out at one viewer
+    # per container and never routes more than the fastest mode carries plus the HTTP headroom.
+    assert modal_app.SESSIONS_PER_GPU == {"exact": 1, "turbo": 2}
+    assert modal_app.TARGET_INPUTS == 1
+    assert modal_app.MAX_INPUTS == 4
