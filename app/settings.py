@@ -216,8 +216,7 @@ def load_settings(
         raise ConfigError("STYLECAST_PORT must be a number") from exc
     state = Path(state_dir or get("STYLECAST_STATE_DIR", ".stylecast")).expanduser()
 
-    # The address the app reaches itself on: a wildcard bind is still reachable on loopback.
-    loopback = bind_host if bind_host.count(".") == 3 and bind_host != "0.0.0.0" else "127.0.0.1"  # noqa: S104
+    loopback = _self_address(bind_host)
     internal_url = f"http://{_host_for_url(loopback)}:{bind_port}"
     browser_host = loopback if bind_host == "0.0.0.0" else bind_host  # noqa: S104
     app_url = get("APP_URL", f"http://{_host_for_url(browser_host)}:{bind_port}").rstrip("/")
@@ -227,6 +226,12 @@ def load_settings(
     mode = _decide_mode(get, host_source=host_source, bind_host=bind_host, app_url=app_url)
 
     if mode is Mode.SANDBOX:
+        if ":" in loopback:
+            # The ChargeBee SDK only builds "{protocol}://{site}.{domain}": no way to write "[::1]".
+            raise ConfigError(
+                f"{host_source}: the sandbox reaches its ChargeBee emulator through the ChargeBee SDK, which "
+                "cannot address an IPv6 literal; bind 127.0.0.1 or localhost instead"
+            )
         sandbox = load_or_create_sandbox_secrets(state)
         clerk = _sandbox_clerk(sandbox, internal_url)
         chargebee = _sandbox_chargebee(sandbox, internal_url, bind_port)
@@ -362,6 +367,17 @@ def _flag(get: Callable[[str], str], name: str, *, default: bool) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be 1 or 0 (true/false), not {value!r}")
+
+
+def _self_address(bind_host: str) -> str:
+    """The address the app reaches its own server on: the bind address itself, or IPv4 loopback for a
+    wildcard or a name (a wildcard bind is reachable there, and `localhost` binds it too)."""
+    name = bind_host.removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return "127.0.0.1"
+    return "127.0.0.1" if address.is_unspecified else str(address)
 
 
 def _host_for_url(host: str) -> str:

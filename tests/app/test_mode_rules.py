@@ -51,11 +51,25 @@ def test_sandbox_does_not_start_implicitly_on_an_address_others_can_reach(tmp_pa
     assert f"STYLECAST_HOST={host}" in str(error.value)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "LOCALHOST"])
 def test_sandbox_starts_on_loopback_without_any_setting(tmp_path: Path, host: str) -> None:
     settings = load_settings({"STYLECAST_HOST": host}, state_dir=tmp_path, dotenv=None)
     assert settings.mode is Mode.SANDBOX
     assert settings.sandbox_exposure == ()
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_ipv6_loopback_is_safe_but_the_sandbox_cannot_reach_itself_there(tmp_path: Path, host: str) -> None:
+    # Loopback, so not refused as exposed; but the ChargeBee SDK cannot address [::1], and a sandbox whose
+    # sign-in and checkout fail is refused up front rather than started.
+    with pytest.raises(ConfigError, match="cannot address an IPv6 literal") as error:
+        load_settings({"STYLECAST_HOST": host}, state_dir=tmp_path, dotenv=None)
+    assert "not a loopback address" not in str(error.value)
+    live = load_settings(
+        {**live_environment(), "STYLECAST_HOST": host}, port=8123, state_dir=tmp_path, dotenv=None
+    )
+    # Live mode reaches itself (the in-process worker's usage reports) on the address it is bound to.
+    assert live.usage_report_url == "http://[::1]:8123/api/usage/report"
 
 
 def test_an_https_app_url_without_live_keys_refuses_even_on_loopback(tmp_path: Path) -> None:
