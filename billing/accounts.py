@@ -9,6 +9,9 @@ money or minutes (`update`) reads Clerk afresh first.
 Writes are minimal merge patches against the state just read (billing.metadata.metadata_patch), and
 read-modify-write cycles for one user are serialised within the process, so a webhook and a usage
 report landing together cannot drop each other's change.
+
+A user id goes into the Clerk SDK's URL path as it is (the SDK does not encode it), so anything that is
+not a Clerk user id is refused here, before any request: `users.get("../users")` would list every user.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import httpx
 import msgspec
 from clerk_backend_api import Clerk, models
 
-from billing.metadata import BillingMetadata, decode_metadata, metadata_patch
+from billing.ids import is_clerk_user_id
+from billing.metadata import SCHEMA_VERSION, BillingMetadata, Migrated, metadata_patch, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +53,16 @@ class UnknownUser(AccountStoreError):
     """No Clerk user has this id."""
 
 
+class InvalidUserId(UnknownUser):
+    """Not a Clerk user id at all, so no user can have it; refused without asking Clerk."""
+
+
 class Account(msgspec.Struct, frozen=True, kw_only=True):
     user_id: str
     email: str | None
     metadata: BillingMetadata
+    # What the stored copy needs from the next write when an older schema wrote it (metadata_patch).
+    stored: Migrated | None = None
 
 
 class AccountStore:
@@ -83,6 +93,7 @@ class AccountStore:
 
     async def get(self, user_id: str, *, fresh: bool = False) -> Account:
         """The user's account: from the cache unless it is stale or `fresh` is asked for."""
+        _check_user_id(user_id)
         if not fresh and (account := self.cached(user_id)) is not None:
             return account
         user = await _clerk_call(self._clerk.users.get_async(user_id=user_id), user_id)
@@ -91,6 +102,7 @@ class AccountStore:
     async def update(self, user_id: str, change: Callable[[Account], BillingMetadata | None]) -> Account:
         """Read the account afresh, let `change` compute its new metadata (None: leave it), write the
         difference. Serialised per user within this process."""
+        _check_user_id(user_id)
         async with self._lock_for(user_id):
             account = await self.get(user_id, fresh=True)
             new = change(account)
@@ -99,7 +111,7 @@ class AccountStore:
             return await self._write(account, new)
 
     async def _write(self, account: Account, new: BillingMetadata) -> Account:
-        public, private = metadata_patch(account.metadata, new)
+        public, private = metadata_patch(account.metadata, new, stored=account.stored)
         if public is None and private is None:
             return account
         user = await _clerk_call(
@@ -111,10 +123,12 @@ class AccountStore:
         return self._remember(user)
 
     def _remember(self, user: models.User) -> Account:
+        stored = read_metadata(user.public_metadata, user.private_metadata)
         account = Account(
             user_id=user.id,
             email=_primary_email(user),
-            metadata=decode_metadata(user.public_metadata, user.private_metadata),
+            metadata=stored.metadata,
+            stored=stored if stored.retired_private_keys or _older(stored) else None,
         )
         self._cache[user.id] = (self._clock() + self._ttl, account)
         self._cache.move_to_end(user.id)
@@ -131,6 +145,18 @@ class AccountStore:
 
 
 _T = TypeVar("_T")
+
+
+def _check_user_id(user_id: str) -> None:
+    if not is_clerk_user_id(user_id):
+        raise InvalidUserId(f"{user_id[:60]!r} is not a Clerk user id")
+
+
+def _older(stored: Migrated) -> bool:
+    return any(
+        version is not None and version < SCHEMA_VERSION
+        for version in (stored.public_version, stored.private_version)
+    )
 
 
 async def _clerk_call(request: Awaitable[_T], user_id: str) -> _T:

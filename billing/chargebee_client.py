@@ -4,6 +4,9 @@ The same code talks to `https://{site}.chargebee.com/api/v2` in live mode and to
 our own process in sandbox mode; only the site, domain, protocol and key differ (see app/settings.py).
 Every call is awaited on the SDK's httpx.AsyncClient: a synchronous call here would stall the event loop,
 and in sandbox mode it would deadlock against the emulator served by that same loop.
+
+Ids that go into a URL path are checked against ChargeBee's id formats first (billing/ids.py): the SDK
+leaves `/` and `.` in them, so `HostedPage.retrieve("../customers/x")` would fetch a customer instead.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import msgspec
 from chargebee import APIError, Chargebee
 
 from app.settings import Settings
+from billing import ids
 from billing.plans import Plan
 from billing.webhooks import SubscriptionSnapshot
 
@@ -94,8 +98,10 @@ async def ensure_customer(client: Chargebee, user_id: str, email: str | None) ->
     """The ChargeBee customer for a Clerk user (id = the Clerk user id), created on first purchase.
 
     A checkout's `customer[id]` only finds an existing customer, so it has to exist first. Two clicks can
-    race to create it; the loser sees `duplicate_entry` and uses the winner's.
+    race to create it; the loser sees `duplicate_entry` and uses the winner's. InvalidId for an id that
+    is not a ChargeBee one (nothing is sent).
     """
+    ids.chargebee_id(user_id, "ChargeBee customer id")
     try:
         await _call(client.Customer.retrieve(user_id))
         return user_id
@@ -141,7 +147,8 @@ async def open_portal(client: Chargebee, *, customer_id: str, redirect_url: str)
 
 
 async def retrieve_checkout(client: Chargebee, hosted_page_id: str) -> CheckoutResult:
-    response = await _call(client.HostedPage.retrieve(hosted_page_id))
+    """A hosted page read back; InvalidId (nothing is sent) for an id that cannot be a hosted page's."""
+    response = await _call(client.HostedPage.retrieve(ids.hosted_page_id(hosted_page_id)))
     page = response.hosted_page
     content: dict[str, Any] = page.content or {}
     subscription = content.get("subscription")
@@ -156,21 +163,30 @@ async def retrieve_checkout(client: Chargebee, hosted_page_id: str) -> CheckoutR
 
 async def live_subscription(client: Chargebee, customer_id: str) -> SubscriptionSnapshot | None:
     """The customer's newest subscription that still bills (or may again), if any."""
-    return await newest_subscription(client, customer_id, statuses=LIVE_STATUSES)
+    found = await _list_subscriptions(client, customer_id, sort="created_at", limit=1, statuses=LIVE_STATUSES)
+    return found[0] if found else None
 
 
-async def newest_subscription(
-    client: Chargebee, customer_id: str, *, statuses: tuple[str, ...] | None = None
-) -> SubscriptionSnapshot | None:
-    """The customer's most recently created subscription (optionally among `statuses`), if any."""
+async def recent_subscriptions(client: Chargebee, customer_id: str, limit: int) -> list[SubscriptionSnapshot]:
+    """The customer's `limit` most recently changed subscriptions, newest change first: one list call
+    that catches a reactivated old subscription as well as a new one."""
+    return await _list_subscriptions(client, customer_id, sort="updated_at", limit=limit)
+
+
+async def _list_subscriptions(
+    client: Chargebee,
+    customer_id: str,
+    *,
+    sort: str,
+    limit: int,
+    statuses: tuple[str, ...] | None = None,
+) -> list[SubscriptionSnapshot]:
     params: dict[str, Any] = {
-        "customer_id": {"is": customer_id},
-        "sort_by": {"desc": "created_at"},
-        "limit": 1,
+        "customer_id": {"is": ids.chargebee_id(customer_id, "ChargeBee customer id")},
+        "sort_by": {"desc": sort},
+        "limit": limit,
     }
     if statuses:
         params["status"] = {"in": list(statuses)}
     response = await _call(client.Subscription.list(params))
-    for entry in response.list:
-        return msgspec.convert(entry.subscription.raw_data, SubscriptionSnapshot)
-    return None
+    return [msgspec.convert(entry.subscription.raw_data, SubscriptionSnapshot) for entry in response.list]

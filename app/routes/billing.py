@@ -11,11 +11,21 @@ on `app.state`:
 Money decisions are all made here on the server: the browser names a plan, and the server decides what
 it costs (the item price) and what it grants (the catalogue), and learns what was bought only from
 ChargeBee itself (webhooks, or reading the hosted page back after checkout).
+
+Coming back from the portal refreshes the account from ChargeBee (one list call, one Clerk write), so it
+is honoured only for the signed return link this app put in the portal session (`?returned=portal&t=…`,
+which no other site can make for a user), and at most once per `PORTAL_REFRESH_INTERVAL_S` per user. The
+time of the last refresh lives in the user's private metadata, which every app process reads, so the
+limit holds however many processes serve the user.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -32,26 +42,33 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromQuery
 from litestar.plugins import InitPlugin
 from litestar.response import Template
-from litestar.status_codes import HTTP_200_OK, HTTP_303_SEE_OTHER
+from litestar.status_codes import HTTP_200_OK, HTTP_303_SEE_OTHER, HTTP_400_BAD_REQUEST
 
-from app.auth import SignedInUser, requires_user
+from app.auth import SessionEnded, SignedInUser, requires_user
 from app.settings import Settings
-from billing.accounts import Account, AccountStore, AccountStoreError
+from billing.accounts import Account, AccountStore, AccountStoreError, UnknownUser
 from billing.chargebee_client import (
     ChargebeeRejected,
     ChargebeeUnavailable,
     create_chargebee_client,
     ensure_customer,
     live_subscription,
-    newest_subscription,
     open_checkout,
     open_portal,
+    recent_subscriptions,
     retrieve_checkout,
 )
 from billing.entitlement import Entitlement, entitlement, format_clock
+from billing.ids import is_hosted_page_id
 from billing.metadata import BillingMetadata, MetadataError, SubscriptionStatus
 from billing.plans import Plan, PlanCatalogue
-from billing.webhooks import SubscriptionSnapshot, apply_subscription
+from billing.webhooks import (
+    DEFAULT_MEMORY,
+    SubscriptionSnapshot,
+    apply_subscription,
+    apply_subscriptions,
+    subscription_refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +79,12 @@ ERRORS = {
     "billing-refused": "Billing could not start a checkout for your account. Please contact support.",
     "account-unavailable": "Your account could not be loaded right now. Please try again shortly.",
 }
+BAD_CHECKOUT_LINK = "That checkout link is not one ChargeBee gave out, so nothing was looked up."
+PORTAL_CHANGES_PENDING = "Changes you just made in the billing portal can take a few seconds to show here."
+# A return from the portal refreshes the account from ChargeBee at most this often per user.
+PORTAL_REFRESH_INTERVAL_S = 30
+# How long a portal return link stays good; ChargeBee's portal sessions are shorter.
+PORTAL_RETURN_TTL_S = 6 * 3600
 STATUS_LABELS = {
     SubscriptionStatus.ACTIVE: ("Active", "ok"),
     SubscriptionStatus.IN_TRIAL: ("Trial", "ok"),
@@ -219,12 +242,35 @@ def _fail(request: Request[Any, Any, Any], code: str, status_code: int) -> Respo
     return Response(b"", status_code=HTTP_303_SEE_OTHER, headers={"Location": target})
 
 
-async def _portal_url(billing: BillingServices, customer_id: str) -> str:
+def _return_key(secret: str) -> bytes:
+    # Its own key, derived from the CSRF secret, so a return link can never pass for a CSRF token.
+    return hmac.new(secret.encode(), b"stylecast portal return link", hashlib.sha256).digest()
+
+
+def portal_return_token(secret: str, user_id: str, issued_at: int) -> str:
+    """The `t` of a portal return link: when it was made and a MAC over the user and that time."""
+    mac = hmac.new(_return_key(secret), f"{user_id}\x00{issued_at}".encode(), hashlib.sha256).digest()
+    return f"{issued_at}.{base64.urlsafe_b64encode(mac[:20]).decode().rstrip('=')}"
+
+
+def portal_return_valid(secret: str, user_id: str, token: str | None, now: int) -> bool:
+    """`token` was made by this app for this user, and not too long ago (nor in the future)."""
+    issued_text, _, _ = (token or "").partition(".")
+    if not issued_text.isdigit() or len(issued_text) > 12:
+        return False
+    issued_at = int(issued_text)
+    if not now - PORTAL_RETURN_TTL_S <= issued_at <= now + 60:
+        return False
+    return hmac.compare_digest(portal_return_token(secret, user_id, issued_at), token or "")
+
+
+async def _portal_url(billing: BillingServices, user_id: str) -> str:
     """A self-serve portal session that returns to the account page, which then re-reads the plan."""
+    token = portal_return_token(billing.settings.csrf_secret, user_id, int(time.time()))
     return await open_portal(
         billing.chargebee,
-        customer_id=customer_id,
-        redirect_url=f"{billing.settings.app_url}/account?returned=portal",
+        customer_id=user_id,
+        redirect_url=f"{billing.settings.app_url}/account?{urlencode({'returned': 'portal', 't': token})}",
     )
 
 
@@ -300,13 +346,21 @@ class BillingController(Controller):
         # reserved handler argument in Litestar, hence the raw query).
         query = request.query_params
         page_id, returned = query.get("id"), query.get("returned")
-        notice = None
+        notice = problem = None
+        status_code = HTTP_200_OK
         try:
             if page_id and query.get("state") == "succeeded":
-                notice = await self._confirm_checkout(billing, user, page_id)
+                if is_hosted_page_id(page_id):
+                    notice = await self._confirm_checkout(billing, user, page_id)
+                else:
+                    # It would go into ChargeBee's URL path; "../customers/x" would fetch a customer.
+                    log.warning("account page for %s: %r is not a hosted page id", user.user_id, page_id[:60])
+                    problem, status_code = BAD_CHECKOUT_LINK, HTTP_400_BAD_REQUEST
             elif returned == "portal":
-                await self._sync_newest_subscription(billing, user)
+                notice = await self._refresh_after_portal(billing, user, query.get("t"))
             account = await billing.accounts.get(user.user_id)
+        except UnknownUser:
+            raise SessionEnded from None  # deleted in Clerk: sign the browser out
         except (AccountStoreError, MetadataError):
             log.exception("account page could not load billing metadata for %s", user.user_id)
             return Template(
@@ -321,9 +375,11 @@ class BillingController(Controller):
                 "view": view,
                 "email": account.email,
                 "notice": notice,
+                "problem": problem,
                 "error": None,
                 "cards": plan_cards(billing.catalogue, account, True) if view.on_free_allowance else [],
             },
+            status_code=status_code,
         )
 
     async def _confirm_checkout(
@@ -342,21 +398,53 @@ class BillingController(Controller):
             log.warning("checkout %s in the address bar is not a ChargeBee hosted page", page_id)
             return None
         # The page id comes from the address bar: only the buyer's own finished checkout counts.
-        if result.state != "succeeded" or result.customer_id != user.user_id or result.subscription is None:
+        subscription = result.subscription
+        if result.state != "succeeded" or result.customer_id != user.user_id or subscription is None:
             return None
-        await self._apply(billing, user, result.subscription)
+        if (reason := _unusable(subscription, user)) is not None:
+            log.error("checkout %s for %s not applied: %s", page_id, user.user_id, reason)
+            return None
+        await self._apply(billing, user, subscription)
         return "Payment received. Thank you!"
 
-    async def _sync_newest_subscription(self, billing: BillingServices, user: SignedInUser) -> None:
-        """Back from the portal: take the subscription as ChargeBee has it now (webhooks may still be on
-        their way). Older states than what is stored are ignored by the same ordering as webhooks."""
+    async def _refresh_after_portal(
+        self, billing: BillingServices, user: SignedInUser, token: str | None
+    ) -> str | None:
+        """Back from the portal: take the customer's recently changed subscriptions as ChargeBee has them
+        now (webhooks may still be on their way), the same way webhooks apply them. Only for this app's
+        return link, and at most once per PORTAL_REFRESH_INTERVAL_S per user; otherwise the webhooks
+        bring the change and the page says so."""
+        now = int(time.time())
+        if not portal_return_valid(billing.settings.csrf_secret, user.user_id, token, now):
+            log.info("portal return for %s without a valid return link: not refreshed", user.user_id)
+            return None
+        last = (await billing.accounts.get(user.user_id)).metadata.private.refreshed_at
+        if last is not None and abs(now - last) < PORTAL_REFRESH_INTERVAL_S:
+            return PORTAL_CHANGES_PENDING
         try:
-            subscription = await newest_subscription(billing.chargebee, user.user_id)
+            found = await recent_subscriptions(
+                billing.chargebee, user.user_id, DEFAULT_MEMORY.max_subscriptions
+            )
         except (ChargebeeUnavailable, ChargebeeRejected):
-            log.warning("could not sync %s from ChargeBee after the portal", user.user_id, exc_info=True)
-            return
-        if subscription is not None:
-            await self._apply(billing, user, subscription)
+            log.warning("could not refresh %s from ChargeBee after the portal", user.user_id, exc_info=True)
+            return PORTAL_CHANGES_PENDING
+        usable = []
+        for subscription in found:
+            if (reason := _unusable(subscription, user)) is not None:
+                log.error("subscription %s of %s not applied: %s", subscription.id, user.user_id, reason)
+            else:
+                usable.append(subscription)
+
+        def change(account: Account) -> BillingMetadata | None:
+            metadata = apply_subscriptions(account.metadata, usable, billing.catalogue).metadata
+            metadata = metadata or account.metadata
+            stamped = max(now, metadata.private.refreshed_at or 0)
+            return msgspec.structs.replace(
+                metadata, private=msgspec.structs.replace(metadata.private, refreshed_at=stamped)
+            )
+
+        await billing.accounts.update(user.user_id, change)
+        return None
 
     @staticmethod
     async def _apply(
@@ -388,7 +476,7 @@ class BillingController(Controller):
                 await billing.accounts.update(user.user_id, _with_customer(customer_id))
             # One subscription per customer: someone who already has one changes it in the portal.
             if await live_subscription(billing.chargebee, customer_id) is not None:
-                return await _portal_url(billing, customer_id)
+                return await _portal_url(billing, user.user_id)
             return await open_checkout(
                 billing.chargebee,
                 customer_id=customer_id,
@@ -408,10 +496,17 @@ class BillingController(Controller):
     ) -> Response[bytes]:
         async def destination() -> str:
             account = await billing.accounts.get(user.user_id)
-            customer_id = await ensure_customer(billing.chargebee, user.user_id, account.email)
-            return await _portal_url(billing, customer_id)
+            await ensure_customer(billing.chargebee, user.user_id, account.email)
+            return await _portal_url(billing, user.user_id)
 
         return await _send_to(request, "portal", user, destination)
+
+
+def _unusable(subscription: SubscriptionSnapshot, user: SignedInUser) -> str | None:
+    """Why a subscription read from ChargeBee for `user` must not be applied to their account, or None."""
+    if subscription.customer_id != user.user_id:
+        return f"it belongs to customer {subscription.customer_id[:60]!r}"
+    return subscription_refusal(subscription, int(time.time() * 1000))
 
 
 def _with_customer(customer_id: str) -> Callable[[Account], BillingMetadata | None]:

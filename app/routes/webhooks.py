@@ -6,6 +6,13 @@ webhook endpoint, so those are checked first, in constant time. The answer tells
 * 2xx: done, never send it again. Used for applied events, duplicates, stale events, event types
   billing does not use, and customers that are not Stylecast users (retrying would never help).
 * 401 / 400: wrong credentials / not an event.
+* 422 `refused`: an event that reads as one but must not be applied (billing.webhooks.refusal): an id
+  outside ChargeBee's alphabet (it would reach a URL path), a customer and a subscription that name
+  different customers, an impossible resource_version. Logged as an error with the event id, never
+  applied. ChargeBee retries a non-2xx event 7 times over about 3 days (each refused the same way), then
+  marks it failed and emails the site's admins: that alert, and the event kept under Logs > Events with
+  its payload (which this app does not log), is how someone gets to look at it. A 2xx would file it
+  among the delivered ones.
 * 5xx: Clerk could not be read or written. ChargeBee retries with backoff, and because applying an
   event is idempotent and order-safe (billing/webhooks.py) the retry is harmless. A lost update is never
   answered with 200.
@@ -19,6 +26,7 @@ import base64
 import binascii
 import hmac
 import logging
+import time
 from typing import Any
 
 from litestar import Controller, Request, Response, post
@@ -27,14 +35,16 @@ from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_400_BAD_REQUEST,
     HTTP_401_UNAUTHORIZED,
+    HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
 from app.routes.billing import BillingServices, provide_billing
 from billing.accounts import Account, AccountStoreError, ClerkUnavailable, UnknownUser
+from billing.ids import is_clerk_user_id
 from billing.metadata import BillingMetadata, MetadataError
-from billing.webhooks import MalformedEvent, Outcome, apply_event, parse_event
+from billing.webhooks import MalformedEvent, Outcome, apply_event, parse_event, refusal
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +110,25 @@ class ChargebeeWebhookController(Controller):
         if not event.handled:
             log.debug("ChargeBee event %s (%s) ignored: not a billing event", event.id, event.event_type)
             return _answer(HTTP_200_OK, "ignored", f"{event.event_type} does not affect billing")
+        refused = refusal(event, int(time.time() * 1000))
+        if refused is not None:
+            log.error("ChargeBee event %r (%s) refused: %s", event.id[:60], event.event_type, refused)
+            return _answer(HTTP_422_UNPROCESSABLE_ENTITY, "refused", refused)
         user_id = event.customer_id
         if not user_id:
             log.warning("ChargeBee event %s (%s) names no customer; ignored", event.id, event.event_type)
             return _answer(HTTP_200_OK, "ignored", "no customer in the event")
+        if event.content.subscription is None:
+            return _answer(HTTP_200_OK, "ignored", f"{event.event_type} carries no subscription")
+        if not is_clerk_user_id(user_id):
+            # A ChargeBee customer, but not one this app created (ours are Clerk user ids).
+            log.warning(
+                "ChargeBee event %s (%s) is for customer %s, which is not a Stylecast user; ignored",
+                event.id,
+                event.event_type,
+                user_id,
+            )
+            return _answer(HTTP_200_OK, "ignored", "customer is not a user of this app")
 
         outcome: Outcome | None = None
 

@@ -14,6 +14,15 @@ ChargeBee does; a request never waits on a delivery.
 Not real ChargeBee, on purpose: `POST /subscriptions/{id}/advance_term` ends the current term now
 (renewing, or cancelling a non-renewing subscription) so renewals can be tried without waiting a month.
 
+Backdating, as a site with backdating enabled allows through the API: `cancel_for_items` with
+`cancel_option=specific_date` and a past `cancel_at` (not before the current term), and `reactivate` with
+a past `reactivate_from`, announce `subscription_canceled_with_backdating` and
+`subscription_reactivated_with_backdating`. A future `cancel_at` (a scheduled cancellation on a date) is
+not emulated and is refused.
+
+Like ChargeBee's API log, the emulator keeps the most recent API requests it served (`api_log`), so
+tests can see exactly which calls the app made with its key.
+
 State (customers, subscriptions, pages, sessions and undelivered events) lives in one JSON file in the
 state directory, replaced atomically after every change.
 """
@@ -31,6 +40,7 @@ import logging
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,12 +63,16 @@ API_PATH = "/api/v2"
 STORE_FORMAT = "stylecast-chargebee-emulator/1"
 HOSTED_PAGE_TTL_S = 3 * 3600
 PORTAL_SESSION_TTL_S = 3600
-# ChargeBee gives up on a webhook after several days of retries; the sandbox is impatient.
-DELIVERY_MAX_ATTEMPTS = 12
+# ChargeBee tries a webhook once and retries it 7 times (over about 3 days) before it marks the event
+# failed; the sandbox makes as many attempts, only sooner.
+DELIVERY_MAX_ATTEMPTS = 8
 DELIVERY_MAX_DELAY_S = 60.0
 DELIVERY_TIMEOUT_S = 10.0
 
 _ENDED = ("cancelled", "transferred")
+API_LOG_SIZE = 1000
+# ChargeBee's subscription list sorts by these only.
+_SORTABLE = ("created_at", "updated_at")
 _json = msgspec.json.Encoder()
 
 
@@ -110,6 +124,15 @@ class _Store(msgspec.Struct, kw_only=True):
     hosted_pages: dict[str, CheckoutPage] = msgspec.field(default_factory=dict)
     portal_sessions: dict[str, PortalSession] = msgspec.field(default_factory=dict)
     outbox: list[Delivery] = msgspec.field(default_factory=list)
+
+
+class ApiRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One API request as the emulator received it (after the client resolved any dot segments)."""
+
+    method: str
+    # Below the API root, e.g. "/subscriptions".
+    path: str
+    query: str
 
 
 class ChargebeeAPIError(Exception):
@@ -213,6 +236,13 @@ def _bool_param(value: str | None) -> bool:
     return (value or "").strip().lower() == "true"
 
 
+def _timestamp_param(value: str | None, param: str) -> int:
+    try:
+        return int(value or "")
+    except ValueError as exc:
+        raise _bad_value(param, f"{param} must be a unix timestamp in seconds") from exc
+
+
 def _parse_list_filter(value: str | None) -> list[str]:
     """`status[in]` arrives as `["a","b"]` (JSON) or `['a', 'b']` (the Python SDK's str(list))."""
     if not value:
@@ -263,6 +293,7 @@ class ChargebeeEmulator:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._store = self._load()
+        self.api_log: deque[ApiRequest] = deque(maxlen=API_LOG_SIZE)
         self.router = self._build_router()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -502,7 +533,12 @@ class ChargebeeEmulator:
         now = self._now()
         for event_type in event_types:
             content: dict[str, Any] = {"subscription": dict(subscription), "customer": dict(customer)}
-            if event_type in ("payment_succeeded", "payment_failed", "invoice_generated"):
+            if event_type in (
+                "payment_succeeded",
+                "payment_failed",
+                "invoice_generated",
+                "invoice_generated_with_backdating",
+            ):
                 content.update(self._invoice_and_transaction(subscription, event_type))
             event = {
                 "id": _new_id("ev"),
@@ -533,7 +569,7 @@ class ChargebeeEmulator:
             "currency_code": subscription.get("currency_code", "USD"),
             "object": "invoice",
         }
-        if event_type == "invoice_generated":
+        if event_type.startswith("invoice_generated"):
             return {"invoice": invoice}
         transaction = {
             "id": _new_id("txn"),
@@ -710,22 +746,49 @@ class ChargebeeEmulator:
         return sorted(found, key=lambda sub: (sub["created_at"], sub["id"]), reverse=True)
 
     async def change(
-        self, subscription_id: str, action: str, *, item_price_id: str | None = None
+        self, subscription_id: str, action: str, *, item_price_id: str | None = None, at: int | None = None
     ) -> dict[str, Any]:
-        """Apply one lifecycle action, then emit the events ChargeBee would for it."""
+        """Apply one lifecycle action, then emit the events ChargeBee would for it. `at` is the past moment
+        a backdated action takes effect."""
         async with self._lock:
             subscription = self._subscription_or_404(subscription_id)
-            event_types, source = self._apply_action(subscription, action, item_price_id)
+            event_types, source = self._apply_action(subscription, action, item_price_id, at)
             self._touch(subscription)
             self._emit(subscription, *event_types, source=source)
             await self._commit()
             return subscription
 
     def _apply_action(
-        self, subscription: dict[str, Any], action: str, item_price_id: str | None
+        self, subscription: dict[str, Any], action: str, item_price_id: str | None, at: int | None = None
     ) -> tuple[tuple[str, ...], str]:
         status = subscription["status"]
         now = self._now()
+        if action == "cancel_backdated":
+            if status in _ENDED:
+                raise _invalid_state("The subscription is already cancelled.")
+            assert at is not None
+            if at > now:
+                raise _bad_value("cancel_at", "The sandbox only emulates cancel_at in the past (backdating).")
+            if at < int(subscription.get("current_term_start") or subscription["created_at"]):
+                raise _bad_value("cancel_at", "cancel_at cannot be before the start of the current term.")
+            self._cancel(subscription, at)
+            return ("subscription_canceled_with_backdating",), "api"
+        if action == "reactivate_backdated":
+            if status != "cancelled":
+                raise _invalid_state("Only a cancelled subscription can be reactivated.")
+            assert at is not None
+            if at > now:
+                raise _bad_value("reactivate_from", "reactivate_from must not be in the future.")
+            if at < int(subscription.get("cancelled_at") or subscription["created_at"]):
+                raise _bad_value("reactivate_from", "reactivate_from cannot be before the cancellation.")
+            subscription.update(status="active", activated_at=at)
+            subscription.pop("cancelled_at", None)
+            self._start_new_term(subscription, at)
+            return (
+                "subscription_reactivated_with_backdating",
+                "invoice_generated_with_backdating",
+                "payment_succeeded",
+            ), "api"
         if action == "cancel_end_of_term":
             if status != "active":
                 raise _invalid_state(f"Only an active subscription can be cancelled at term end ({status}).")
@@ -783,7 +846,16 @@ class ChargebeeEmulator:
     def _build_router(self) -> Router:
         emulator = self
 
+        api_root = SANDBOX_CHARGEBEE_PREFIX + API_PATH
+
         async def authenticate(request: Request[Any, Any, Any]) -> Response[bytes] | None:
+            emulator.api_log.append(
+                ApiRequest(
+                    method=request.method,
+                    path=request.url.path.removeprefix(api_root),
+                    query=request.url.query or "",
+                )
+            )
             scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
             try:
                 user, _, _password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
@@ -845,8 +917,11 @@ class ChargebeeEmulator:
                 found = [sub for sub in found if sub["status"] in statuses]
             if status := query.get("status[is]"):
                 found = [sub for sub in found if sub["status"] == status]
-            descending = query.get("sort_by[asc]") != "created_at"
-            found.sort(key=lambda sub: (sub["created_at"], sub["id"]), reverse=descending)
+            ascending, descending = query.get("sort_by[asc]"), query.get("sort_by[desc]")
+            field = ascending or descending or "created_at"
+            if field not in _SORTABLE or (ascending and descending):
+                raise _bad_value("sort_by", f"sort_by supports one of {', '.join(_SORTABLE)}")
+            found.sort(key=lambda sub: (sub[field], sub["id"]), reverse=not ascending)
             try:
                 limit = max(1, min(100, int(query.get("limit") or 10)))
                 offset = max(0, int(query.get("offset") or 0))
@@ -870,6 +945,10 @@ class ChargebeeEmulator:
             subscription_id: FromPath[str], request: Request[Any, Any, Any]
         ) -> Response[bytes]:
             params = await form(request)
+            if params.get("cancel_option") == "specific_date" or params.get("cancel_at"):
+                at = _timestamp_param(params.get("cancel_at"), "cancel_at")
+                subscription = await emulator.change(subscription_id, "cancel_backdated", at=at)
+                return _api_response(emulator._with_customer(subscription))
             at_term_end = (
                 _bool_param(params.get("end_of_term")) or params.get("cancel_option") == "end_of_term"
             )
@@ -884,7 +963,14 @@ class ChargebeeEmulator:
 
         @post("/subscriptions/{subscription_id:str}/reactivate", status_code=200)
         @_api_errors
-        async def reactivate(subscription_id: FromPath[str]) -> Response[bytes]:
+        async def reactivate(
+            subscription_id: FromPath[str], request: Request[Any, Any, Any]
+        ) -> Response[bytes]:
+            params = await form(request)
+            if params.get("reactivate_from"):
+                at = _timestamp_param(params.get("reactivate_from"), "reactivate_from")
+                subscription = await emulator.change(subscription_id, "reactivate_backdated", at=at)
+                return _api_response(emulator._with_customer(subscription))
             return await subscription_action(subscription_id, "reactivate")
 
         @post("/subscriptions/{subscription_id:str}/update_for_items", status_code=200)

@@ -13,9 +13,11 @@ import httpx
 import msgspec
 import pytest
 from clerk_backend_api import Clerk
+from litestar import Litestar
 
 from app.clerk import create_clerk_client, find_or_create_user_by_email
 from app.factory import create_app
+from app.sandbox.chargebee_emulator import ApiRequest, ChargebeeEmulator
 from app.settings import SANDBOX_CLERK_PREFIX, Settings, load_settings
 from billing.metadata import BillingMetadata, decode_metadata
 from billing.plans import PlanCatalogue
@@ -48,6 +50,17 @@ class RunningApp:
 
     settings: Settings
     url: str
+    litestar: Litestar
+
+    @property
+    def chargebee(self) -> ChargebeeEmulator:
+        """The app's sandbox ChargeBee, whose `api_log` shows every call the app made with its key."""
+        emulator = self.litestar.state.chargebee_emulator
+        assert isinstance(emulator, ChargebeeEmulator)
+        return emulator
+
+    def chargebee_calls(self) -> list[ApiRequest]:
+        return list(self.chargebee.api_log)
 
     @property
     def clerk_url(self) -> str:
@@ -112,8 +125,9 @@ def running_app(
     settings = sandbox_settings(state_dir, STYLECAST_PORT=str(port), **env)
     if adjust is not None:
         settings = adjust(settings)
-    with serve(create_app(settings), port=port) as url:
-        yield RunningApp(settings=settings, url=url)
+    litestar = create_app(settings)
+    with serve(litestar, port=port) as url:
+        yield RunningApp(settings=settings, url=url, litestar=litestar)
 
 
 @pytest.fixture

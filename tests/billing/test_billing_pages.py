@@ -3,6 +3,7 @@ the sandbox ChargeBee and Clerk behind the real SDKs."""
 
 from __future__ import annotations
 
+import html
 import re
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -49,6 +50,19 @@ def portal_action(client: httpx.Client, portal_url: str, action: str) -> httpx.R
             "action": action,
         },
     )
+
+
+def portal_back_link(client: httpx.Client, portal_url: str) -> str:
+    """The portal's "Back to Stylecast" link: the return address the app gave the portal session."""
+    page = client.get(urlsplit(portal_url).path).text
+    found = re.search(r'href="([^"]+)" data-testid="portal-back"', page)
+    assert found, page
+    target = urlsplit(html.unescape(found.group(1)))
+    return f"{target.path}?{target.query}"
+
+
+def back_from_portal(client: httpx.Client, portal_url: str) -> httpx.Response:
+    return client.get(portal_back_link(client, portal_url))
 
 
 def until(check: object, timeout: float = 10.0) -> None:
@@ -138,8 +152,7 @@ def test_buying_pro_then_managing_it_in_the_portal(app: RunningApp) -> None:
         # The webhooks arrive afterwards and find nothing left to do.
         metadata = app.metadata(user_id)
         assert metadata.private.customer_id == user_id
-        subscription_id = metadata.private.subscription_id
-        assert subscription_id
+        [subscription_id] = metadata.private.subscriptions
 
         pricing = client.get("/pricing")
         assert re.search(r'data-testid="plan-pro"[^>]*aria-current="true"', pricing.text)
@@ -156,13 +169,17 @@ def test_buying_pro_then_managing_it_in_the_portal(app: RunningApp) -> None:
         until(lambda: element_texts(client.get("/account").text)["time-left"] == "20:00")
         renewed = portal_action(client, portal_url, "advance_term")
         assert renewed.status_code == 303
-        back = client.get("/account?returned=portal")
+        back = back_from_portal(client, portal_url)
         assert element_texts(back.text)["time-left"] == "30:00"
 
+        # Back again within the refresh interval: the webhook brings the change, and the page says so.
         cancelled = portal_action(client, portal_url, "cancel_end_of_term")
         assert cancelled.status_code == 303
-        ids = element_texts(client.get("/account?returned=portal").text)
-        assert (ids["account-plan"], ids["account-status"]) == ("Pro", "Cancels at period end")
+        again = element_texts(back_from_portal(client, portal_url).text)
+        assert again["billing-notice"].startswith("Changes you just made in the billing portal")
+        until(lambda: element_texts(client.get("/account").text)["account-status"] == "Cancels at period end")
+        ids = element_texts(client.get("/account").text)
+        assert ids["account-plan"] == "Pro"
         assert ids["account-renewal"].startswith("Ends on ")
         assert ids["time-left"] == "30:00"
 
@@ -172,13 +189,13 @@ def test_buying_pro_then_managing_it_in_the_portal(app: RunningApp) -> None:
         assert f"{SANDBOX_CHARGEBEE_PREFIX}/portal/" in opened.headers["location"]
 
         portal_action(client, portal_url, "advance_term")  # the term ends: the subscription with it
-        ids = element_texts(client.get("/account?returned=portal").text)
-        assert (ids["account-plan"], ids["account-status"]) == ("Free", "Cancelled")
+        until(lambda: element_texts(client.get("/account").text)["account-status"] == "Cancelled")
+        assert element_texts(client.get("/account").text)["account-plan"] == "Free"
 
     # However the webhooks raced the page syncs, the metadata ends where ChargeBee is.
     until(lambda: app.metadata(user_id).public.status == "cancelled")
     final = app.metadata(user_id)
-    assert (final.public.plan, final.private.subscription_id) == ("free", subscription_id)
+    assert (final.public.plan, list(final.private.subscriptions)) == ("free", [subscription_id])
 
 
 def test_failed_renewal_payment_is_shown_on_the_account(app: RunningApp) -> None:
@@ -187,7 +204,7 @@ def test_failed_renewal_payment_is_shown_on_the_account(app: RunningApp) -> None
         pay(client, checkout(client, "ultra").headers["location"])
         portal = client.post("/api/billing/portal", data={"_csrf_token": csrf(client, "/account")})
         portal_action(client, portal.headers["location"], "advance_term_payment_fails")
-        ids = element_texts(client.get("/account?returned=portal").text)
+        ids = element_texts(back_from_portal(client, portal.headers["location"]).text)
         assert (ids["account-plan"], ids["account-status"]) == ("Ultra", "Payment due")
         assert "payment-due" in ids
 
@@ -222,7 +239,7 @@ def test_pages_never_carry_billing_secrets(app: RunningApp) -> None:
         app.settings.chargebee_api_key,
         app.settings.chargebee_webhook_password,
         app.settings.clerk_secret_key,
-        str(metadata.private.subscription_id),
+        *metadata.private.subscriptions,
     ]
     for page in pages:
         for secret in secrets:

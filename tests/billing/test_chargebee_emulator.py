@@ -351,7 +351,7 @@ def test_subscription_lifecycle_events_fold_into_metadata(site: Site, catalogue:
         metadata = outcome.metadata or metadata
     assert (metadata.public.plan, metadata.public.status) == ("ultra", "active")
     assert metadata.public.period_start == term_start
-    assert metadata.private.subscription_id == subscription_id
+    assert list(metadata.private.subscriptions) == [subscription_id]
     assert metadata.public.payment_due is False  # cancelling wrote off the failed invoice
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def test_events_apply_once_and_unrelated_ones_are_acknowledged(
     metadata = app.metadata(user_id)
     assert (metadata.public.plan, metadata.public.status) == ("pro", "active")
     assert metadata.private.customer_id == user_id
-    assert metadata.private.subscription_id == life.subscription["id"]
+    assert list(metadata.private.subscriptions) == [life.subscription["id"]]
 
     # ChargeBee redelivers: acknowledged, nothing changes.
     again = post_event(app, life.bodies[0])
@@ -110,15 +111,18 @@ def test_events_apply_once_and_unrelated_ones_are_acknowledged(
     public, private = app.raw_metadata(user_id)
     assert set(public) == {"billing"}
     assert "customer_id" not in json.dumps(public)
-    assert private["billing"]["subscription_id"] == life.subscription["id"]
+    assert list(private["billing"]["subscriptions"]) == [life.subscription["id"]]
 
 
 def test_events_for_customers_that_are_not_users_are_acknowledged(
     app: RunningApp, catalogue: PlanCatalogue
 ) -> None:
-    stranger = lifecycle(app, catalogue, "user_not_in_clerk").bodies[0]
-    response = post_event(app, stranger)
-    assert (response.status_code, response.json()["result"]) == (200, "ignored")
+    # A ChargeBee customer this app did not create (ours are Clerk user ids), and a Clerk-shaped id that
+    # is no user: neither can ever apply, and neither is suspicious.
+    for customer_id in ("cus_made_in_chargebee", "user_2NotInClerkAtAll0000000000"):
+        stranger = lifecycle(app, catalogue, customer_id).bodies[0]
+        response = post_event(app, stranger)
+        assert (response.status_code, response.json()["result"]) == (200, "ignored")
 
 
 def test_unknown_item_price_is_acknowledged_without_change(app: RunningApp, catalogue: PlanCatalogue) -> None:
@@ -131,15 +135,18 @@ def test_unknown_item_price_is_acknowledged_without_change(app: RunningApp, cata
 
 
 class FlakyClerk:
-    """A real HTTP server in front of the Clerk emulator: forwards while up, answers 503 while down."""
+    """A real HTTP server in front of the Clerk emulator: forwards while up, answers 503 while down, and
+    records every request it is sent (method and path)."""
 
     def __init__(self) -> None:
         self.target = ""
         self.down = False
         self.refused = 0
+        self.requests: list[tuple[str, str]] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
+        self.requests.append((scope["method"], scope["path"]))
         body = b""
         while True:
             message = await receive()
@@ -208,3 +215,143 @@ def test_unreachable_clerk_is_a_5xx_too(tmp_path: Path, catalogue: PlanCatalogue
         response = post_event(app, lifecycle(app, catalogue, user_id).bodies[0])
         assert response.status_code == 503
         assert app.metadata(user_id).public.plan == "free"
+
+
+def edited(body: bytes, **subscription: Any) -> bytes:
+    """The event with fields of its subscription snapshot (and `customer` for the customer id) replaced."""
+    event = json.loads(body)
+    customer = subscription.pop("customer", None)
+    if customer is not None:
+        event["content"]["customer"]["id"] = customer
+    event["content"]["subscription"].update(subscription)
+    return json.dumps(event).encode()
+
+
+def test_backdated_chargebee_events_apply(app: RunningApp, catalogue: PlanCatalogue) -> None:
+    user_id = app.create_user("bea@example.com")
+    life = lifecycle(app, catalogue, user_id)
+    life.act("cancel_backdated")
+    for body in life.bodies:
+        assert post_event(app, body).status_code == 200
+    metadata = app.metadata(user_id)
+    assert (metadata.public.plan, metadata.public.status) == ("free", "cancelled")
+
+    before = len(life.bodies)
+    life.act("reactivate_backdated")
+    applied = post_event(app, life.bodies[before])
+    assert json.loads(life.bodies[before])["event_type"] == "subscription_reactivated_with_backdating"
+    assert (applied.status_code, applied.json()["result"]) == (200, "applied")
+    assert (app.metadata(user_id).public.plan, app.metadata(user_id).public.status) == ("pro", "active")
+
+
+def test_an_event_whose_customer_and_subscription_disagree_is_refused(
+    app: RunningApp, catalogue: PlanCatalogue
+) -> None:
+    ada, bob = app.create_user("ada2@example.com"), app.create_user("bob2@example.com")
+    # Bob's subscription in an event that names Ada as the customer, and the other way round.
+    for customer, owner in ((ada, bob), (bob, ada)):
+        body = edited(lifecycle(app, catalogue, owner).bodies[0], customer=customer)
+        refused = post_event(app, body)
+        assert refused.status_code == 422
+        assert refused.json()["result"] == "refused"
+        assert "different customers" in refused.json()["detail"]
+    assert app.metadata(ada).public.plan == "free"
+    assert app.metadata(bob).public.plan == "free"
+    assert not app.metadata(ada).private.subscriptions
+    assert not app.metadata(bob).private.subscriptions
+
+
+def test_an_impossible_resource_version_is_refused_and_does_not_freeze_the_account(
+    app: RunningApp, catalogue: PlanCatalogue
+) -> None:
+    user_id = app.create_user("cat@example.com")
+    life = lifecycle(app, catalogue, user_id)
+    assert post_event(app, life.bodies[0]).json()["result"] == "applied"
+    life.act("cancel")
+    cancel = life.bodies[-1]
+    now_ms = int(time.time() * 1000)
+    for version in (2**62, now_ms + 3 * 86_400_000):
+        forged = edited(cancel, resource_version=version)
+        refused = post_event(app, forged)
+        assert (refused.status_code, refused.json()["result"]) == (422, "refused")
+        assert app.metadata(user_id).public.status == "active"
+    # The genuine cancellation still applies: nothing was frozen at a version from the far future.
+    applied = post_event(app, cancel)
+    assert (applied.status_code, applied.json()["result"]) == (200, "applied")
+    assert app.metadata(user_id).public.status == "cancelled"
+
+
+def test_ids_that_would_reach_a_clerk_path_are_refused_before_any_clerk_call(
+    tmp_path: Path, catalogue: PlanCatalogue
+) -> None:
+    recorder = FlakyClerk()
+    with serve(recorder, lifespan="off") as proxy_url:
+        clerk_via_proxy = replace_settings(clerk_api_url=f"{proxy_url}{SANDBOX_CLERK_PREFIX}")
+        with running_app(tmp_path / "state", adjust=clerk_via_proxy) as app:
+            recorder.target = app.url
+            victim = app.create_user("dan@example.com")
+            for customer in ("../users", "user_x/../../users", "user_ok?limit=500"):
+                body = edited(
+                    lifecycle(app, catalogue, victim).bodies[0], customer=customer, customer_id=customer
+                )
+                refused = post_event(app, body)
+                assert (refused.status_code, refused.json()["result"]) == (422, "refused"), customer
+            # Only what the test itself asked: no user list, no request for anyone else.
+            assert not recorder.requests
+
+
+def test_schema_1_metadata_is_migrated_by_the_next_event(app: RunningApp, catalogue: PlanCatalogue) -> None:
+    user_id = app.create_user("eli@example.com")
+    life = lifecycle(app, catalogue, user_id)
+    created = json.loads(life.bodies[0])["content"]["subscription"]
+
+    async def store_schema_1(clerk: Any) -> None:
+        await clerk.users.update_metadata_async(
+            user_id=user_id,
+            public_metadata={
+                "billing": {
+                    "schema_version": 1,
+                    "plan": "pro",
+                    "status": "active",
+                    "seconds_used": 300,
+                    "period_start": created["current_term_start"],
+                    "period_end": created["current_term_end"],
+                }
+            },
+            private_metadata={
+                "billing": {
+                    "schema_version": 1,
+                    "customer_id": user_id,
+                    "subscription_id": created["id"],
+                    "subscription_created_at": created["created_at"],
+                    "subscription_deleted": False,
+                    "resource_version": created["resource_version"],
+                    "term_start": created["current_term_start"],
+                },
+                "other_feature": {"kept": True},
+            },
+        )
+
+    app.clerk(store_schema_1)
+    life.act("schedule_cancel")
+    applied = post_event(app, life.bodies[-1])
+    assert (applied.status_code, applied.json()["result"]) == (200, "applied")
+    public, private = app.raw_metadata(user_id)
+    assert public["billing"]["schema_version"] == private["billing"]["schema_version"] == 2
+    assert public["billing"]["status"] == "non_renewing"
+    assert public["billing"]["seconds_used"] == 300  # the same term: usage kept
+    retired = {
+        "subscription_id",
+        "subscription_created_at",
+        "subscription_deleted",
+        "resource_version",
+        "term_start",
+    }
+    assert not retired & set(private["billing"])
+    record = private["billing"]["subscriptions"][created["id"]]
+    assert (record["status"], record["plan"], record["created_at"]) == (
+        "non_renewing",
+        "pro",
+        created["created_at"],
+    )
+    assert private["other_feature"] == {"kept": True}
