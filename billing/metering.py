@@ -1,17 +1,23 @@
-"""Metering in the web app: usage reports and stream reservations applied to Clerk through the account
-store, batched per user, and the cached view the usage meter polls.
+"""Metering in the web app: usage reports, stream reservations and claims applied to Clerk through the
+account store, batched per user, and the cached view the usage meter polls.
 
-Clerk allows 10 metadata writes per 10 seconds per user. A user's worker reports every few seconds per
-stream, tickets are issued on every (re)connect, and webhooks write too, so writes for one user go
-through one queue here: everything that arrives while a write is in flight, or within
-`min_write_interval` of the last one, is folded into the next write together, and at most
-`writes_per_window` writes per `window_seconds` leave room for webhooks. A caller is answered only once
-the write that contains its change has succeeded (or with the store's error if it failed), so a worker
-that gets a 200 knows its report is durable, and one that gets an error retries it; the ledger makes the
-retry harmless whether or not the failed write reached Clerk.
+Clerk allows 1,000 Backend API requests per 10 s per instance and 10 metadata writes per 10 s per user, so
+Clerk traffic per stream is budgeted (docs/metering.md, "A Clerk budget"):
 
-The rules themselves (what counts, what is reserved) are billing/ledger.py's, applied to the metadata
-read afresh from Clerk inside the write (`AccountStore.update`). See docs/metering.md.
+* What decides money or minutes right now is written at once and its caller answered only once the write
+  has succeeded: a reservation (a ticket), a claim, a stream's final report, a webhook. Writes for one user
+  go through one queue: everything that arrives while a write is in flight, or within `min_write_interval`
+  of the last one, is folded into the next write, and at most `writes_per_window` writes per
+  `window_seconds` leave room for Clerk's per-user limit.
+* A running stream's periodic report only moves its cumulative total. It is folded into the user's pending
+  state and answered at once (`ReportApplied.durable` False); the pending state is written at most
+  `deferred_write_seconds` after its first report, or with the user's next urgent write. The meter shows it
+  at once. If the app stops before that write, nothing is lost while the worker lives: its next report
+  carries the cumulative total again.
+
+The rules themselves (what counts, what is reserved) are billing/ledger.py's. The app is one process
+(docs/deployment.md), so the metadata this process last read or wrote is Clerk's, and a write patches only
+what changed (billing/accounts.py).
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ class ReportApplied(msgspec.Struct, frozen=True, kw_only=True):
     # The stream's cumulative billed seconds after this report.
     stream_seconds: int
     counter: Counter
+    # Written to Clerk before this answer (final reports), or pending in this process (running streams).
+    durable: bool = True
 
 
 @dataclass(eq=False)
@@ -70,6 +78,9 @@ class _UserQueue:
     task: asyncio.Task[None] | None = None
     # Monotonic times of this user's recent metadata writes, for the per-user write budget.
     writes: deque[float] = field(default_factory=deque)
+    # Running streams' latest reports, answered and not yet written (stream id -> report).
+    deferred: dict[str, UsageReport] = field(default_factory=dict)
+    flush: asyncio.TimerHandle | None = None
 
 
 class Metering:
@@ -82,6 +93,8 @@ class Metering:
         min_write_interval: float = 1.0,
         writes_per_window: int = 8,
         window_seconds: float = 10.0,
+        deferred_write_seconds: float = 20.0,
+        trust_own_write_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -91,6 +104,10 @@ class Metering:
         self._min_interval = min_write_interval
         self._writes_per_window = writes_per_window
         self._window = window_seconds
+        # Shorter than the ledger's stale_after_seconds, so what Clerk holds never lets a live stream's
+        # reservation lapse, even for a process that starts afresh from it.
+        self._trust_own_writes = trust_own_write_seconds
+        self._deferred_write = min(deferred_write_seconds, policy.stale_after_seconds * 2 / 3)
         self._clock = clock
         self._monotonic = monotonic
         self._queues: dict[str, _UserQueue] = {}
@@ -101,6 +118,10 @@ class Metering:
     async def record(self, report: UsageReport) -> ReportApplied:
         """Fold a verified usage report into its user's metadata. Raises LedgerRefused (never retry),
         AccountStoreError or MetadataError (retry later)."""
+        if not report.final:
+            deferred = self._defer(report)
+            if deferred is not None:
+                return deferred
 
         def fold(metadata: BillingMetadata, now: int) -> tuple[BillingMetadata, ReportApplied]:
             folded = apply_report(metadata, report, self.catalogue, now=now, policy=self.policy)
@@ -116,15 +137,56 @@ class Metering:
 
         return await self._submit(report.user_id, fold)
 
-    async def reserve(self, user_id: str) -> Reservation:
-        """A new stream id with the seconds reserved for it. Raises LedgerRefused (OUT_OF_MINUTES,
-        MINUTES_IN_USE), AccountStoreError or MetadataError."""
+    def _defer(self, report: UsageReport) -> ReportApplied | None:
+        """Take a running stream's report without writing it, when this process holds the user's metadata
+        to check it against; None sends it down the urgent path (which reads the account)."""
+        account = self.accounts.cached(report.user_id)
+        if account is None:
+            return None
+        queue = self._queue(report.user_id)
+        now = int(self._clock())
+        pending = self._with_deferred(account.metadata, queue.deferred, now)
+        folded = apply_report(pending, report, self.catalogue, now=now, policy=self.policy)  # may refuse
+        kept = queue.deferred.get(report.stream_id)
+        if kept is None or report.seconds >= kept.seconds:
+            queue.deferred[report.stream_id] = report
+        if queue.flush is None:
+            loop = asyncio.get_running_loop()
+            queue.flush = loop.call_later(self._deferred_write, self._flush_deferred, report.user_id)
+        entry = folded.metadata.private.streams.get(report.stream_id)
+        return ReportApplied(
+            stream_id=report.stream_id,
+            added_seconds=folded.added_seconds,
+            stream_seconds=entry.seconds if entry is not None else report.seconds,
+            counter=folded.counter,
+            durable=False,
+        )
 
-        def reserve(metadata: BillingMetadata, now: int) -> tuple[BillingMetadata, Reservation]:
-            reservation = reserve_stream(metadata, self.catalogue, now=now, policy=self.policy)
-            return reservation.metadata, reservation
+    def _flush_deferred(self, user_id: str) -> None:
+        queue = self._queues.get(user_id)
+        if queue is None:
+            return
+        queue.flush = None
+        if not queue.deferred:
+            return
 
-        return await self._submit(user_id, reserve)
+        def write_pending(metadata: BillingMetadata, now: int) -> tuple[BillingMetadata, None]:
+            return metadata, None  # the batch folds the deferred reports in first
+
+        task = asyncio.ensure_future(self._submit(user_id, write_pending))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    def _with_deferred(
+        self, metadata: BillingMetadata, deferred: dict[str, UsageReport], now: int
+    ) -> BillingMetadata:
+        """The metadata with the running streams' pending reports folded in."""
+        for report in deferred.values():
+            try:
+                folded = apply_report(metadata, report, self.catalogue, now=now, policy=self.policy)
+                metadata = folded.metadata
+            except LedgerRefused:
+                continue  # refused when it arrived, or pruned since: it adds nothing
+        return metadata
 
     async def claim(self, claim: StreamClaim) -> None:
         """Grant a verified stream claim, durably (written to Clerk before this returns). Raises
@@ -135,26 +197,45 @@ class Metering:
 
         await self._submit(claim.user_id, grant)
 
+    async def reserve(self, user_id: str) -> Reservation:
+        """A new stream id with the seconds reserved for it. Raises LedgerRefused (OUT_OF_MINUTES,
+        MINUTES_IN_USE), AccountStoreError or MetadataError."""
+
+        def reserve(metadata: BillingMetadata, now: int) -> tuple[BillingMetadata, Reservation]:
+            reservation = reserve_stream(metadata, self.catalogue, now=now, policy=self.policy)
+            return reservation.metadata, reservation
+
+        return await self._submit(user_id, reserve)
+
     async def view(self, user_id: str) -> Account:
-        """The account as the meter shows it: the store's cached view, which every write refreshes. Only
-        when it has expired is Clerk asked, once, however many polls are waiting for it."""
+        """The account as the meter shows it: the store's cached view, which every write refreshes, with
+        the reports not yet written folded in. Only when it has expired is Clerk asked, once, however many
+        polls are waiting for it."""
         account = self.accounts.cached(user_id)
-        if account is not None:
+        if account is None:
+            lock = self._view_locks.get(user_id)
+            if lock is None:
+                lock = self._view_locks[user_id] = asyncio.Lock()
+            async with lock:
+                account = self.accounts.cached(user_id) or await self.accounts.get(user_id)
+        queue = self._queues.get(user_id)
+        if queue is None or not queue.deferred:
             return account
-        lock = self._view_locks.get(user_id)
-        if lock is None:
-            lock = self._view_locks[user_id] = asyncio.Lock()
-        async with lock:
-            return self.accounts.cached(user_id) or await self.accounts.get(user_id)
+        pending = self._with_deferred(account.metadata, queue.deferred, int(self._clock()))
+        return msgspec.structs.replace(account, metadata=pending)
 
     # ---- the per-user write queue --------------------------------------------------------------------------
 
-    async def _submit(self, user_id: str, operation: Operation[_R]) -> _R:
-        future: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
+    def _queue(self, user_id: str) -> _UserQueue:
         queue = self._queues.get(user_id)
         if queue is None:
             self._forget_idle_queues()
             queue = self._queues[user_id] = _UserQueue()
+        return queue
+
+    async def _submit(self, user_id: str, operation: Operation[_R]) -> _R:
+        future: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
+        queue = self._queue(user_id)
         # A caller that went away leaves its outcome unread; reading it here keeps asyncio from logging it.
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
         queue.pending.append(_Pending(operation, future))
@@ -184,12 +265,17 @@ class Metering:
     async def _write_batch(self, user_id: str, queue: _UserQueue, batch: list[_Pending[Any]]) -> None:
         outcomes: list[object] = [None] * len(batch)
         wrote = False
+        # The running streams' pending reports ride along with every write.
+        deferred, queue.deferred = queue.deferred, {}
+        if queue.flush is not None:
+            queue.flush.cancel()
+            queue.flush = None
 
         def change(account: Account) -> BillingMetadata | None:
             nonlocal wrote
-            # Called with the metadata read afresh from Clerk; the whole batch becomes one write.
-            metadata = account.metadata
+            # Called with the account's current metadata; the whole batch becomes one write.
             now = int(self._clock())
+            metadata = self._with_deferred(account.metadata, deferred, now)
             for index, pending in enumerate(batch):
                 try:
                     metadata, outcomes[index] = pending.operation(metadata, now)
@@ -201,14 +287,16 @@ class Metering:
             return metadata
 
         try:
-            await self.accounts.update(user_id, change)
+            await self.accounts.update(user_id, change, trust_own_write_seconds=self._trust_own_writes)
         except (AccountStoreError, MetadataError) as error:
             log.warning("metering write for %s failed (%d waiting): %s", user_id, len(batch), error)
+            self._keep_deferred(user_id, queue, deferred)
             _settle(batch, [error] * len(batch))
             return
         except Exception as error:
             # A bug must not leave callers waiting forever; they answer 500 and the worker retries.
             log.exception("metering write for %s failed unexpectedly", user_id)
+            self._keep_deferred(user_id, queue, deferred)
             _settle(batch, [error] * len(batch))
             return
         finally:
@@ -216,13 +304,23 @@ class Metering:
                 queue.writes.append(self._monotonic())
         _settle(batch, outcomes)
 
+    def _keep_deferred(self, user_id: str, queue: _UserQueue, deferred: dict[str, UsageReport]) -> None:
+        """A failed write's pending reports wait for the next one (newer reports of a stream win)."""
+        for stream_id, report in deferred.items():
+            newer = queue.deferred.get(stream_id)
+            if newer is None or report.seconds > newer.seconds:
+                queue.deferred[stream_id] = report
+        if queue.deferred and queue.flush is None:
+            loop = asyncio.get_running_loop()
+            queue.flush = loop.call_later(self._deferred_write, self._flush_deferred, user_id)
+
     def _forget_idle_queues(self) -> None:
         """Bound the memory of write budgets: drop queues with nothing pending and no write in the window."""
         if len(self._queues) < 1024:
             return
         now = self._monotonic()
         for user_id, queue in list(self._queues.items()):
-            idle = not queue.pending and (queue.task is None or queue.task.done())
+            idle = not queue.pending and not queue.deferred and (queue.task is None or queue.task.done())
             if idle and (not queue.writes or now - queue.writes[-1] >= self._window):
                 del self._queues[user_id]
 

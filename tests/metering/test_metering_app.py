@@ -17,6 +17,7 @@ from app.auth import SESSION_COOKIE
 from app.routes.stream import stream_url
 from app.settings import load_settings
 from billing.metadata import BillingMetadata, PublicBilling, SubscriptionStatus
+from billing.metering import Metering
 from billing.plans import PRO_SECONDS_PER_PERIOD, PlanId
 from inference.protocol import UsageReport
 from inference.tickets import verify_ticket
@@ -98,7 +99,7 @@ def test_only_the_worker_can_report_usage(stack: Stack) -> None:
     genuine = stack.report(usage(browser, stream_id, 12))
     assert genuine.status_code == 200, genuine.text
     assert genuine.json()["added_seconds"] == 12
-    assert stack.metadata(browser.user_id).public.free_seconds_used == 12
+    wait_until(lambda: stack.metadata(browser.user_id).public.free_seconds_used == 12)
 
 
 def test_a_stale_signature_is_refused(stack: Stack) -> None:
@@ -128,12 +129,12 @@ def test_duplicated_and_reordered_reports_count_once_in_few_clerk_writes(stack: 
     reports = reports[::2] + reports[1::2][::-1]
     answers = in_parallel([lambda r=r: stack.report(r) for r in reports])
     assert [answer.status_code for answer in answers] == [200] * len(reports)
-    assert stack.metadata(browser.user_id).public.seconds_used == 60
+    wait_until(lambda: stack.metadata(browser.user_id).public.seconds_used == 60)
     # 36 reports arriving together became a handful of writes, far inside Clerk's 10 per 10 s.
     assert 1 <= stack.emulator.metadata_write_count(browser.user_id) <= 4
 
     final = stack.report(usage(browser, stream_id, 63, final=True))
-    assert final.json() == {"stream_id": stream_id, "added_seconds": 3, "stream_seconds": 63}
+    assert final.json() == {"stream_id": stream_id, "added_seconds": 3, "stream_seconds": 63, "durable": True}
     late = stack.report(usage(browser, stream_id, 40))
     assert late.status_code == 200
     assert late.json()["added_seconds"] == 0  # a late, smaller report never lowers the total
@@ -159,9 +160,9 @@ def test_a_steady_stream_of_reports_stays_within_clerks_write_limit(stack: Stack
         answers = in_parallel([lambda s=seconds: stack.report(usage(browser, stream_id, s))] * 5)
         assert {answer.status_code for answer in answers} == {200}
         time.sleep(0.2)
+    wait_until(lambda: stack.metadata(browser.user_id).public.seconds_used == seconds)
     writes = stack.emulator.metadata_write_count(browser.user_id)
-    assert writes <= 6  # about one per second
-    assert stack.metadata(browser.user_id).public.seconds_used == seconds
+    assert writes <= 6  # at most one per second
 
 
 def test_reports_for_streams_not_issued_to_the_user_are_refused(stack: Stack) -> None:
@@ -285,7 +286,7 @@ def test_the_meter_follows_reports_without_asking_clerk(stack: Stack) -> None:
 def test_the_meter_needs_a_session(stack: Stack) -> None:
     answer = httpx.get(f"{stack.url}/partials/usage-meter", headers={"HX-Request": "true"}, timeout=10)
     assert answer.status_code == 401
-    assert answer.headers["HX-Redirect"] == "/sign-in"
+    assert "HX-Redirect" not in answer.headers  # a poll never navigates away; the page refreshes its token
 
 
 # ---- Clerk failing -----------------------------------------------------------------------------------------
@@ -296,26 +297,32 @@ def test_a_clerk_outage_is_retried_by_the_worker_and_never_double_counted(tmp_pa
         browser = stack.sign_in("outage@example.com")
         stream_id, _ = granted_stream(browser, stack.settings.stream_secret)
         assert stack.report(usage(browser, stream_id, 10)).status_code == 200
+        wait_until(lambda: stack.metadata(browser.user_id).public.free_seconds_used == 10)
 
         clerk.mode = "down"
-        down = stack.report(usage(browser, stream_id, 20))
-        assert down.status_code == 503
-        assert down.headers["Retry-After"]
+        # A running stream's report is taken (the stream goes on); its write waits for Clerk.
+        running = stack.report(usage(browser, stream_id, 20))
+        assert running.status_code == 200
+        assert running.json()["durable"] is False
+        time.sleep(1.5)  # past the write's due time: it failed, and the report is kept for the next one
         assert stack.metadata(browser.user_id).public.free_seconds_used == 10
         assert browser.ticket().status_code == 503
+        # What must be durable is refused while Clerk is down, so the worker retries it.
+        down = stack.report(usage(browser, stream_id, 20, final=True))
+        assert down.status_code == 503
+        assert down.headers["Retry-After"]
 
         # Clerk stores the write but the answer is lost: the app cannot know it landed.
         clerk.mode = "lost_answer"
-        assert stack.report(usage(browser, stream_id, 20)).status_code == 503
+        assert stack.report(usage(browser, stream_id, 20, final=True)).status_code == 503
         assert stack.metadata(browser.user_id).public.free_seconds_used == 20
 
         clerk.mode = "up"
-        retried = stack.report(usage(browser, stream_id, 20))
+        retried = stack.report(usage(browser, stream_id, 20, final=True))
         assert retried.status_code == 200
         assert retried.json()["added_seconds"] == 0
-        final = stack.report(usage(browser, stream_id, 24, final=True))
-        assert final.json()["added_seconds"] == 4
-        assert stack.metadata(browser.user_id).public.free_seconds_used == 24
+        assert retried.json()["durable"] is True
+        assert stack.metadata(browser.user_id).public.free_seconds_used == 20
 
 
 # ---- end to end --------------------------------------------------------------------------------------------
@@ -365,3 +372,60 @@ def test_unknown_user_reports_are_refused_not_retried(stack: Stack) -> None:
     answer = stack.report(report)
     assert answer.status_code == 404
     assert answer.json()["error"] == "unknown_user"
+
+
+# ---- the Clerk budget --------------------------------------------------------------------------------------
+
+
+def test_running_streams_cost_clerk_one_write_per_write_interval_and_no_reads(tmp_path: Path) -> None:
+    """docs/metering.md's budget, measured on the emulator: a running stream's reports every second and its
+    viewer's meter polls every half second cost one metadata write per `deferred_write_seconds` and no read,
+    so one Clerk instance carries thousands of streams."""
+    with running_stack(tmp_path) as stack:
+        interval = 2.0
+        stack.app.state.metering = Metering(
+            stack.app.state.accounts, stack.app.state.catalogue, deferred_write_seconds=interval
+        )
+        browsers = [stack.sign_in(f"viewer{index}@example.com") for index in range(6)]
+        streams = [granted_stream(browser, stack.settings.stream_secret)[0] for browser in browsers]
+        stack.emulator.reset_counters()
+        started = time.monotonic()
+        seconds = 0
+        while time.monotonic() - started < 3 * interval:
+            seconds += 1
+            in_parallel(
+                [
+                    lambda b=b, s=s, n=seconds: stack.report(usage(b, s, n))
+                    for b, s in zip(browsers, streams, strict=True)
+                ]
+                + [lambda b=b: b.meter() for b in browsers] * 2
+            )
+            time.sleep(0.5)
+        elapsed = time.monotonic() - started
+        requests = stack.emulator.request_count
+        # One write per user per interval (3 intervals, plus one that may straddle the end), no reads.
+        assert requests <= len(browsers) * (elapsed / interval + 1), requests
+        for browser in browsers:
+            assert stack.emulator.metadata_write_count(browser.user_id) <= elapsed / interval + 1
+        # Nothing was lost: every stream's total reaches Clerk.
+        for browser, stream_id in zip(browsers, streams, strict=True):
+            wait_until(
+                lambda b=browser, s=stream_id: stack.metadata(b.user_id).private.streams[s].seconds == seconds
+            )
+
+
+def test_the_meter_shows_a_running_streams_seconds_before_they_are_written(tmp_path: Path) -> None:
+    with running_stack(tmp_path) as stack:
+        stack.app.state.metering = Metering(
+            stack.app.state.accounts, stack.app.state.catalogue, deferred_write_seconds=30
+        )
+        browser = stack.sign_in("meter@example.com")
+        stream_id, _ = granted_stream(browser, stack.settings.stream_secret)
+        before = _seconds_left(browser.meter().text)
+        assert stack.report(usage(browser, stream_id, 25)).json()["durable"] is False
+        assert _seconds_left(browser.meter().text) == before - 25
+        assert stack.metadata(browser.user_id).public.free_seconds_used == 0  # not written yet
+
+
+def _seconds_left(meter_html: str) -> int:
+    return int(meter_html.split('data-seconds-left="', 1)[1].split('"', 1)[0])
