@@ -1,15 +1,24 @@
 """Signing in and out.
 
-Live mode mounts Clerk's own sign-in component (ClerkJS sets the `__session` cookie). Sandbox mode has a
-plain form: the user is found or created in the Clerk emulator through the real SDK, and the cookie holds a
-token signed with the sandbox key pair, verified by the very same middleware as a real Clerk token.
+Live mode mounts Clerk's own sign-in component; ClerkJS talks to Clerk's Frontend API and keeps the
+`__session` cookie fresh. Sandbox mode has a plain form instead, and does what Clerk's component does on
+the server's side of it: the user is found or created in the Clerk emulator through the real SDK, the
+Backend API issues a one-time sign-in token for them, and the sandbox Frontend API redeems it (over HTTP,
+as a Frontend API proxy would), creating the browser's client and session. Its cookies (`__client`,
+`__client_uat`, a 60-second `__session`) are passed on to the browser, which from then on refreshes the
+token itself (/static/sandbox_clerk.js).
+
+Signing out revokes the session through the Backend API, so neither the old token nor the client cookie
+can be used again, and marks the browser's client signed out (`__client_uat=0`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from http.cookies import SimpleCookie
+from typing import Annotated, Literal, cast
 
+import httpx
 import msgspec
 from clerk_backend_api import Clerk
 from clerk_backend_api.models import ClerkBaseError, SDKError
@@ -22,21 +31,28 @@ from litestar.params import Body, FromQuery
 from litestar.response import Redirect, Template
 
 from app.auth import (
-    SANDBOX_SESSION_TTL_SECONDS,
     SESSION_COOKIE,
     SignedInUser,
-    mint_sandbox_session_token,
+    authentic_session_id,
     safe_redirect_target,
+    signed_out_cookies,
 )
 from app.clerk import find_or_create_user_by_email
-from app.settings import Settings
+from app.sandbox.clerk_sessions import SIGN_IN_TOKEN_SECONDS
+from app.settings import SANDBOX_CLERK_PREFIX, Settings
 
 log = logging.getLogger(__name__)
+
+_SANDBOX_SIGN_INS = f"{SANDBOX_CLERK_PREFIX}/client/sign_ins"
 
 
 class SignInForm(msgspec.Struct):
     email: str
     next: str = "/studio"
+
+
+class SandboxSignInFailed(Exception):
+    """The sandbox Frontend API did not complete the sign-in."""
 
 
 class SessionController(Controller):
@@ -56,7 +72,6 @@ class SessionController(Controller):
     @post("/sign-in", status_code=303)
     async def sign_in(
         self,
-        request: Request,
         settings: NamedDependency[Settings],
         state: State,
         data: Annotated[SignInForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
@@ -68,13 +83,14 @@ class SessionController(Controller):
         clerk: Clerk = state.clerk
         try:
             user = await find_or_create_user_by_email(clerk, data.email)
+            cookies = await _sandbox_sign_in(clerk, settings, user.id)
         except ValueError as exc:
             return Template(
                 "sign_in.html",
                 context={"next": target, "error": str(exc), "email": data.email},
                 status_code=400,
             )
-        except (ClerkBaseError, SDKError):
+        except (ClerkBaseError, SDKError, httpx.HTTPError, SandboxSignInFailed):
             log.exception("sandbox sign-in could not reach the Clerk emulator")
             return Template(
                 "sign_in.html",
@@ -85,27 +101,58 @@ class SessionController(Controller):
                 },
                 status_code=503,
             )
-        token = mint_sandbox_session_token(settings, user.id)
-        return Redirect(
-            path=target,
-            status_code=303,
-            cookies=[
-                Cookie(
-                    key=SESSION_COOKIE,
-                    value=token,
-                    max_age=SANDBOX_SESSION_TTL_SECONDS,
-                    httponly=True,
-                    samesite="lax",
-                    secure=settings.app_url.startswith("https://"),
-                    path="/",
-                )
-            ],
-        )
+        return Redirect(path=target, status_code=303, cookies=cookies)
 
     @post("/sign-out", status_code=303)
-    async def sign_out(self) -> Redirect:
-        return Redirect(
-            path="/",
-            status_code=303,
-            cookies=[Cookie(key=SESSION_COOKIE, value="", max_age=0, expires=0, path="/", httponly=True)],
+    async def sign_out(self, request: Request, settings: NamedDependency[Settings], state: State) -> Redirect:
+        # An expired token still names its session; sign-out must end it, or the browser's client
+        # cookie could refresh it again.
+        session_id = authentic_session_id(settings, request.cookies.get(SESSION_COOKIE))
+        if session_id is not None:
+            clerk: Clerk = state.clerk
+            try:
+                await clerk.sessions.revoke_async(session_id=session_id)
+            except (ClerkBaseError, SDKError, httpx.HTTPError):
+                log.warning("sign-out could not revoke session %s in Clerk", session_id, exc_info=True)
+        return Redirect(path="/", status_code=303, cookies=signed_out_cookies(settings))
+
+
+async def _sandbox_sign_in(clerk: Clerk, settings: Settings, user_id: str) -> list[Cookie]:
+    """Sign `user_id` in at the sandbox Frontend API with a Backend API sign-in token; the cookies it set."""
+    ticket = await clerk.sign_in_tokens.create_async(
+        request={"user_id": user_id, "expires_in_seconds": SIGN_IN_TOKEN_SECONDS}
+    )
+    if not ticket.token:
+        raise SandboxSignInFailed("the Backend API issued a sign-in token without its secret")
+    # Our own socket: no proxy from the environment applies.
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False) as frontend:
+        answer = await frontend.post(
+            f"{settings.internal_url}{_SANDBOX_SIGN_INS}",
+            data={"strategy": "ticket", "ticket": ticket.token},
+            headers={"Origin": settings.app_url},
         )
+    if answer.status_code != 200:
+        raise SandboxSignInFailed(f"the sandbox Frontend API answered {answer.status_code}: {answer.text}")
+    return [cookie for header in answer.headers.get_list("set-cookie") for cookie in _cookies(header)]
+
+
+def _cookies(header: str) -> list[Cookie]:
+    """A Set-Cookie header as Litestar cookies, attributes and all."""
+    parsed: SimpleCookie = SimpleCookie()
+    parsed.load(header)
+    cookies = []
+    for key, morsel in parsed.items():
+        max_age = morsel["max-age"]
+        samesite = (morsel["samesite"] or "lax").lower()
+        cookies.append(
+            Cookie(
+                key=key,
+                value=morsel.value,
+                path=morsel["path"] or "/",
+                max_age=int(max_age) if max_age else None,
+                httponly=bool(morsel["httponly"]) or None,
+                secure=bool(morsel["secure"]) or None,
+                samesite=cast(Literal["lax", "strict", "none"], samesite),
+            )
+        )
+    return cookies

@@ -5,7 +5,13 @@ talk to api.clerk.com, so the emulator has to answer with Clerk's JSON shapes, s
 codes. It also enforces the limits real Clerk enforces on user metadata (8 KB, a per-user write rate),
 so code that would break in production breaks in the sandbox first.
 
-State lives in one JSON file, replaced atomically after every change, so a restart loses nothing.
+It also plays the part of Clerk's Frontend API that a browser uses to stay signed in (clients, sessions,
+60-second session tokens; see app/sandbox/clerk_sessions.py), on the same origin as the app, the way a
+Frontend API proxy serves it: `/sandbox/clerk/v1/client...`, authenticated by the browser's `__client`
+cookie instead of the secret key.
+
+Users live in one JSON file, replaced atomically after every change, so a restart loses nothing; clients
+and sessions live in a second file that several app processes share.
 """
 
 from __future__ import annotations
@@ -25,14 +31,22 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, delete, get, patch, post, put
+from litestar.datastructures import Cookie
 from litestar.enums import MediaType
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 
+from app.sandbox import clerk_sessions as sessions
+from app.sandbox.clerk_sessions import FrontendSettings, SessionStore
 from app.sandbox.files import write_private_file
 from app.settings import SANDBOX_CLERK_PREFIX
 
 API_PATH = SANDBOX_CLERK_PREFIX
+# The Frontend API's `/v1/client` resource, served beside the Backend API on the app's origin.
+FRONTEND_PATH = f"{SANDBOX_CLERK_PREFIX}/client"
+CLIENT_COOKIE = "__client"
+CLIENT_UAT_COOKIE = "__client_uat"
+SESSION_COOKIE = "__session"
 STORE_FORMAT = "stylecast-clerk-emulator/1"
 
 # Clerk documents 8 KB for user metadata; we count public and private together because both ride in the
@@ -160,6 +174,14 @@ def _invalid_format(param: str, expected: str) -> ClerkAPIError:
 
 def _not_found(user_id: str) -> ClerkAPIError:
     return ClerkAPIError(404, "resource_not_found", "not found", f"No user was found with id {user_id}")
+
+
+def _session_not_found(session_id: str) -> ClerkAPIError:
+    return ClerkAPIError(404, "resource_not_found", "not found", f"No session was found with id {session_id}")
+
+
+def _session_json(session: dict[str, Any]) -> dict[str, Any]:
+    return {**session, "actor": None, "last_active_organization_id": None, "latest_activity": None}
 
 
 def merge_metadata(current: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
@@ -328,10 +350,12 @@ def _query_int(request: Request[Any, Any, Any], name: str, default: int, low: in
 
 
 class ClerkEmulator:
-    """The Clerk Backend API users endpoints, served by `.router` under `/sandbox/clerk/v1`.
+    """The Clerk Backend API endpoints Stylecast uses (users, sessions, sign-in tokens), served by `.router`
+    under `/sandbox/clerk/v1`; given `frontend`, also the Frontend API's client resource under
+    `/sandbox/clerk/v1/client`.
 
     `request_count`, `metadata_write_count()` and `reset_counters()` let tests see how hard the app leans
-    on Clerk (e.g. that usage is batched rather than written per frame).
+    on Clerk's Backend API (e.g. that usage is batched rather than written per frame).
     """
 
     def __init__(
@@ -339,17 +363,22 @@ class ClerkEmulator:
         store_path: Path,
         secret_key: str,
         *,
+        frontend: FrontendSettings | None = None,
         metadata_writes_per_window: int = METADATA_WRITES_PER_WINDOW,
         metadata_write_window_s: float = METADATA_WRITE_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not secret_key:
             raise ValueError("the Clerk emulator needs a non-empty secret key")
         self._store_path = Path(store_path)
         self._secret_key = secret_key.encode()
+        self._frontend = frontend
         self._writes_per_window = metadata_writes_per_window
         self._window_s = metadata_write_window_s
         self._clock = clock
+        self._wall_clock = wall_clock
+        self.sessions = SessionStore(self._store_path.with_name(sessions.STORE_FILE), clock=wall_clock)
         self._lock = asyncio.Lock()
         self._users: dict[str, dict[str, Any]] = self._load()
         self._recent_writes: dict[str, deque[float]] = {}
@@ -604,7 +633,81 @@ class ClerkEmulator:
                 remaining = {uid: user for uid, user in emulator._users.items() if uid != user_id}
                 await emulator._commit(remaining)
             emulator._recent_writes.pop(user_id, None)
+            # Clerk ends a deleted user's sessions: no browser can refresh a token for them any more.
+            theirs = await asyncio.to_thread(emulator.sessions.sessions_of, user_id=user_id)
+            if any(session["status"] == sessions.ACTIVE for session in theirs):
+                await asyncio.to_thread(
+                    emulator.sessions.update,
+                    lambda state, now: sessions.end_sessions_of_user(state, now, user_id),
+                )
             return _json_response({"object": "user", "id": user_id, "deleted": True})
+
+        @post("/sign_in_tokens", status_code=200)
+        async def create_sign_in_token(request: Request[Any, Any, Any]) -> Response[bytes]:
+            body = _Body(await _read_json_object(request), {"user_id", "expires_in_seconds", "org_id"})
+            user_id = body.data.get("user_id")
+            if not isinstance(user_id, str) or not user_id:
+                raise _param_error(
+                    422, "form_param_missing", "user_id", "is missing", "user_id must be included."
+                )
+            emulator._user_or_404(user_id)
+            lifetime = body.optional_int("expires_in_seconds") or 30 * 24 * 3600
+            secret = secrets.token_urlsafe(32)
+
+            def create(state: dict[str, Any], now: int) -> dict[str, Any]:
+                token = {
+                    "object": "sign_in_token",
+                    "id": sessions.new_id("sit_"),
+                    "status": "pending",
+                    "user_id": user_id,
+                    "token_hash": sessions.secret_hash(secret),
+                    "expire_at": now + lifetime * 1000,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                state["sign_in_tokens"][token["id"]] = token
+                return token
+
+            token = await asyncio.to_thread(emulator.sessions.update, create)
+            shown = {key: value for key, value in token.items() if key not in {"token_hash", "expire_at"}}
+            return _json_response({**shown, "token": secret, "url": None})
+
+        @get("/sessions")
+        async def list_sessions(request: Request[Any, Any, Any]) -> Response[bytes]:
+            params = request.query_params
+            user_id, client_id = params.get("user_id"), params.get("client_id")
+            if not user_id and not client_id:
+                raise _param_error(
+                    400,
+                    "form_param_missing",
+                    "user_id",
+                    "is missing",
+                    "Either user_id or client_id must be included.",
+                )
+            limit = _query_int(request, "limit", 10, 1, LIST_LIMIT_MAX)
+            offset = _query_int(request, "offset", 0, 0, None)
+            status = params.get("status")
+            found = emulator.sessions.sessions_of(client_id=client_id or None, user_id=user_id or None)
+            if status:
+                found = [session for session in found if session["status"] == status]
+            found.sort(key=lambda session: session["created_at"], reverse=True)
+            return _json_response([_session_json(session) for session in found[offset : offset + limit]])
+
+        @get("/sessions/{session_id:str}")
+        async def get_session(session_id: FromPath[str]) -> Response[bytes]:
+            session = emulator.sessions.session(session_id)
+            if session is None:
+                raise _session_not_found(session_id)
+            return _json_response(_session_json(session))
+
+        @post("/sessions/{session_id:str}/revoke", status_code=200)
+        async def revoke_session(session_id: FromPath[str]) -> Response[bytes]:
+            revoked = await asyncio.to_thread(
+                emulator.sessions.update, lambda state, now: sessions.end_session(state, now, session_id)
+            )
+            if revoked is None:
+                raise _session_not_found(session_id)
+            return _json_response(_session_json(revoked))
 
         def clerk_error(_: Request[Any, Any, Any], exc: ClerkAPIError) -> Response[bytes]:
             return exc.to_response()
@@ -614,7 +717,7 @@ class ClerkEmulator:
                 exc.status_code, "request_invalid", str(exc.detail), str(exc.detail)
             ).to_response()
 
-        return Router(
+        backend = Router(
             path=API_PATH,
             route_handlers=[
                 list_users,
@@ -625,11 +728,184 @@ class ClerkEmulator:
                 merge_user_metadata,
                 replace_user_metadata,
                 delete_user,
+                create_sign_in_token,
+                list_sessions,
+                get_session,
+                revoke_session,
             ],
             before_request=authenticate,
             exception_handlers={ClerkAPIError: clerk_error, HTTPException: http_error},
             include_in_schema=False,
         )
+        if self._frontend is None:
+            return backend
+        frontend = Router(
+            path=FRONTEND_PATH,
+            route_handlers=self._frontend_handlers(self._frontend),
+            exception_handlers={ClerkAPIError: clerk_error, HTTPException: http_error},
+            include_in_schema=False,
+        )
+        return Router(path="/", route_handlers=[backend, frontend], include_in_schema=False)
+
+    # ---- the Frontend API's client resource ------------------------------------------------------------
+
+    def _frontend_handlers(self, config: FrontendSettings) -> list[Any]:
+        """`GET /v1/client`, `POST /v1/client/sign_ins` (the ticket strategy: a sign-in token the Backend
+        API issued) and `POST /v1/client/sessions/{id}/tokens`, authenticated by the `__client` cookie."""
+        store = self.sessions
+        wall_clock = self._wall_clock
+
+        def cookie(key: str, value: str, **options: Any) -> Cookie:
+            return Cookie(key=key, value=value, samesite="lax", secure=config.secure_cookies, **options)
+
+        def client_cookie(token: str) -> Cookie:
+            return cookie(
+                CLIENT_COOKIE,
+                token,
+                path=FRONTEND_PATH,
+                max_age=sessions.CLIENT_COOKIE_SECONDS,
+                httponly=True,
+            )
+
+        def uat_cookie(updated_at_ms: int) -> Cookie:
+            # Seconds, as Clerk writes it; readable by scripts, which is the point of it.
+            return cookie(
+                CLIENT_UAT_COOKIE,
+                str(updated_at_ms // 1000),
+                path="/",
+                max_age=sessions.CLIENT_UAT_COOKIE_SECONDS,
+                httponly=False,
+            )
+
+        def session_cookie(session: dict[str, Any]) -> tuple[str, Cookie]:
+            token = sessions.mint_session_token(
+                config.signing_key,
+                issuer=config.issuer,
+                authorized_party=config.origin,
+                user_id=session["user_id"],
+                session_id=session["id"],
+                now=wall_clock(),
+            )
+            # No Max-Age: the token's own `exp` decides, and an expired token tells the server "refresh".
+            return token, cookie(SESSION_COOKIE, token, path="/", httponly=True)
+
+        def signed_out_cookies() -> list[Cookie]:
+            return [
+                cookie(CLIENT_UAT_COOKIE, "0", path="/", max_age=sessions.CLIENT_UAT_COOKIE_SECONDS),
+                cookie(SESSION_COOKIE, "", path="/", max_age=0, httponly=True),
+            ]
+
+        def same_origin(request: Request[Any, Any, Any]) -> None:
+            # Clerk's Frontend API only answers the instance's own origins; a cross-site page cannot mint
+            # tokens or sign someone in (SameSite=Lax already keeps the client cookie off such requests).
+            if request.headers.get("origin") != config.origin:
+                raise ClerkAPIError(
+                    403, "origin_invalid", "Origin not allowed", "Requests must come from the app's origin."
+                )
+
+        def client_json(client: dict[str, Any]) -> dict[str, Any]:
+            active = [s for s in store.sessions_of(client_id=client["id"]) if s["status"] == sessions.ACTIVE]
+            active.sort(key=lambda session: session["created_at"], reverse=True)
+            return {
+                "object": "client",
+                "id": client["id"],
+                "sessions": [_session_json(session) for session in active],
+                "sign_in": None,
+                "sign_up": None,
+                "last_active_session_id": active[0]["id"] if active else None,
+                "created_at": client["created_at"],
+                "updated_at": client["updated_at"],
+            }
+
+        @get("/")
+        async def read_client(request: Request[Any, Any, Any]) -> Response[bytes]:
+            client = store.client_by_token(request.cookies.get(CLIENT_COOKIE))
+            if client is None:
+                return Response(
+                    content=_json_encoder.encode({"response": None, "client": None}),
+                    media_type=MediaType.JSON,
+                    cookies=signed_out_cookies(),
+                )
+            shown = client_json(client)
+            return _json_response({"response": shown, "client": shown})
+
+        @post("/sign_ins", status_code=200)
+        async def sign_in(request: Request[Any, Any, Any]) -> Response[bytes]:
+            same_origin(request)
+            form = await request.form()
+            strategy, ticket = form.get("strategy"), form.get("ticket")
+            if strategy != "ticket":
+                raise _param_error(
+                    422,
+                    "form_param_value_invalid",
+                    "strategy",
+                    "is invalid",
+                    "The sandbox Frontend API signs in with the ticket strategy only.",
+                )
+            if not isinstance(ticket, str) or not ticket:
+                raise _param_error(
+                    422, "form_param_missing", "ticket", "is missing", "ticket must be included."
+                )
+
+            def redeem(state: dict[str, Any], now: int) -> tuple[dict[str, Any], dict[str, Any], str]:
+                wanted = sessions.secret_hash(ticket)
+                found = next(
+                    (
+                        t
+                        for t in state["sign_in_tokens"].values()
+                        if hmac.compare_digest(t["token_hash"], wanted)
+                    ),
+                    None,
+                )
+                if found is None or found["status"] != "pending" or found["expire_at"] <= now:
+                    raise ClerkAPIError(
+                        400,
+                        "ticket_invalid",
+                        "Sign-in token invalid",
+                        "The sign-in token is unknown, already used or expired.",
+                    )
+                found.update(status="accepted", updated_at=now)
+                client, client_token = sessions.new_client(state, now)
+                session = sessions.new_session(state, now, client_id=client["id"], user_id=found["user_id"])
+                return client, session, client_token
+
+            client, session, client_token = await asyncio.to_thread(store.update, redeem)
+            _, session_jar = session_cookie(session)
+            attempt = {
+                "object": "sign_in_attempt",
+                "id": sessions.new_id("sia_"),
+                "status": "complete",
+                "created_session_id": session["id"],
+            }
+            return Response(
+                content=_json_encoder.encode({"response": attempt, "client": client_json(client)}),
+                media_type=MediaType.JSON,
+                cookies=[client_cookie(client_token), uat_cookie(client["updated_at"]), session_jar],
+            )
+
+        @post("/sessions/{session_id:str}/tokens", status_code=200)
+        async def create_token(session_id: FromPath[str], request: Request[Any, Any, Any]) -> Response[bytes]:
+            same_origin(request)
+            client = store.client_by_token(request.cookies.get(CLIENT_COOKIE))
+            mine = store.sessions_of(client_id=client["id"]) if client is not None else []
+            session = next((s for s in mine if s["id"] == session_id), None)
+            if session is not None and session["status"] == sessions.ACTIVE:
+                token, session_jar = session_cookie(session)
+                return Response(
+                    content=_json_encoder.encode({"object": "token", "jwt": token}),
+                    media_type=MediaType.JSON,
+                    cookies=[session_jar],
+                )
+            if any(s["status"] == sessions.ACTIVE for s in mine):
+                # This client is still signed in, with another session: the caller should re-read the client.
+                raise _session_not_found(session_id)
+            error = ClerkAPIError(
+                401, "signed_out", "Signed out", "This browser has no active session; sign in again."
+            ).to_response()
+            error.cookies.extend(signed_out_cookies())
+            return error
+
+        return [read_client, sign_in, create_token]
 
     # ---- writes ----------------------------------------------------------------------------------------
 

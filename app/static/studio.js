@@ -9,6 +9,8 @@
 // drawn in requestAnimationFrame, and the HUD updates a few text nodes a few times a second — nothing per
 // frame touches the DOM.
 
+import { holdNavigation, refreshSession } from "/static/session.js";
+
 const SIZE = 512;
 const MAX_UNACKED = 2;
 const MAX_CAPTURE_FPS = 30;
@@ -403,7 +405,7 @@ function onText(data) {
 
 // ---------------------------------------------------------------- connection
 
-async function fetchTicket() {
+async function fetchTicket(afterRefresh = false) {
   const response = await fetch(root.dataset.ticketUrl, {
     method: "POST",
     headers: { "x-csrftoken": csrfToken, accept: "application/json" },
@@ -411,7 +413,9 @@ async function fetchTicket() {
   });
   if (response.status === 402) return { outOfMinutes: true };
   if (response.status === 401) {
-    window.location.assign(`/sign-in?next=${encodeURIComponent(location.pathname)}`);
+    // The session token expired (a tab asleep past its refresh): refresh it and ask once more. A browser
+    // that is signed out is told so by session.js, without leaving a live stream.
+    if (!afterRefresh && (await refreshSession()) === "active") return fetchTicket(true);
     throw new Error("signed out");
   }
   if (!response.ok) throw new Error(`ticket request failed: ${response.status}`);
@@ -654,6 +658,7 @@ ui.reseed.addEventListener("click", () => {
 });
 for (const button of ui.presets) button.addEventListener("click", () => choosePreset(button));
 window.addEventListener("pagehide", () => session.wanted && stop());
+holdNavigation(() => session.wanted); // a sign-out while streaming shows a notice instead of leaving
 
 setStatus("idle");
 updateControls();

@@ -9,18 +9,23 @@ import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import jwt
 import pytest
 from clerk_backend_api import Clerk, models
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from litestar import Litestar, get
 
 from app.clerk import create_clerk_client, find_or_create_user_by_email, normalize_email
 from app.sandbox.clerk_emulator import API_PATH, ClerkEmulator
+from app.sandbox.clerk_sessions import FrontendSettings
 from tests.live_server import free_port, serve
 
 # The SDK itself trips this by reading a deprecated list filter while building every list query.
@@ -443,3 +448,282 @@ def test_client_gives_up_after_its_timeout() -> None:
             assert time.monotonic() - started < 2
         finally:
             release.set()
+
+
+# ---- sessions: the Frontend API's client resource and the Backend API's sessions ------------------------
+
+ORIGIN = "http://app.example"
+FRONTEND = f"{API_PATH}/client"
+
+
+class Clock:
+    """A wall clock the test moves: sessions and sign-in tokens expire by it."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Frontend:
+    """An emulator with its Frontend API, the key that verifies its tokens, and a browser per name."""
+
+    sandbox: Sandbox
+    base_url: str
+    public_key: str
+    clock: Clock
+    browsers: dict[str, httpx.Client]
+
+    def browser(self, name: str) -> httpx.Client:
+        if name not in self.browsers:
+            self.browsers[name] = httpx.Client(base_url=self.base_url, headers={"Origin": ORIGIN}, timeout=10)
+        return self.browsers[name]
+
+    def user(self, email: str) -> str:
+        return self.sandbox.call(lambda clerk: clerk.users.create_async(email_address=[email])).id
+
+    def ticket(self, user_id: str, seconds: int = 60) -> str:
+        token = self.sandbox.call(
+            lambda clerk: clerk.sign_in_tokens.create_async(
+                request={"user_id": user_id, "expires_in_seconds": seconds}
+            )
+        )
+        assert token.status == "pending"
+        assert token.user_id == user_id
+        assert token.token
+        return token.token
+
+    def sign_in(self, browser: str, user_id: str) -> httpx.Response:
+        return self.browser(browser).post(
+            f"{FRONTEND}/sign_ins", data={"strategy": "ticket", "ticket": self.ticket(user_id)}
+        )
+
+    def refresh(self, browser: str, session_id: str) -> httpx.Response:
+        return self.browser(browser).post(f"{FRONTEND}/sessions/{session_id}/tokens")
+
+    def claims(self, token: str) -> dict[str, Any]:
+        # Signature only: the test's clock runs ahead of the real one.
+        unchecked = {"verify_exp": False, "verify_iat": False, "verify_nbf": False}
+        return jwt.decode(token, self.public_key, algorithms=["RS256"], options=unchecked)
+
+
+def frontend_settings(private_pem: str) -> FrontendSettings:
+    return FrontendSettings(
+        signing_key=private_pem,
+        issuer="http://app.example/sandbox/clerk",
+        origin=ORIGIN,
+        secure_cookies=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def signing_keys() -> tuple[str, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public.decode()
+
+
+@contextmanager
+def frontend_on(store: Path, signing_keys: tuple[str, str], clock: Clock | None = None) -> Iterator[Frontend]:
+    clock = clock or Clock()
+    emulator = ClerkEmulator(store, SECRET, frontend=frontend_settings(signing_keys[0]), wall_clock=clock)
+    with serving(emulator, store) as sandbox:
+        running = Frontend(sandbox, sandbox.api_url.removesuffix(API_PATH), signing_keys[1], clock, {})
+        try:
+            yield running
+        finally:
+            for browser in running.browsers.values():
+                browser.close()
+
+
+@pytest.fixture
+def frontend(tmp_path: Path, signing_keys: tuple[str, str]) -> Iterator[Frontend]:
+    with frontend_on(tmp_path / "clerk.json", signing_keys) as running:
+        yield running
+
+
+def set_cookies(answer: httpx.Response) -> dict[str, str]:
+    return {header.split("=", 1)[0]: header for header in answer.headers.get_list("set-cookie")}
+
+
+def test_a_sign_in_token_signs_one_browser_in_once_with_a_sixty_second_token(frontend: Frontend) -> None:
+    user_id = frontend.user("sid@example.com")
+    ticket = frontend.ticket(user_id)
+    answer = frontend.browser("laptop").post(
+        f"{FRONTEND}/sign_ins", data={"strategy": "ticket", "ticket": ticket}
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["response"]["status"] == "complete"
+    session_id = body["response"]["created_session_id"]
+    assert body["client"]["last_active_session_id"] == session_id
+
+    cookies = set_cookies(answer)
+    assert f"Path={FRONTEND}" in cookies["__client"]
+    assert "HttpOnly" in cookies["__client"]
+    assert int(frontend.browser("laptop").cookies["__client_uat"]) == int(frontend.clock.now)
+    assert "HttpOnly" not in cookies["__client_uat"]  # scripts read it: it says whether to refresh
+    claims = frontend.claims(frontend.browser("laptop").cookies["__session"])
+    assert claims["exp"] - claims["iat"] == 60
+    assert (claims["sub"], claims["sid"], claims["azp"]) == (user_id, session_id, ORIGIN)
+    assert claims["iss"] == "http://app.example/sandbox/clerk"
+
+    session = frontend.sandbox.call(lambda clerk: clerk.sessions.get_async(session_id=session_id))
+    assert (session.status, session.user_id, session.client_id) == ("active", user_id, body["client"]["id"])
+
+    again = frontend.browser("thief").post(
+        f"{FRONTEND}/sign_ins", data={"strategy": "ticket", "ticket": ticket}
+    )
+    assert again.status_code == 400
+    assert again.json()["errors"][0]["code"] == "ticket_invalid"
+    assert "__session" not in frontend.browser("thief").cookies
+
+
+def test_a_sign_in_token_past_its_life_is_refused(frontend: Frontend) -> None:
+    ticket = frontend.ticket(frontend.user("late@example.com"), seconds=30)
+    frontend.clock.now += 31
+    answer = frontend.browser("laptop").post(
+        f"{FRONTEND}/sign_ins", data={"strategy": "ticket", "ticket": ticket}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["errors"][0]["code"] == "ticket_invalid"
+
+
+def test_tokens_are_minted_for_the_clients_own_active_session_only(frontend: Frontend) -> None:
+    ada, bob = frontend.user("ada@example.com"), frontend.user("bob@example.com")
+    ada_session = frontend.sign_in("ada", ada).json()["response"]["created_session_id"]
+    frontend.sign_in("bob", bob)
+    first = frontend.browser("ada").cookies["__session"]
+
+    frontend.clock.now += 45
+    fresh = frontend.refresh("ada", ada_session)
+    assert fresh.status_code == 200
+    assert fresh.json()["object"] == "token"
+    renewed = frontend.browser("ada").cookies["__session"]
+    assert renewed == fresh.json()["jwt"] != first
+    assert frontend.claims(renewed)["exp"] == int(frontend.clock.now) + 60
+
+    # Bob's browser is signed in, but not with Ada's session: told to re-read its client.
+    assert frontend.refresh("bob", ada_session).status_code == 404
+    # A browser without a client cookie (or with a made-up one) is signed out.
+    stranger = frontend.refresh("stranger", ada_session)
+    assert stranger.status_code == 401
+    assert stranger.json()["errors"][0]["code"] == "signed_out"
+    frontend.browser("forger").cookies.set("__client", "made-up", path=FRONTEND)
+    assert frontend.refresh("forger", ada_session).status_code == 401
+
+
+def test_a_revoked_session_can_no_longer_be_refreshed(frontend: Frontend) -> None:
+    user_id = frontend.user("leaving@example.com")
+    session_id = frontend.sign_in("laptop", user_id).json()["response"]["created_session_id"]
+    revoked = frontend.sandbox.call(lambda clerk: clerk.sessions.revoke_async(session_id=session_id))
+    assert revoked.status == "revoked"
+
+    answer = frontend.refresh("laptop", session_id)
+    assert answer.status_code == 401
+    assert frontend.browser("laptop").cookies["__client_uat"] == "0"
+    assert "__session" not in frontend.browser("laptop").cookies
+    client = frontend.browser("laptop").get(FRONTEND).json()["response"]
+    assert (client["sessions"], client["last_active_session_id"]) == ([], None)
+
+
+def test_deleting_a_user_ends_their_sessions(frontend: Frontend) -> None:
+    user_id = frontend.user("deleted@example.com")
+    laptop = frontend.sign_in("laptop", user_id).json()["response"]["created_session_id"]
+    phone = frontend.sign_in("phone", user_id).json()["response"]["created_session_id"]
+    frontend.sandbox.call(lambda clerk: clerk.users.delete_async(user_id=user_id))
+
+    listed = frontend.sandbox.call(lambda clerk: clerk.sessions.list_async(user_id=user_id))
+    assert sorted((s.id, s.status) for s in listed) == sorted([(laptop, "revoked"), (phone, "revoked")])
+    assert frontend.refresh("laptop", laptop).status_code == 401
+    assert frontend.refresh("phone", phone).status_code == 401
+
+
+def test_a_session_ends_at_its_maximum_lifetime(frontend: Frontend) -> None:
+    user_id = frontend.user("week@example.com")
+    session_id = frontend.sign_in("laptop", user_id).json()["response"]["created_session_id"]
+    frontend.clock.now += 7 * 24 * 3600 - 60
+    assert frontend.refresh("laptop", session_id).status_code == 200
+    frontend.clock.now += 61
+    assert frontend.refresh("laptop", session_id).status_code == 401
+    session = frontend.sandbox.call(lambda clerk: clerk.sessions.get_async(session_id=session_id))
+    assert session.status == "expired"
+
+
+def test_the_frontend_api_answers_only_the_apps_origin(frontend: Frontend) -> None:
+    user_id = frontend.user("origin@example.com")
+    ticket = frontend.ticket(user_id)
+    with httpx.Client(base_url=frontend.base_url, headers={"Origin": "https://evil.example"}) as evil:
+        refused = evil.post(f"{FRONTEND}/sign_ins", data={"strategy": "ticket", "ticket": ticket})
+        assert refused.status_code == 403
+        assert refused.json()["errors"][0]["code"] == "origin_invalid"
+    # The refused attempt used nothing up.
+    signed_in = frontend.browser("laptop").post(
+        f"{FRONTEND}/sign_ins", data={"strategy": "ticket", "ticket": ticket}
+    )
+    assert signed_in.status_code == 200
+    session_id = signed_in.json()["response"]["created_session_id"]
+    client_cookie = frontend.browser("laptop").cookies["__client"]
+    with httpx.Client(base_url=frontend.base_url, cookies={"__client": client_cookie}) as no_origin:
+        assert no_origin.post(f"{FRONTEND}/sessions/{session_id}/tokens").status_code == 403
+
+
+def test_sessions_survive_a_restart_and_are_shared_by_two_processes(
+    tmp_path: Path, signing_keys: tuple[str, str]
+) -> None:
+    store = tmp_path / "clerk.json"
+    with frontend_on(store, signing_keys) as first:
+        user_id = first.user("shared@example.com")
+        session_id = first.sign_in("laptop", user_id).json()["response"]["created_session_id"]
+        client_cookie = first.browser("laptop").cookies["__client"]
+        # A second emulator on the same files: another app process on the same state directory.
+        with frontend_on(store, signing_keys) as second:
+            second.browser("laptop").cookies.set("__client", client_cookie, path=FRONTEND)
+            assert second.refresh("laptop", session_id).status_code == 200
+            second.sandbox.call(lambda clerk: clerk.sessions.revoke_async(session_id=session_id))
+        assert first.refresh("laptop", session_id).status_code == 401
+
+    assert stat.S_IMODE(os.stat(tmp_path / "clerk-sessions.json").st_mode) == 0o600
+    with frontend_on(store, signing_keys) as restarted:
+        session = restarted.sandbox.call(lambda clerk: clerk.sessions.get_async(session_id=session_id))
+        assert session.status == "revoked"
+
+
+def test_concurrent_sign_ins_lose_no_session(frontend: Frontend) -> None:
+    user_id = frontend.user("many@example.com")
+    tickets = [frontend.ticket(user_id) for _ in range(12)]
+
+    def redeem(ticket: str) -> str:
+        with httpx.Client(base_url=frontend.base_url, headers={"Origin": ORIGIN}, timeout=20) as browser:
+            answer = browser.post(f"{FRONTEND}/sign_ins", data={"strategy": "ticket", "ticket": ticket})
+            assert answer.status_code == 200, answer.text
+            return str(answer.json()["response"]["created_session_id"])
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        created = set(pool.map(redeem, tickets))
+    listed = frontend.sandbox.call(lambda clerk: clerk.sessions.list_async(user_id=user_id, limit=50))
+    assert {session.id for session in listed} == created
+    assert len(created) == 12
+
+
+def test_sign_in_tokens_and_sessions_need_the_secret_key(frontend: Frontend) -> None:
+    user_id = frontend.user("secret@example.com")
+    with pytest.raises(models.SDKError) as refused:
+        frontend.sandbox.call(
+            lambda clerk: clerk.sign_in_tokens.create_async(request={"user_id": user_id}),
+            secret="sk_test_wrong",
+        )
+    assert refused.value.status_code == 401
+    assert "clerk_key_invalid" in refused.value.body
+    with pytest.raises(models.ClerkErrors) as unknown:
+        frontend.sandbox.call(
+            lambda clerk: clerk.sign_in_tokens.create_async(request={"user_id": "user_nobody"})
+        )
+    assert error_codes(unknown.value) == ["resource_not_found"]
