@@ -11,6 +11,11 @@ worker's `ready` says `pace`, paced to arrive just before the engine takes them 
 It reports, per session and in total, delivered frames per second, send-to-receive latency of the outputs,
 how long the rendered frames waited for the engine, the engine's render time, acks and errors, and writes
 the result as JSON when `--out` is given.
+
+    STREAM_SECRET=... python -m inference.loadgen --arrivals 3 --every 8 --mode turbo
+
+lets sessions arrive one by one instead, to show admission at work (MIN_SESSION_FPS): which are admitted,
+which are refused with 4503, and what each admitted one gets while the next arrives.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ import msgspec
 import numpy as np
 from PIL import Image
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from inference.pacing import FramePacer
 from inference.protocol import (
     Ack,
+    Admitted,
     Error,
     Hello,
     Params,
@@ -101,6 +108,8 @@ class SessionResult:
     mode: str = ""  # the session's mode, as `ready` said (or as chosen with --mode)
     modes: list[str] = field(default_factory=list)
     pacing: bool = False  # whether this session paced its frames (else: camera rate)
+    refused: int | None = None  # the close code when the worker did not admit the session (4503: full)
+    started_at: float = 0.0  # perf_counter() when the session got `ready`
 
     def summary(self, seconds: float) -> dict[str, object]:
         latency_p50 = _median(self.latencies_ms)
@@ -158,11 +167,21 @@ async def run_session(
     sent_at: dict[int, float] = {}  # frame id -> when sent, until its output or a newer one arrives
     news = asyncio.Event()  # set by every message from the worker: a send may be due now
     pacer = FramePacer(fps)
-    async with connect(url, max_size=4 * 1024 * 1024, open_timeout=60) as socket:
+    # The connect sequence: open, wait for `admitted` (a full worker closes with 4503), then the ticket.
+    target = f"{url}?mode={mode}" if mode else url
+    async with connect(target, max_size=4 * 1024 * 1024, open_timeout=60) as socket:
+        try:
+            first = decode_server_message(await socket.recv())
+        except ConnectionClosed as closed:
+            result.refused = closed.rcvd.code if closed.rcvd is not None else -1
+            return result
+        if not isinstance(first, Admitted):
+            raise RuntimeError(f"the worker's first message was {first!r}, not admitted")
         await socket.send(encode_message(Hello(ticket=ticket)))
         while True:  # wait until the engine is warm: cold start is not what this measures
             message = decode_server_message(await socket.recv())
             if isinstance(message, Ready):
+                result.started_at = time.perf_counter()
                 result.engine = message.engine
                 result.modes = [option.id for option in message.modes]
                 result.mode = message.mode
@@ -289,6 +308,48 @@ async def run_load(
     }
 
 
+async def run_arrivals(
+    url: str, secret: str, arrivals: int, every: float, steps: int, *, mode: str | None = None
+) -> dict[str, object]:
+    """Sessions that arrive one by one, `every` seconds apart, each streaming until the last has had
+    `every` seconds: which ones the worker admits against MIN_SESSION_FPS, and the rate of each admitted
+    one while the next arrives (the window between its arrival and the one after)."""
+    frames = webcam_frames()
+    total = every * arrivals
+    begun = time.perf_counter()
+
+    async def arrive(index: int) -> SessionResult:
+        await asyncio.sleep(index * every)
+        remaining = total - (time.perf_counter() - begun)
+        prompt = PROMPTS[index % len(PROMPTS)]
+        return await run_session(url, secret, prompt, remaining, 30.0, steps, frames, mode)
+
+    results = await asyncio.gather(*(arrive(index) for index in range(arrivals)))
+    windows = []
+    for index in range(arrivals):
+        start, end = begun + index * every, begun + (index + 1) * every
+        # Skip the first second of each window: a newcomer's first frames and its mode's warm-up.
+        counted = [
+            sum(1 for at in result.received_at if start + 1.0 <= at < end) / (end - start - 1.0)
+            for result in results[: index + 1]
+            if result.refused is None
+        ]
+        windows.append(
+            {
+                "arrived": index + 1,
+                "admitted": [result.refused is None for result in results[: index + 1]],
+                "refused_code": results[index].refused,
+                "session_fps": counted,
+            }
+        )
+    return {
+        "mode": mode or (results[0].mode if results else ""),
+        "every_seconds": every,
+        "windows": windows,
+        "render_ms_p50": _median([float(ms) for result in results for ms in result.render_ms]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference.loadgen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="ws://127.0.0.1:8001/ws")
@@ -304,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--mode", help="a render mode id of the engine (default: the engine's default mode)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
+    parser.add_argument(
+        "--arrivals",
+        type=int,
+        help="instead: this many sessions arriving one by one (--every apart), to see admission at work",
+    )
+    parser.add_argument("--every", type=float, default=8.0, help="seconds between arrivals")
     args = parser.parse_args(argv)
     secret = os.environ.get("STREAM_SECRET", "")
     if not secret:
@@ -312,6 +379,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.arrivals:
+        run = asyncio.run(
+            run_arrivals(args.url, secret, args.arrivals, args.every, args.steps, mode=args.mode)
+        )
+        for window in run["windows"]:  # type: ignore[attr-defined]
+            rates = ", ".join(f"{fps:.1f}" for fps in window["session_fps"])
+            print(
+                f"mode={run['mode']} arrived={window['arrived']} admitted={window['admitted']} "
+                f"refused_code={window['refused_code']} fps per admitted session=[{rates}]"
+            )
+        if args.out:
+            args.out.write_text(json.dumps(msgspec.to_builtins(run), indent=2))
+        return 0
     runs = []
     for sessions in args.sessions:
         run = asyncio.run(

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from litestar.exceptions import WebSocketDisconnect
 
 from inference.claims import ClaimOutcome
 from inference.engines import is_preview
-from inference.engines.base import Engine, FrameJob, mode_ids
+from inference.engines.base import MODE_ID_PATTERN, Engine, FrameJob, mode_ids
 from inference.imaging import ImageTooLarge, InvalidJpeg, inspect_jpeg
 from inference.metering import BillingMeter
 from inference.protocol import (
@@ -65,6 +66,7 @@ MAX_QUEUED_MESSAGES: Final = 64
 # Close reasons are limited to 123 bytes by RFC 6455.
 MAX_CLOSE_REASON: Final = 120
 _session_ids = itertools.count(1)
+_MODE_ID: Final = re.compile(MODE_ID_PATTERN)
 
 _SOCKET_ERRORS: Final = (WebSocketDisconnect, OSError, RuntimeError)
 
@@ -83,7 +85,11 @@ def _unknown_mode(mode: str, engine: Engine) -> str:
 async def serve_connection(worker: Worker, socket: WebSocket) -> None:
     """The whole life of one connection, from accept to close: admission, hello, claim, session."""
     await socket.accept()
-    if not worker.admit():
+    # The mode the session starts in (`/ws?mode=turbo`), so admission counts what it will really cost.
+    mode = socket.query_params.get("mode")
+    if mode is not None and not _MODE_ID.match(mode):
+        mode = None
+    if not worker.admit(mode):
         await _close(socket, CloseCode.WORKER_FULL, "every session here is at the frame-rate floor")
         return
     try:
@@ -92,9 +98,9 @@ async def serve_connection(worker: Worker, socket: WebSocket) -> None:
         ticket = await _authenticate(worker, socket)
         if ticket is None:
             return
-        session = StreamSession(worker, socket, ticket)
+        session = StreamSession(worker, socket, ticket, mode=mode)
     finally:
-        worker.release()
+        worker.release(mode)
     await session.run()  # registers itself in worker.sessions before its first await
 
 
@@ -142,7 +148,7 @@ async def _authenticate(worker: Worker, socket: WebSocket) -> Ticket | None:
 
 
 class StreamSession:
-    def __init__(self, worker: Worker, socket: WebSocket, ticket: Ticket) -> None:
+    def __init__(self, worker: Worker, socket: WebSocket, ticket: Ticket, *, mode: str | None = None) -> None:
         self.worker = worker
         self.socket = socket
         self.ticket = ticket
@@ -152,7 +158,8 @@ class StreamSession:
         self.steps = worker.config.default_steps
         self.seed = 0
         self.mode = ""  # a mode id of the engine, validated; "" is the engine's default (its first mode)
-        self._requested_mode: str | None = None  # asked for while warming; validated once the engine is ready
+        # Asked for at connect or while warming; validated once the engine is ready (at once if it is).
+        self._requested_mode: str | None = mode
         self._outbox: deque[ServerMessage | _Close] = deque()
         self._result: RenderResult | None = None
         self._wakeup = asyncio.Event()

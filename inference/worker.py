@@ -4,6 +4,7 @@ either the standalone worker app or the web app (sandbox, in-process) starts and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -60,9 +61,9 @@ class Worker:
         self.engine: Engine | None = None
         self.failure: str | None = None
         self.admission = Admission(config.min_session_fps)
-        # Connections admitted but not yet sessions (waiting for hello, or for their claim): they hold a
-        # place, so two arriving together cannot both take the last one.
-        self.admitting = 0
+        # The modes of connections admitted but not yet sessions (waiting for hello, or for their claim):
+        # they hold a place, so two arriving together cannot both take the last one.
+        self._admitting_modes: list[str] = []
         self.claimer: StreamClaimer | None = None
         self._claims_client: httpx.AsyncClient | None = None
         self._local_claims = LocalClaims()
@@ -142,19 +143,22 @@ class Worker:
     def default_mode(self) -> str:
         return self.engine.modes[0].id if self.engine is not None else ""
 
-    def admit(self) -> bool:
-        """Take a place for a new connection unless it would drop every session below the floor; the caller
-        gives it back with `release()` unless the connection becomes a session."""
+    def admit(self, mode: str | None = None) -> bool:
+        """Take a place for a new connection that will start in `mode` (None: the default) unless it would
+        drop every session below the floor; the caller gives it back with `release()` unless the
+        connection becomes a session."""
         default = self.default_mode()
-        in_use = [session.mode or default for session in self.sessions] + [default] * self.admitting
-        if not self.admission.admits(in_use, default):
+        in_use = [session.mode or default for session in self.sessions] + self._admitting_modes
+        if not self.admission.admits(in_use, mode or default):
             self.metrics.sessions_refused.inc()
             return False
-        self.admitting += 1
+        self._admitting_modes.append(mode or default)
         return True
 
-    def release(self) -> None:
-        self.admitting = max(0, self.admitting - 1)
+    def release(self, mode: str | None = None) -> None:
+        default = self.default_mode()
+        with contextlib.suppress(ValueError):
+            self._admitting_modes.remove(mode or default)
 
     async def claim(self, ticket: Ticket) -> ClaimOutcome:
         """One ticket, one stream: refused if this worker saw the ticket, else the app decides."""

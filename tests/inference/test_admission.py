@@ -10,7 +10,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from inference.admission import Admission
-from inference.protocol import CloseCode
+from inference.protocol import CloseCode, Error, ErrorCode
 from tests.inference.helpers import (
     StreamClient,
     new_ticket,
@@ -73,9 +73,9 @@ def _stream_until_measured(client: StreamClient, frames: int = 4) -> None:
 
 
 def test_the_worker_refuses_a_session_that_would_drop_everyone_below_the_floor() -> None:
-    # At least 50 ms a frame (20 FPS in total): a third session would get under 6.7 FPS, below the floor of
-    # 7, while two get 10 FPS (7 as long as a frame costs under 71 ms, whatever the machine's load).
-    config = worker_config(preview_delay_seconds=0.05, min_session_fps=7)
+    # At least 100 ms a frame (10 FPS in total): a third session would get under 3.4 FPS, below the floor
+    # of 3.5, while two keep it as long as a frame costs under 143 ms, whatever the machine's load.
+    config = worker_config(preview_delay_seconds=0.1, min_session_fps=3.5)
     with running_worker(config) as running:
         with StreamClient.connect(running.ws_url) as first, StreamClient.connect(running.ws_url) as second:
             assert first.admitted is not None
@@ -113,7 +113,7 @@ def test_a_slow_engine_still_serves_one_session() -> None:
 
 def test_connections_waiting_for_their_hello_hold_a_place() -> None:
     # Two connections arriving together cannot both take the last place (the floor as above).
-    config = worker_config(preview_delay_seconds=0.05, min_session_fps=7)
+    config = worker_config(preview_delay_seconds=0.1, min_session_fps=3.5)
     with running_worker(config) as running, StreamClient.connect(running.ws_url) as first:
         first.start(new_ticket())
         _stream_until_measured(first)
@@ -148,3 +148,23 @@ def test_frames_keep_an_idle_timeout_away() -> None:
             time.sleep(0.2)
         assert client.close_code is None
         assert running.metric("stylecast_worker_sessions_idle_total") == 0
+
+
+def test_a_connection_says_the_mode_it_starts_in_and_admission_counts_it() -> None:
+    admission = _measured(TURBO_ON_AN_H200, "turbo")
+    for _ in range(5):
+        admission.observe("exact", EXACT_ON_AN_H200)
+    # With one turbo session, a newcomer in turbo keeps both at 15 FPS; one in exact would not.
+    assert admission.admits(["turbo"], "turbo")
+    assert not admission.admits(["turbo"], "exact")
+
+
+def test_the_socket_urls_mode_is_the_sessions_first_mode() -> None:
+    with running_worker(worker_config()) as running:
+        with StreamClient.connect(running.ws_url + "?mode=preview") as client:
+            assert client.start(new_ticket()).mode == "preview"
+        with StreamClient.connect(running.ws_url + "?mode=watercolour") as client:
+            ready = client.start(new_ticket())
+            assert ready.mode == "preview"  # the engine's default
+            errors = client.messages(Error)
+            assert [error.code for error in errors] == [ErrorCode.BAD_PARAMS]

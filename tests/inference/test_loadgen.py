@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.loadgen import main, run_load
+from inference.loadgen import main, run_arrivals, run_load
 from tests.inference.helpers import SECRET, running_worker, worker_config
 
 
@@ -76,3 +76,14 @@ def test_command_line_writes_its_results_as_json(
     assert run["target_fps"] == 15
     assert run["per_session"][0]["mode"] == "preview"
     assert "mode=preview" in capsys.readouterr().out
+
+
+def test_arrivals_show_which_sessions_the_worker_admits() -> None:
+    # At least 100 ms a frame: two sessions keep 3.5 FPS each, a third would not (as in test_admission).
+    config = worker_config(preview_delay_seconds=0.1, min_session_fps=3.5)
+    with running_worker(config) as running:
+        result = asyncio.run(run_arrivals(running.ws_url, SECRET, arrivals=3, every=2.5, steps=2))
+    windows = result["windows"]
+    assert [window["admitted"] for window in windows] == [[True], [True, True], [True, True, False]]
+    assert windows[2]["refused_code"] == 4503
+    assert all(fps > 0 for fps in windows[1]["session_fps"])
