@@ -143,10 +143,23 @@ def test_machine_token_cookies_sign_nobody_in_and_never_reach_clerk(
         recorder.close()
 
 
-def test_machine_token_prefixes_are_signed_out(client: TestClient[Litestar], settings: Settings) -> None:
-    for token in ("ak_live_abc", "oat_abc", "mt_abc", "m2m_abc"):
-        assert studio_with(client, token).headers["location"] == "/sign-in?next=/studio"
-        assert client.get("/", follow_redirects=False).text.count('data-testid="sign-out"') == 0
+def test_machine_token_prefixes_are_signed_out_in_process(
+    client: TestClient[Litestar], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same, in this process: the SDK's HTTP client takes its proxy from the environment when it is
+    # made, so any attempt to reach api.clerk.com would land on the recorder.
+    recorder = ConnectionRecorder()
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{recorder.port}")
+    try:
+        for token in ("ak_live_abc", "oat_abc", "mt_abc", "m2m_abc"):
+            assert studio_with(client, token).headers["location"] == "/sign-in?next=/studio"
+            client.cookies.set(CLIENT_UAT_COOKIE, "1700000000")
+            # Not "expired": such a cookie is no session at all, so there is nothing to refresh either.
+            assert client.get("/account", headers=PAGE, follow_redirects=False).status_code == 302
+        assert recorder.lines == []
+    finally:
+        recorder.close()
     # The same request with a real session token is signed in: the refusal is about the token type.
     assert studio_with(client, forge(settings)).status_code == 200
 
