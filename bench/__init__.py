@@ -1,0 +1,1 @@
+"""Benchmarks and load tools (never imported by app/, billing/ or inference/)."""
