@@ -44,7 +44,7 @@ def test_subscribe_to_pro_and_cancel_in_the_portal(start_app: Callable[..., AppP
     save_screenshot(page, "billing-portal-cancelled")
 
     page.get_by_test_id("portal-back").click()
-    page.wait_for_url(re.compile(r".*/account\?returned=portal$"))
+    page.wait_for_url(re.compile(r".*/account\?returned=portal&t=[\w.-]+$"))
     expect(page.get_by_test_id("account-plan")).to_have_text("Pro")
     expect(page.get_by_test_id("account-status")).to_have_text("Cancels at period end")
     expect(page.get_by_test_id("account-renewal")).to_contain_text("Ends on")

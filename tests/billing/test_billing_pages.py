@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from app.settings import SANDBOX_CHARGEBEE_PREFIX
+from billing.accounts import DEFAULT_TTL_SECONDS
 from tests.billing.conftest import RunningApp, csrf
 
 
@@ -37,19 +38,31 @@ def pay(client: httpx.Client, checkout_url: str) -> httpx.Response:
     return client.post(f"{path}/pay", data={"_csrf_token": csrf(client, path)})
 
 
-def portal_action(client: httpx.Client, portal_url: str, action: str) -> httpx.Response:
+def portal_subscriptions(client: httpx.Client, portal_url: str) -> list[str]:
+    """The subscriptions the portal shows, newest first."""
+    page = client.get(urlsplit(portal_url).path).text
+    return list(dict.fromkeys(re.findall(r'name="subscription_id" value="([^"]+)"', page)))
+
+
+def portal_action(
+    client: httpx.Client, portal_url: str, action: str, subscription_id: str | None = None
+) -> httpx.Response:
+    """Press a button in the portal, for `subscription_id` (the newest by default)."""
     path = urlsplit(portal_url).path
-    page = client.get(path).text
-    subscription_id = re.search(r'name="subscription_id" value="([^"]+)"', page)
-    assert subscription_id, page
+    if subscription_id is None:
+        shown = portal_subscriptions(client, portal_url)
+        assert shown, "the portal shows no subscription"
+        subscription_id = shown[0]
     return client.post(
         f"{path}/action",
-        data={
-            "_csrf_token": csrf(client, path),
-            "subscription_id": subscription_id.group(1),
-            "action": action,
-        },
+        data={"_csrf_token": csrf(client, path), "subscription_id": subscription_id, "action": action},
     )
+
+
+def open_portal(client: httpx.Client) -> str:
+    opened = client.post("/api/billing/portal", data={"_csrf_token": csrf(client, "/account")})
+    assert opened.status_code == 303
+    return str(opened.headers["location"])
 
 
 def portal_back_link(client: httpx.Client, portal_url: str) -> str:
@@ -164,9 +177,13 @@ def test_buying_pro_then_managing_it_in_the_portal(app: RunningApp) -> None:
         portal_url = switch.headers["location"]
         assert f"{SANDBOX_CHARGEBEE_PREFIX}/portal/" in portal_url
 
-        # Minutes were streamed (metering writes seconds_used); then the term renews.
+        # Minutes were streamed (written here straight to Clerk, so the page shows them once the app's
+        # cached copy of the account expires); then the term renews.
         app.set_public(user_id, seconds_used=600)
-        until(lambda: element_texts(client.get("/account").text)["time-left"] == "20:00")
+        until(
+            lambda: element_texts(client.get("/account").text)["time-left"] == "20:00",
+            timeout=DEFAULT_TTL_SECONDS + 10,
+        )
         renewed = portal_action(client, portal_url, "advance_term")
         assert renewed.status_code == 303
         back = back_from_portal(client, portal_url)
@@ -244,3 +261,68 @@ def test_pages_never_carry_billing_secrets(app: RunningApp) -> None:
     for page in pages:
         for secret in secrets:
             assert secret not in page
+
+
+def test_reactivating_an_older_subscription_after_a_newer_one_ended_credits_it(app: RunningApp) -> None:
+    """Cancel subscription 1, buy and cancel subscription 2, reactivate 1 in the portal: ChargeBee bills
+    for 1, so the account is on 1's plan, now and after every webhook has arrived."""
+    user_id = app.create_user("gus@example.com")
+    with app.browser() as client:
+        app.sign_in(client, "gus@example.com")
+        landing = urlsplit(pay(client, checkout(client, "pro").headers["location"]).headers["location"])
+        assert element_texts(client.get(f"/account?{landing.query}").text)["account-plan"] == "Pro"
+        portal_url = open_portal(client)
+        [first] = portal_subscriptions(client, portal_url)
+        portal_action(client, portal_url, "cancel_now", first)
+        until(lambda: app.metadata(user_id).public.status == "cancelled")
+
+        # No live subscription, so "Choose Ultra" is a second checkout: a second subscription.
+        landing = urlsplit(pay(client, checkout(client, "ultra").headers["location"]).headers["location"])
+        assert element_texts(client.get(f"/account?{landing.query}").text)["account-plan"] == "Ultra"
+        portal_url = open_portal(client)
+        shown = portal_subscriptions(client, portal_url)
+        [second] = [subscription for subscription in shown if subscription != first]
+        assert sorted(shown) == sorted([first, second])
+        portal_action(client, portal_url, "cancel_now", second)
+        until(lambda: app.metadata(user_id).public.status == "cancelled")
+
+        reactivated = portal_action(client, portal_url, "reactivate", first)
+        assert reactivated.status_code == 303
+        ids = element_texts(back_from_portal(client, portal_url).text)
+        assert (ids["account-plan"], ids["account-status"], ids["time-left"]) == ("Pro", "Active", "30:00")
+
+    # Every webhook (both subscriptions' whole histories) delivered: the account stays where ChargeBee is.
+    until(lambda: not app.chargebee.pending_events)
+    final = app.metadata(user_id)
+    assert (final.public.plan, final.public.status) == ("pro", "active")
+    assert {first: "active", second: "cancelled"} == {
+        key: record.status for key, record in final.private.subscriptions.items()
+    }
+
+
+def test_checkout_links_that_are_not_hosted_page_ids_reach_no_chargebee_path(app: RunningApp) -> None:
+    user_id = app.create_user("hal@example.com")
+    with app.browser() as client:
+        app.sign_in(client, "hal@example.com")
+        pay(client, checkout(client, "pro").headers["location"])
+        until(lambda: not app.chargebee.pending_events)
+        for forged in (
+            f"../customers/{user_id}",
+            "../subscriptions",
+            "hp_1/../../portal_sessions",
+            "..",
+            "%2e%2e%2fcustomers",
+        ):
+            before = len(app.chargebee_calls())
+            page = client.get("/account", params={"id": forged, "state": "succeeded"})
+            assert page.status_code == 400, forged
+            ids = element_texts(page.text)
+            assert ids["billing-problem"].startswith("That checkout link is not one ChargeBee gave out")
+            assert ids["account-plan"] == "Pro"  # the account itself is still shown
+            assert app.chargebee_calls()[before:] == [], forged
+        # A well-formed id is looked up, as a hosted page and nothing else.
+        before = len(app.chargebee_calls())
+        client.get("/account", params={"id": "hp_made_up", "state": "succeeded"})
+        assert [(call.method, call.path) for call in app.chargebee_calls()[before:]] == [
+            ("GET", "/hosted_pages/hp_made_up")
+        ]

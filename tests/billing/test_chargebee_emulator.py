@@ -28,8 +28,10 @@ from billing.chargebee_client import (
     live_subscription,
     open_checkout,
     open_portal,
+    recent_subscriptions,
     retrieve_checkout,
 )
+from billing.ids import InvalidId
 from billing.metadata import BillingMetadata
 from billing.plans import PlanCatalogue
 from billing.webhooks import apply_event, parse_event
@@ -69,6 +71,7 @@ class Site:
     base_url: str
     receiver: Receiver
     store_path: Path
+    emulator: ChargebeeEmulator
 
     def call(self, body: Callable[[Chargebee], Awaitable[T]]) -> T:
         """Run `body` with the app's SDK client on a fresh event loop, as a request handler would."""
@@ -128,7 +131,7 @@ def running_site(
 ) -> Iterator[Site]:
     emulator = make_emulator(settings, store_path, catalogue)
     with serve(build_site_app(emulator, receiver), port=settings.port) as base_url:
-        yield Site(settings, base_url, receiver, store_path)
+        yield Site(settings, base_url, receiver, store_path, emulator)
 
 
 @pytest.fixture
@@ -398,3 +401,108 @@ def test_state_and_undelivered_events_survive_a_restart(
             "payment_succeeded",
             "subscription_created",
         ]
+
+
+def test_backdated_cancel_and_reactivation_announce_chargebee_s_backdating_events(
+    site: Site, catalogue: PlanCatalogue
+) -> None:
+    buy(site, catalogue, "user_gil")
+    created = site.receiver.wait_for(3)[0]["content"]["subscription"]
+    subscription_id, start = created["id"], created["current_term_start"]
+    time.sleep(2)  # so that a moment in the current term has passed
+    now = int(time.time())
+
+    async def backdate(cb: Chargebee) -> dict[str, Any]:
+        outcomes: dict[str, Any] = {}
+        for name, params in (
+            ("before the term", {"cancel_option": "specific_date", "cancel_at": now - 40 * 86_400}),
+            ("in the future", {"cancel_option": "specific_date", "cancel_at": now + 3600}),
+        ):
+            try:
+                await cb.Subscription.cancel_for_items(subscription_id, params)
+            except APIError as error:
+                outcomes[name] = (error.http_status_code, error.api_error_code, error.param)
+        cancelled = await cb.Subscription.cancel_for_items(
+            subscription_id, {"cancel_option": "specific_date", "cancel_at": start + 1}
+        )
+        outcomes["cancelled"] = (cancelled.subscription.status, cancelled.subscription.cancelled_at)
+        reactivated = await cb.Subscription.reactivate(subscription_id, {"reactivate_from": start + 2})
+        outcomes["reactivated"] = (
+            reactivated.subscription.status,
+            reactivated.subscription.current_term_start,
+        )
+        return outcomes
+
+    assert site.call(backdate) == {
+        "before the term": (400, "param_wrong_value", "cancel_at"),
+        "in the future": (400, "param_wrong_value", "cancel_at"),
+        "cancelled": ("cancelled", start + 1),
+        "reactivated": ("active", start + 2),
+    }
+    events = site.receiver.wait_for(7)
+    assert [event["event_type"] for event in events[3:]] == [
+        "subscription_canceled_with_backdating",
+        "subscription_reactivated_with_backdating",
+        "invoice_generated_with_backdating",
+        "payment_succeeded",
+    ]
+    # Real ChargeBee event types, which the app handles, in the order that folds to "active".
+    metadata = BillingMetadata()
+    for raw in reversed(events):
+        metadata = (
+            apply_event(metadata, parse_event(json.dumps(raw).encode()), catalogue).metadata or metadata
+        )
+    assert (metadata.public.plan, metadata.public.status, metadata.public.period_start) == (
+        "pro",
+        "active",
+        start + 2,
+    )
+
+
+def test_subscriptions_list_by_latest_change_and_the_api_log_records_each_call(
+    site: Site, catalogue: PlanCatalogue
+) -> None:
+    buy(site, catalogue, "user_hop")
+    first = site.receiver.wait_for(3)[0]["content"]["subscription"]["id"]
+    site.call(lambda cb: cb.Subscription.cancel_for_items(first, {}))
+    buy(site, catalogue, "user_hop", "ultra")
+    second = site.receiver.wait_for(7)[-1]["content"]["subscription"]["id"]
+    time.sleep(1.1)  # updated_at is in seconds
+    site.call(lambda cb: cb.Subscription.reactivate(first))
+
+    by_change = site.call(lambda cb: recent_subscriptions(cb, "user_hop", 8))
+    assert [sub.id for sub in by_change] == [first, second]
+
+    async def unsupported(cb: Chargebee) -> str | None:
+        try:
+            await cb.Subscription.list({"sort_by": {"desc": "status"}})
+        except APIError as error:
+            return error.param
+        return None
+
+    assert site.call(unsupported) == "sort_by"
+    emulator_log = [(call.method, call.path) for call in site.emulator.api_log]
+    assert ("GET", "/subscriptions") in emulator_log
+    assert ("POST", f"/subscriptions/{first}/reactivate") in emulator_log
+    assert ("POST", "/customers") in emulator_log
+
+
+@pytest.mark.parametrize(
+    "bad", ["../customers/user_ada", "..", "user_ada/../../subscriptions", "a" * 101, ""]
+)
+def test_ids_that_are_not_chargebee_ids_never_reach_the_api(site: Site, bad: str) -> None:
+    async def calls(cb: Chargebee) -> list[str]:
+        refused = []
+        for name, call in (
+            ("customer", lambda: ensure_customer(cb, bad, None)),
+            ("hosted page", lambda: retrieve_checkout(cb, bad)),
+            ("subscriptions", lambda: recent_subscriptions(cb, bad, 8)),
+        ):
+            try:
+                await call()
+            except InvalidId:
+                refused.append(name)
+        return refused
+
+    assert site.call(calls) == ["customer", "hosted page", "subscriptions"]
+    assert list(site.emulator.api_log) == []
