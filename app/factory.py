@@ -21,12 +21,13 @@ from app.auth import (
     SignInRequired,
     provide_optional_user,
     provide_user,
+    sandbox_frontend,
     sign_in_required_handler,
 )
 from app.routes.billing import BillingPlugin
 from app.routes.pages import PagesController
 from app.routes.session import SessionController
-from app.routes.stream import StreamController
+from app.routes.stream import StreamClaimController, StreamController
 from app.routes.usage import UsageController
 from app.security import MAX_REQUEST_BODY_BYTES, SecurityHeaders, csrf_config
 from app.services import in_process_worker, services_lifespan
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         PagesController,
         SessionController,
         StreamController,
+        StreamClaimController,
         UsageController,
         # Not fingerprinted, so browsers revalidate (ETag) rather than keep a stale studio.js after a deploy.
         create_static_files_router(
@@ -58,7 +60,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
     if settings.is_sandbox:
         from app.sandbox.clerk_emulator import ClerkEmulator
 
-        clerk_emulator = ClerkEmulator(settings.state_dir / "clerk-users.json", settings.clerk_secret_key)
+        clerk_emulator = ClerkEmulator(
+            settings.state_dir / "clerk-users.json",
+            settings.clerk_secret_key,
+            frontend=sandbox_frontend(settings),
+        )
         state["clerk_emulator"] = clerk_emulator
         route_handlers.append(clerk_emulator.router)
 

@@ -19,7 +19,13 @@ from litestar.types import Message, Scope
 from app.settings import SANDBOX_CLERK_PREFIX, Settings
 
 # Machine-to-machine endpoints authenticate their own way (Basic auth, signed reports, API keys).
-CSRF_EXEMPT = ["/api/webhooks/", "/api/usage/report", SANDBOX_CLERK_PREFIX, "/sandbox/chargebee/api/"]
+CSRF_EXEMPT = [
+    "/api/webhooks/",
+    "/api/usage/report",
+    "/api/stream/claim",
+    SANDBOX_CLERK_PREFIX,
+    "/sandbox/chargebee/api/",
+]
 
 # The largest request body any endpoint takes unless it sets its own limit: the forms (sign-in, checkout,
 # portal), the stream ticket and the sandbox emulators' APIs are a few KB at most (Clerk caps user metadata

@@ -28,7 +28,7 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
-from app.auth import SignedInUser, requires_user
+from app.auth import SessionEnded, SignedInUser, requires_user
 from app.routes.billing import account_view
 from app.settings import Settings
 from billing.accounts import AccountStore, AccountStoreError, ClerkUnavailable, UnknownUser
@@ -117,6 +117,8 @@ class UsageController(Controller):
                 "stream_id": applied.stream_id,
                 "added_seconds": applied.added_seconds,
                 "stream_seconds": applied.stream_seconds,
+                # False: a running stream's report, taken and written to Clerk within seconds.
+                "durable": applied.durable,
             },
             status_code=HTTP_200_OK,
         )
@@ -127,6 +129,8 @@ class UsageController(Controller):
     ) -> Template:
         try:
             account = await metering.view(user.user_id)
+        except UnknownUser:
+            raise SessionEnded from None  # deleted in Clerk: sign the browser out
         except (AccountStoreError, MetadataError):
             log.warning("usage meter for %s: account unavailable", user.user_id, exc_info=True)
             # Keep polling: the next poll may find Clerk back.
