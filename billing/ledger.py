@@ -215,10 +215,11 @@ def apply_report(
     if added == 0 and not closes and not refresh:
         return Folded(metadata=_pruned(current, now, policy), added_seconds=0, counter=ent.counter)
 
-    updated_entry = StreamUsage(
+    # replace(), not a new entry: what the report does not change (the allowance, the claim) stays.
+    updated_entry = msgspec.structs.replace(
+        entry,
         seconds=entry.seconds + added,
         reported_at=max(entry.reported_at, now),
-        allowance=entry.allowance,
         final=entry.final or report.final,
     )
     public = _add_seconds(current.public, ent.counter, added)

@@ -10,10 +10,12 @@ from billing.ledger import (
     Refusal,
     apply_report,
     available_seconds,
+    claim_stream,
     reserve_stream,
 )
 from billing.metadata import BillingMetadata
 from billing.plans import PlanCatalogue
+from inference.protocol import StreamClaim
 from tests.metering.test_ledger_properties import T0, report, subscribe
 
 STALE = DEFAULT_POLICY.ticket_ttl_seconds + DEFAULT_POLICY.stale_after_seconds
@@ -72,3 +74,32 @@ def test_a_stream_never_issued_to_the_user_is_refused(catalogue: PlanCatalogue) 
     with pytest.raises(LedgerRefused) as refused:
         apply_report(BillingMetadata(), report("made-up", 5), catalogue, now=T0 + 5)
     assert refused.value.reason is Refusal.MALFORMED_STREAM_ID
+
+
+def _claim(stream_id: str, worker: str = "gpu-a") -> StreamClaim:
+    return StreamClaim(stream_id=stream_id, user_id="user_1", worker_id=worker, ticket_id="t1", sent_at=0.0)
+
+
+def test_a_stream_is_granted_to_its_first_claim_only_even_after_reports(catalogue: PlanCatalogue) -> None:
+    reserved = reserve_stream(BillingMetadata(), catalogue, now=T0)
+    claimed = claim_stream(reserved.metadata, _claim(reserved.stream_id), now=T0 + 1)
+    assert claimed.private.streams[reserved.stream_id].claimed
+    # Reports keep the claim: a second worker presenting the same ticket later is still refused.
+    reported = apply_report(claimed, report(reserved.stream_id, 10), catalogue, now=T0 + 20).metadata
+    with pytest.raises(LedgerRefused) as refused:
+        claim_stream(reported, _claim(reserved.stream_id, "gpu-b"), now=T0 + 21)
+    assert refused.value.reason is Refusal.ALREADY_CLAIMED
+
+
+def test_claims_for_streams_not_issued_or_ended_are_refused(catalogue: PlanCatalogue) -> None:
+    reserved = reserve_stream(BillingMetadata(), catalogue, now=T0)
+    with pytest.raises(LedgerRefused) as unknown:
+        claim_stream(reserved.metadata, _claim(f"st_{T0}_0123456789ab"), now=T0 + 1)
+    assert unknown.value.reason is Refusal.UNKNOWN_STREAM
+    # A ticket never presented within its life: its stream has ended, and so has the reservation.
+    with pytest.raises(LedgerRefused) as ended:
+        claim_stream(reserved.metadata, _claim(reserved.stream_id), now=T0 + STALE + 1)
+    assert ended.value.reason is Refusal.STREAM_ENDED
+    final = apply_report(reserved.metadata, report(reserved.stream_id, 0, final=True), catalogue, now=T0 + 2)
+    with pytest.raises(LedgerRefused):
+        claim_stream(final.metadata, _claim(reserved.stream_id), now=T0 + 3)
