@@ -136,6 +136,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return tuple(reasons)
 
     @property
+    def worker_url(self) -> str:
+        """The GPU worker's WebSocket URL the studio connects to: INFERENCE_URL, or this app's own /ws (the
+        in-process worker) on the public origin, which is also what the Content-Security-Policy allows."""
+        if self.inference_url:
+            return self.inference_url
+        origin = urlsplit(self.app_url)
+        return f"{'wss' if origin.scheme == 'https' else 'ws'}://{origin.netloc}/ws"
+
+    @property
     def clerk_frontend_api(self) -> str | None:
         """The Clerk Frontend API host encoded in the publishable key (live mode only)."""
         return frontend_api_from_publishable_key(self.clerk_publishable_key) if not self.is_sandbox else None

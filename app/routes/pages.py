@@ -17,9 +17,17 @@ class PagesController(Controller):
         return Template("landing.html", context={"user": maybe_user})
 
     @get("/studio", name="studio", guards=[requires_user])
-    async def studio(self, user: NamedDependency[SignedInUser]) -> Template:
+    async def studio(
+        self, user: NamedDependency[SignedInUser], settings: NamedDependency[Settings]
+    ) -> Template:
         return Template(
-            "studio.html", context={"user": user, "presets": STYLE_PRESETS, "default_preset": DEFAULT_PRESET}
+            "studio.html",
+            context={
+                "user": user,
+                "presets": STYLE_PRESETS,
+                "default_preset": DEFAULT_PRESET,
+                "worker_url": settings.worker_url,
+            },
         )
 
     @get("/health", name="health", include_in_schema=False)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency, Provide
@@ -52,15 +51,6 @@ from inference.signing import MAX_SIGNED_BODY_BYTES, Purpose, SignedRequestError
 from inference.tickets import issue_ticket
 
 log = logging.getLogger(__name__)
-
-
-def stream_url(settings: Settings) -> str:
-    """The worker's WebSocket URL: INFERENCE_URL, or this app's own /ws (the in-process worker) on the
-    public origin, which is also what the Content-Security-Policy allows."""
-    if settings.inference_url:
-        return settings.inference_url
-    origin = urlsplit(settings.app_url)
-    return f"{'wss' if origin.scheme == 'https' else 'ws'}://{origin.netloc}/ws"
 
 
 class SessionBeforeCsrf(ASGIMiddleware):
@@ -126,7 +116,7 @@ class StreamController(Controller):
         )
         return Response(
             {
-                "url": stream_url(settings),
+                "url": settings.worker_url,
                 "ticket": token,
                 "stream_id": reservation.stream_id,
                 "allowance_seconds": reservation.allowance_seconds,

@@ -21,6 +21,8 @@ const PARAMS_DEBOUNCE_MS = 250;
 const STALE_FRAME_MS = 4000; // an unacknowledged frame older than this no longer counts (a lost ack)
 const CLOSE_BAD_TICKET = 4401;
 const CLOSE_ALLOWANCE_USED = 4402;
+const CLOSE_IDLE = 4410;
+const CLOSE_WORKER_FULL = 4503;
 const CLOSE_NORMAL = 1000;
 
 // When to send the next frame: one per service interval, timed by how long the last rendered frame
@@ -142,8 +144,10 @@ const ui = {
 const STATUS_TEXT = {
   idle: "Ready when you are.",
   camera: "Waiting for your camera…",
-  connecting: "Connecting to the GPU…",
+  connecting: "Starting a GPU — not billed…",
   warming: "Warming up the GPU (cold start, not billed)…",
+  busy: "All GPUs are busy — retrying…",
+  paused: "Paused — press Start to go on.",
   streaming: "Streaming",
   reconnecting: "Connection lost — reconnecting…",
   "out-of-minutes": "You're out of minutes.",
@@ -368,6 +372,9 @@ function onText(data) {
     return;
   }
   switch (message.type) {
+    case "admitted":
+      hello(session.socket);
+      break;
     case "ack":
       session.unacked.delete(message.frame); // off the wire: the next camera frame may go
       armCaptureTimer();
@@ -422,29 +429,42 @@ async function fetchTicket(afterRefresh = false) {
   return response.json();
 }
 
-async function connect() {
+// The connect sequence (docs/protocol.md §1): open the socket, wait for the worker's `admitted`, and only
+// then get a ticket and say hello. A cold GPU container takes the socket only once its model is loaded, so
+// a ticket fetched before would expire while the socket waits; one fetched now cannot.
+function connect() {
   setStatus(session.reconnectAttempt ? "reconnecting" : "connecting");
-  let ticket;
-  try {
-    ticket = await fetchTicket();
-  } catch (error) {
-    console.warn(error);
-    return scheduleReconnect();
-  }
-  if (!session.wanted) return;
-  if (ticket.outOfMinutes) return outOfMinutes();
-  const socket = new WebSocket(ticket.url);
+  // The mode this session starts in: the worker's admission counts what it will cost.
+  const mode = selectedMode()?.id;
+  const url = mode ? `${root.dataset.workerUrl}?mode=${encodeURIComponent(mode)}` : root.dataset.workerUrl;
+  const socket = new WebSocket(url);
   socket.binaryType = "arraybuffer";
   session.socket = socket;
   session.ready = false;
   forgetFrames();
-  socket.addEventListener("open", () => socket.send(JSON.stringify({ type: "hello", ticket: ticket.ticket })));
   socket.addEventListener("message", (event) => {
     if (socket !== session.socket) return;
     if (typeof event.data === "string") onText(event.data);
     else onBinary(event.data);
   });
   socket.addEventListener("close", (event) => onClose(socket, event));
+}
+
+async function hello(socket) {
+  let ticket;
+  try {
+    ticket = await fetchTicket();
+  } catch (error) {
+    console.warn(error);
+    if (socket === session.socket) socket.close(CLOSE_NORMAL, "no ticket");
+    return scheduleReconnect();
+  }
+  if (socket !== session.socket || !session.wanted) return;
+  if (ticket.outOfMinutes) {
+    socket.close(CLOSE_NORMAL, "out of minutes");
+    return outOfMinutes();
+  }
+  socket.send(JSON.stringify({ type: "hello", ticket: ticket.ticket }));
 }
 
 function onClose(socket, event) {
@@ -454,15 +474,16 @@ function onClose(socket, event) {
   forgetFrames();
   htmx.trigger(document.body, "usage-refresh");
   if (event.code === CLOSE_ALLOWANCE_USED) return outOfMinutes();
+  if (event.code === CLOSE_IDLE) return stop("paused"); // nothing was sent for a while: a hidden tab
   if (!session.wanted || event.code === CLOSE_NORMAL) return;
-  scheduleReconnect();
+  scheduleReconnect(event.code === CLOSE_WORKER_FULL ? "busy" : "reconnecting");
 }
 
-function scheduleReconnect() {
+function scheduleReconnect(state = "reconnecting") {
   if (!session.wanted) return;
   const delay = Math.min(10_000, 500 * 2 ** session.reconnectAttempt) * (0.75 + Math.random() * 0.5);
   session.reconnectAttempt += 1;
-  setStatus("reconnecting");
+  setStatus(state);
   clearTimeout(session.reconnectTimer);
   session.reconnectTimer = setTimeout(connect, delay);
 }
@@ -658,6 +679,10 @@ ui.reseed.addEventListener("click", () => {
 });
 for (const button of ui.presets) button.addEventListener("click", () => choosePreset(button));
 window.addEventListener("pagehide", () => session.wanted && stop());
+// A stream paused because the tab was hidden (the worker closed it as idle) resumes when it is seen again.
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible" && root.dataset.state === "paused") start();
+});
 holdNavigation(() => session.wanted); // a sign-out while streaming shows a notice instead of leaving
 
 setStatus("idle");

@@ -14,7 +14,6 @@ import msgspec
 import pytest
 
 from app.auth import SESSION_COOKIE
-from app.routes.stream import stream_url
 from app.settings import load_settings
 from billing.metadata import BillingMetadata, PublicBilling, SubscriptionStatus
 from billing.metering import Metering
@@ -202,13 +201,13 @@ def test_a_ticket_names_the_worker_and_needs_the_csrf_token(stack: Stack) -> Non
 
 def test_the_worker_url_is_the_configured_one_or_the_apps_own(tmp_path: Path) -> None:
     remote = load_settings({"INFERENCE_URL": "wss://gpu.example.com/ws"}, state_dir=tmp_path, dotenv=None)
-    assert stream_url(remote) == "wss://gpu.example.com/ws"
+    assert remote.worker_url == "wss://gpu.example.com/ws"
     public = load_settings(
         {"APP_URL": "https://stylecast.example.com", "STYLECAST_MODE": "sandbox"},
         state_dir=tmp_path,
         dotenv=None,
     )
-    assert stream_url(public) == "wss://stylecast.example.com/ws"
+    assert public.worker_url == "wss://stylecast.example.com/ws"
 
 
 def test_two_tabs_never_get_more_than_the_account_has(stack: Stack) -> None:
