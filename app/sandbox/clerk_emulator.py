@@ -54,6 +54,9 @@ STORE_FORMAT = "stylecast-clerk-emulator/1"
 METADATA_MAX_BYTES = 8 * 1024
 METADATA_WRITES_PER_WINDOW = 10
 METADATA_WRITE_WINDOW_S = 10.0
+# Clerk's Backend API limit for a production instance: 1,000 requests per 10 s, all callers together.
+INSTANCE_REQUESTS_PER_WINDOW = 1000
+INSTANCE_WINDOW_S = 10.0
 LIST_LIMIT_MAX = 500
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -349,6 +352,16 @@ def _query_int(request: Request[Any, Any, Any], name: str, default: int, low: in
     return value
 
 
+def _too_many_requests(retry_in_seconds: float) -> ClerkAPIError:
+    return ClerkAPIError(
+        429,
+        "too_many_requests",
+        "Too many requests",
+        "Too many requests, retry later",
+        headers={"Retry-After": str(max(1, math.ceil(retry_in_seconds)))},
+    )
+
+
 class ClerkEmulator:
     """The Clerk Backend API endpoints Stylecast uses (users, sessions, sign-in tokens), served by `.router`
     under `/sandbox/clerk/v1`; given `frontend`, also the Frontend API's client resource under
@@ -366,6 +379,8 @@ class ClerkEmulator:
         frontend: FrontendSettings | None = None,
         metadata_writes_per_window: int = METADATA_WRITES_PER_WINDOW,
         metadata_write_window_s: float = METADATA_WRITE_WINDOW_S,
+        instance_requests_per_window: int = INSTANCE_REQUESTS_PER_WINDOW,
+        instance_window_s: float = INSTANCE_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -382,7 +397,11 @@ class ClerkEmulator:
         self._lock = asyncio.Lock()
         self._users: dict[str, dict[str, Any]] = self._load()
         self._recent_writes: dict[str, deque[float]] = {}
+        self._instance_limit = instance_requests_per_window
+        self._instance_window_s = instance_window_s
+        self._recent_requests: deque[float] = deque()
         self._request_count = 0
+        self._rate_limited_count = 0
         self._metadata_writes: dict[str, int] = {}
         self.router = self._build_router()
 
@@ -392,6 +411,11 @@ class ClerkEmulator:
     def request_count(self) -> int:
         """Requests that reached the emulator since construction or the last `reset_counters()`."""
         return self._request_count
+
+    @property
+    def rate_limited_count(self) -> int:
+        """Requests answered 429 (the instance's or a user's limit) since construction or the last reset."""
+        return self._rate_limited_count
 
     def metadata_write_count(self, user_id: str) -> int:
         """Successful metadata writes to `user_id` (merge, replace, or metadata given to an update)."""
@@ -403,6 +427,7 @@ class ClerkEmulator:
     def reset_counters(self) -> None:
         """Zero the counters. The rate limiter keeps its window: resetting statistics is not waiting."""
         self._request_count = 0
+        self._rate_limited_count = 0
         self._metadata_writes.clear()
 
     # ---- persistence -----------------------------------------------------------------------------------
@@ -448,15 +473,21 @@ class ClerkEmulator:
         while recent and now - recent[0] >= self._window_s:
             recent.popleft()
         if len(recent) >= self._writes_per_window:
-            retry_after = max(1, math.ceil(self._window_s - (now - recent[0])))
-            raise ClerkAPIError(
-                429,
-                "too_many_requests",
-                "Too many requests",
-                "Too many requests, retry later",
-                headers={"Retry-After": str(retry_after)},
-            )
+            self._rate_limited_count += 1
+            raise _too_many_requests(self._window_s - (now - recent[0]))
         recent.append(now)
+
+    def _check_instance_rate(self) -> ClerkAPIError | None:
+        """Clerk's instance-wide limit: every Backend API request counts, whoever makes it."""
+        now = self._clock()
+        recent = self._recent_requests
+        while recent and now - recent[0] >= self._instance_window_s:
+            recent.popleft()
+        if len(recent) >= self._instance_limit:
+            self._rate_limited_count += 1
+            return _too_many_requests(self._instance_window_s - (now - recent[0]))
+        recent.append(now)
+        return None
 
     @staticmethod
     def _check_metadata_size(user: dict[str, Any], written: Iterable[str]) -> None:
@@ -562,7 +593,8 @@ class ClerkEmulator:
                 token.strip().encode(), emulator._secret_key
             ):
                 return ClerkAPIError(401, "clerk_key_invalid", _BAD_KEY, _BAD_KEY).to_response()
-            return None
+            limited = emulator._check_instance_rate()
+            return limited.to_response() if limited is not None else None
 
         @get("/users")
         async def list_users(request: Request[Any, Any, Any]) -> Response[bytes]:

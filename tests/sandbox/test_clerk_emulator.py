@@ -727,3 +727,57 @@ def test_sign_in_tokens_and_sessions_need_the_secret_key(frontend: Frontend) -> 
             lambda clerk: clerk.sign_in_tokens.create_async(request={"user_id": "user_nobody"})
         )
     assert error_codes(unknown.value) == ["resource_not_found"]
+
+
+# ---- the instance-wide limit -------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_instance_limit_counts_every_backend_request_and_answers_429(tmp_path: Path) -> None:
+    # Clerk's 1,000 requests per 10 s, scaled down: 5 per 10 s, across users and kinds of request.
+    store = tmp_path / "clerk.json"
+    clock = _Clock()
+    emulator = ClerkEmulator(store, SECRET, instance_requests_per_window=5, clock=clock)
+
+    async def body(clerk: Clerk) -> list[int | None]:
+        outcomes: list[int | None] = []
+        users = [await clerk.users.create_async(email_address=[f"u{i}@example.com"]) for i in range(2)]
+        for index in range(5):
+            try:
+                await clerk.users.get_async(user_id=users[index % 2].id)
+                outcomes.append(None)
+            except models.SDKError as error:
+                outcomes.append(error.status_code)
+            except models.ClerkErrors as error:
+                outcomes.append(error.status_code)
+        return outcomes
+
+    with serving(emulator, store) as sandbox:
+        outcomes = sandbox.call(body)
+        # Two creates and three reads fit; the fourth and fifth read are over the instance's limit.
+        assert outcomes == [None, None, None, 429, 429]
+        assert emulator.rate_limited_count == 2
+        clock.now += 10.0  # the window has passed
+        assert sandbox.call(lambda clerk: clerk.users.list_async()) is not None
+    assert emulator.rate_limited_count == 2
+
+
+def test_the_instance_limit_tells_when_to_retry(tmp_path: Path) -> None:
+    store = tmp_path / "clerk.json"
+    clock = _Clock()
+    emulator = ClerkEmulator(store, SECRET, instance_requests_per_window=1, clock=clock)
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    with serving(emulator, store) as sandbox, httpx.Client(base_url=sandbox.api_url, headers=headers) as client:
+        assert client.get("/users").status_code == 200
+        clock.now += 3.0
+        refused = client.get("/users")
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "7"
+    assert refused.json()["errors"][0]["code"] == "too_many_requests"
