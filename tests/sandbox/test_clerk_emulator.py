@@ -773,8 +773,8 @@ def test_the_instance_limit_tells_when_to_retry(tmp_path: Path) -> None:
     store = tmp_path / "clerk.json"
     clock = _Clock()
     emulator = ClerkEmulator(store, SECRET, instance_requests_per_window=1, clock=clock)
-    headers = {"Authorization": f"Bearer {SECRET}"}
-    with serving(emulator, store) as sandbox, httpx.Client(base_url=sandbox.api_url, headers=headers) as client:
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    with serving(emulator, store) as sandbox, httpx.Client(base_url=sandbox.api_url, headers=auth) as client:
         assert client.get("/users").status_code == 200
         clock.now += 3.0
         refused = client.get("/users")
