@@ -162,6 +162,7 @@ class Verdict:
         self.failures: list[str] = []
         self.stats: Counter[str] = Counter()
         self.losses: list[int] = []
+        self.emulator_requests: Counter[tuple[str, int]] = Counter()
 
     def fail(self, message: str) -> None:
         self.failures.append(message)
@@ -203,6 +204,8 @@ class Verdict:
                         f"{name} {ticket.stream_id}: {billed} s billed for a ticket nothing streamed on"
                     )
                 continue
+            if not entry.claimed:
+                self.fail(f"{name} {ticket.stream_id}: streamed, but the ledger holds no claim for it")
             stream = served[0]
             fewest, most = delivered_bounds(stream.frames)
             self.stats["streams"] += 1
@@ -337,6 +340,7 @@ class Verdict:
         """No emulator answered 429, and the access log does show the emulators' traffic, so it would show
         one; every stream's final report reached the app (a SIGKILLed process sends none, and logs none)."""
         statuses = emulator_statuses(app_log)
+        self.emulator_requests = statuses
         for emulator in ("clerk", "chargebee"):
             if not sum(n for (which, _), n in statuses.items() if which == emulator):
                 self.fail(f"the app's access log shows no request to the {emulator} emulator: {statuses}")
@@ -386,6 +390,7 @@ class Verdict:
             f"stats: {dict(sorted(self.stats.items()))}",
             f"crash losses (s): {sorted(self.losses)}",
             f"billing: {dict(soak.events)}",
+            f"emulator answers (whole run): {dict(sorted(self.emulator_requests.items()))}",
         ]
         return "\n".join(lines)
 
