@@ -27,7 +27,7 @@ from app.auth import (
 from app.routes.billing import BillingPlugin
 from app.routes.pages import PagesController
 from app.routes.session import SessionController
-from app.routes.stream import StreamClaimController, StreamController
+from app.routes.stream import StreamController
 from app.routes.usage import UsageController
 from app.security import MAX_REQUEST_BODY_BYTES, SecurityHeaders, csrf_config
 from app.services import in_process_worker, services_lifespan
@@ -45,7 +45,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         PagesController,
         SessionController,
         StreamController,
-        StreamClaimController,
         UsageController,
         # Not fingerprinted, so browsers revalidate (ETag) rather than keep a stale studio.js after a deploy.
         create_static_files_router(

@@ -40,7 +40,7 @@ from billing.entitlement import Counter, entitlement
 from billing.metadata import BillingMetadata, PrivateBilling, PublicBilling, StreamUsage
 from billing.plans import PlanCatalogue
 from inference.protocol import StreamClaim, UsageReport
-from inference.tickets import DEFAULT_TTL_SECONDS
+from inference.tickets import DEFAULT_TTL_SECONDS, LEEWAY_SECONDS
 
 # Stream ids: "st_<unix issue time>_<12 hex>". The random part only has to be unique per user and second.
 _STREAM_ID = re.compile(r"^st_(\d{9,11})_([0-9a-f]{12})$")
@@ -129,7 +129,13 @@ def last_seen(stream_id: str, entry: StreamUsage, policy: LedgerPolicy = DEFAULT
 
 
 def is_live(stream_id: str, entry: StreamUsage, now: int, policy: LedgerPolicy = DEFAULT_POLICY) -> bool:
-    return not entry.final and now - last_seen(stream_id, entry, policy) <= policy.stale_after_seconds
+    if entry.final:
+        return False
+    if not entry.claimed and entry.seconds == 0 and entry.reported_at <= _issued(stream_id):
+        # Issued and never claimed by a worker: once its ticket can no longer be presented, nothing will
+        # stream on it, so its reservation goes at once rather than after the silence a crash is given.
+        return now <= _issued(stream_id) + policy.ticket_ttl_seconds + LEEWAY_SECONDS
+    return now - last_seen(stream_id, entry, policy) <= policy.stale_after_seconds
 
 
 def reserved_seconds(entry: StreamUsage) -> int:

@@ -11,28 +11,19 @@ has. Answers:
   tab, or the stream this tab just closed, whose final report is on its way); asking again shortly works
   once that stream has ended;
 * 503: Clerk is unavailable.
-
-`POST /api/stream/claim` is the worker's, signed with STREAM_SECRET like a usage report: before it sends
-`ready` on a connection, the worker claims the ticket's stream, and the ledger grants each stream once
-(200), refusing every later claim with 409 on whichever worker it arrives — so a ticket streams once
-however many workers there are. 401: not signed by a worker; 503: Clerk failed (the worker tells the
-client to try again, 1013).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from litestar import Controller, Request, Response, post
+from litestar import Controller, Response, post
 from litestar.di import NamedDependency, Provide
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.status_codes import (
     HTTP_200_OK,
-    HTTP_401_UNAUTHORIZED,
     HTTP_402_PAYMENT_REQUIRED,
-    HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
@@ -46,8 +37,6 @@ from billing.accounts import AccountStoreError, ClerkUnavailable, UnknownUser
 from billing.ledger import LedgerRefused, Refusal
 from billing.metadata import MetadataError
 from billing.metering import Metering
-from inference.protocol import StreamClaim
-from inference.signing import MAX_SIGNED_BODY_BYTES, Purpose, SignedRequestError, verify_signed
 from inference.tickets import issue_ticket
 
 log = logging.getLogger(__name__)
@@ -124,60 +113,3 @@ class StreamController(Controller):
             status_code=HTTP_200_OK,
             headers={"Cache-Control": "no-store"},
         )
-
-
-class StreamClaimController(Controller):
-    """The worker's claim of a stream (no user session: the signature is the authority)."""
-
-    dependencies = {"metering": Provide(provide_metering, sync_to_thread=False)}
-
-    @post(
-        "/api/stream/claim",
-        name="stream_claim",
-        status_code=HTTP_200_OK,
-        request_max_body_size=MAX_SIGNED_BODY_BYTES,
-    )
-    async def claim(
-        self,
-        request: Request[Any, Any, Any],
-        settings: NamedDependency[Settings],
-        metering: NamedDependency[Metering],
-    ) -> Response[dict[str, str]]:
-        try:
-            claim = verify_signed(
-                settings.stream_secret, Purpose.CLAIM, request.headers, await request.body(), StreamClaim
-            )
-        except SignedRequestError as exc:
-            log.warning(
-                "stream claim refused from %s: %s", request.client.host if request.client else "?", exc
-            )
-            return _answer(HTTP_401_UNAUTHORIZED, "unauthenticated", "The claim is not signed by a worker.")
-        try:
-            await metering.claim(claim)
-        except LedgerRefused as refused:
-            log.warning(
-                "claim of stream %s of %s by %s refused: %s",
-                claim.stream_id,
-                claim.user_id,
-                claim.worker_id,
-                refused,
-            )
-            return _answer(HTTP_409_CONFLICT, refused.reason.value, str(refused))
-        except UnknownUser:
-            return _answer(HTTP_404_NOT_FOUND, "unknown_user", "No account has this user id.")
-        except (AccountStoreError, MetadataError):
-            log.warning(
-                "claim of stream %s of %s could not be stored", claim.stream_id, claim.user_id, exc_info=True
-            )
-            return _answer(
-                HTTP_503_SERVICE_UNAVAILABLE,
-                "accounts_unavailable",
-                "The claim could not be recorded; retry.",
-            )
-        log.info("stream %s of %s claimed by worker %s", claim.stream_id, claim.user_id, claim.worker_id)
-        return _answer(HTTP_200_OK, "claimed", f"stream {claim.stream_id} is yours")
-
-
-def _answer(status_code: int, outcome: str, message: str) -> Response[dict[str, str]]:
-    key = "status" if status_code == HTTP_200_OK else "error"
-    return Response({key: outcome, "message": message}, status_code=status_code)

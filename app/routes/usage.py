@@ -1,4 +1,4 @@
-"""Usage: the worker's usage reports, and the usage meter the studio polls.
+"""Usage: the worker's usage reports and stream claims, and the usage meter the studio polls.
 
 `POST /api/usage/report` is machine-to-machine. It is authenticated by the worker's HMAC signature over
 the body (STREAM_SECRET, `inference.usage.verify_usage_report`) and by nothing else: it is not behind the
@@ -8,12 +8,18 @@ no browser ever calls it. Answers the worker's reporter understands:
 * 200: the report is durable in Clerk (or was already counted);
 * 401: unsigned, forged or stale signature; 409: a stream the ledger refuses (never retry these);
 * 503: Clerk failed; retry later, which cannot double count.
+
+`POST /api/stream/claim` is the worker's too, signed the same way: before it sends `ready` on a
+connection, the worker claims the ticket's stream, and the ledger grants each stream once (200), refusing
+every later claim with 409 on whichever worker it arrives, so a ticket streams once however many workers
+there are.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
@@ -37,7 +43,8 @@ from billing.ledger import LedgerRefused
 from billing.metadata import MetadataError
 from billing.metering import Metering
 from billing.plans import PlanCatalogue
-from inference.signing import MAX_SIGNED_BODY_BYTES
+from inference.protocol import StreamClaim
+from inference.signing import MAX_SIGNED_BODY_BYTES, Purpose, SignedRequestError, verify_signed
 from inference.usage import UsageReportError, verify_usage_report
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,7 @@ log = logging.getLogger(__name__)
 # htmx stops polling when a poll is answered with this status (and still swaps the content in).
 HTMX_STOP_POLLING = 286
 RETRY_AFTER_SECONDS = "2"
+_T = TypeVar("_T")
 
 
 def provide_metering(state: State) -> Metering:
@@ -62,6 +70,30 @@ def provide_metering(state: State) -> Metering:
 
 def _error(status_code: int, error: str, message: str, **headers: str) -> Response[dict[str, str]]:
     return Response({"error": error, "message": message}, status_code=status_code, headers=headers)
+
+
+async def _stored(what: str, stream_id: str, user_id: str, change: Awaitable[_T]) -> _T | Response[Any]:
+    """What a worker's request changed in the account, or the answer that tells the worker why not:
+    409 (the ledger refuses: never retry), 404 (no such user), 503 or 500 (retry later, harmlessly)."""
+    try:
+        return await change
+    except LedgerRefused as refused:
+        log.warning("%s for stream %s of %s refused: %s", what, stream_id, user_id, refused)
+        return _error(HTTP_409_CONFLICT, refused.reason.value, str(refused))
+    except UnknownUser:
+        log.error("%s for stream %s names unknown user %s", what, stream_id, user_id)
+        return _error(HTTP_404_NOT_FOUND, "unknown_user", "No account has this user id.")
+    except ClerkUnavailable:
+        return _error(
+            HTTP_503_SERVICE_UNAVAILABLE,
+            "accounts_unavailable",
+            f"The account store is unavailable; retry the {what}.",
+            **{"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    except (AccountStoreError, MetadataError):
+        # Not transient as far as we can tell, but a retry is harmless and nothing may be lost.
+        log.exception("%s for stream %s of %s could not be stored", what, stream_id, user_id)
+        return _error(HTTP_500_INTERNAL_SERVER_ERROR, "not_stored", f"The {what} could not be stored.")
 
 
 class UsageController(Controller):
@@ -89,29 +121,9 @@ class UsageController(Controller):
                 "usage report refused from %s: %s", request.client.host if request.client else "?", exc
             )
             return _error(HTTP_401_UNAUTHORIZED, "unauthenticated", "The report is not signed by a worker.")
-        try:
-            applied = await metering.record(report)
-        except LedgerRefused as refused:
-            log.warning(
-                "usage report for stream %s of %s refused: %s", report.stream_id, report.user_id, refused
-            )
-            return _error(HTTP_409_CONFLICT, refused.reason.value, str(refused))
-        except UnknownUser:
-            log.error("usage report for stream %s names unknown user %s", report.stream_id, report.user_id)
-            return _error(HTTP_404_NOT_FOUND, "unknown_user", "No account has this user id.")
-        except ClerkUnavailable:
-            return _error(
-                HTTP_503_SERVICE_UNAVAILABLE,
-                "accounts_unavailable",
-                "The account store is unavailable; retry the report.",
-                **{"Retry-After": RETRY_AFTER_SECONDS},
-            )
-        except (AccountStoreError, MetadataError):
-            # Not transient as far as we can tell, but a retry is harmless and the usage must not be lost.
-            log.exception(
-                "usage report for stream %s of %s could not be stored", report.stream_id, report.user_id
-            )
-            return _error(HTTP_500_INTERNAL_SERVER_ERROR, "not_stored", "The report could not be stored.")
+        applied = await _stored("usage report", report.stream_id, report.user_id, metering.record(report))
+        if isinstance(applied, Response):
+            return applied
         return Response(
             {
                 "stream_id": applied.stream_id,
@@ -122,6 +134,32 @@ class UsageController(Controller):
             },
             status_code=HTTP_200_OK,
         )
+
+    @post(
+        "/api/stream/claim",
+        name="stream_claim",
+        status_code=HTTP_200_OK,
+        request_max_body_size=MAX_SIGNED_BODY_BYTES,
+    )
+    async def claim(
+        self,
+        request: Request[Any, Any, Any],
+        settings: NamedDependency[Settings],
+        metering: NamedDependency[Metering],
+    ) -> Response[dict[str, str]]:
+        body = await request.body()
+        try:
+            claim = verify_signed(settings.stream_secret, Purpose.CLAIM, request.headers, body, StreamClaim)
+        except SignedRequestError as exc:
+            log.warning(
+                "stream claim refused from %s: %s", request.client.host if request.client else "?", exc
+            )
+            return _error(HTTP_401_UNAUTHORIZED, "unauthenticated", "The claim is not signed by a worker.")
+        granted = await _stored("stream claim", claim.stream_id, claim.user_id, metering.claim(claim))
+        if isinstance(granted, Response):
+            return granted
+        log.info("stream %s of %s claimed by worker %s", claim.stream_id, claim.user_id, claim.worker_id)
+        return Response({"status": "claimed", "stream_id": claim.stream_id}, status_code=HTTP_200_OK)
 
     @get("/partials/usage-meter", name="usage_meter", guards=[requires_user])
     async def usage_meter(

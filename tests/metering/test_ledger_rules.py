@@ -16,6 +16,7 @@ from billing.ledger import (
 from billing.metadata import BillingMetadata
 from billing.plans import PlanCatalogue
 from inference.protocol import StreamClaim
+from inference.tickets import LEEWAY_SECONDS
 from tests.metering.test_ledger_properties import T0, report, subscribe
 
 STALE = DEFAULT_POLICY.ticket_ttl_seconds + DEFAULT_POLICY.stale_after_seconds
@@ -103,3 +104,17 @@ def test_claims_for_streams_not_issued_or_ended_are_refused(catalogue: PlanCatal
     final = apply_report(reserved.metadata, report(reserved.stream_id, 0, final=True), catalogue, now=T0 + 2)
     with pytest.raises(LedgerRefused):
         claim_stream(final.metadata, _claim(reserved.stream_id), now=T0 + 3)
+
+
+def test_a_ticket_never_claimed_frees_its_reservation_when_it_expires(catalogue: PlanCatalogue) -> None:
+    # The socket was lost before the hello: nothing can stream on the ticket once it has expired.
+    first = reserve_stream(BillingMetadata(), catalogue, now=T0)
+    expired = T0 + DEFAULT_POLICY.ticket_ttl_seconds + LEEWAY_SECONDS + 1
+    with pytest.raises(LedgerRefused):
+        reserve_stream(first.metadata, catalogue, now=expired - 2)
+    assert reserve_stream(first.metadata, catalogue, now=expired).allowance_seconds == 60
+    # A claimed stream that has not reported yet is a stream starting: it keeps its reservation longer.
+    claimed = claim_stream(first.metadata, _claim(first.stream_id), now=T0 + 2)
+    with pytest.raises(LedgerRefused) as held:
+        reserve_stream(claimed, catalogue, now=expired)
+    assert held.value.reason is Refusal.MINUTES_IN_USE
