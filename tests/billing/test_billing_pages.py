@@ -11,7 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from app.settings import SANDBOX_CHARGEBEE_PREFIX
-from billing.accounts import DEFAULT_TTL_SECONDS
+from inference.protocol import UsageReport
+from inference.usage import encode_usage_report
 from tests.billing.conftest import RunningApp, csrf
 
 
@@ -177,13 +178,21 @@ def test_buying_pro_then_managing_it_in_the_portal(app: RunningApp) -> None:
         portal_url = switch.headers["location"]
         assert f"{SANDBOX_CHARGEBEE_PREFIX}/portal/" in portal_url
 
-        # Minutes were streamed (written here straight to Clerk, so the page shows them once the app's
-        # cached copy of the account expires); then the term renews.
-        app.set_public(user_id, seconds_used=600)
-        until(
-            lambda: element_texts(client.get("/account").text)["time-left"] == "20:00",
-            timeout=DEFAULT_TTL_SECONDS + 10,
+        # Ten minutes were streamed: a ticket, and the worker's final report of its stream; then the term
+        # renews.
+        ticket = client.post("/api/stream/ticket", headers={"x-csrftoken": csrf(client, "/pricing")})
+        assert ticket.status_code == 200, ticket.text
+        streamed = UsageReport(
+            stream_id=ticket.json()["stream_id"],
+            user_id=user_id,
+            worker_id="test-gpu",
+            seconds=600,
+            final=True,
+            sent_at=0.0,
         )
+        body, headers = encode_usage_report(app.settings.stream_secret, streamed)
+        assert httpx.post(f"{app.url}/api/usage/report", content=body, headers=headers).status_code == 200
+        assert element_texts(client.get("/account").text)["time-left"] == "20:00"
         renewed = portal_action(client, portal_url, "advance_term")
         assert renewed.status_code == 303
         back = back_from_portal(client, portal_url)
