@@ -253,8 +253,9 @@ class _SessionCookie:
         self.headers = {"cookie": f"{SESSION_COOKIE}={token}"}
 
 
-def requires_user(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """Guard for pages and APIs that need a signed-in user."""
+async def requires_user(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard for pages and APIs that need a signed-in user. Async: Litestar runs a sync guard in a worker
+    thread, a thread hop for every meter poll."""
     if connection.scope.get("user") is None:
         raise SignInRequired
 
