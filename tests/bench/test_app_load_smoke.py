@@ -19,7 +19,16 @@ def test_twenty_streams_for_five_seconds_drive_every_endpoint_and_write_the_reco
         [
             *("--streams", "20", "--spare-users", "10", "--seconds", "5", "--warmup", "1"),
             # Short streams and refreshes, so starts, ends and token refreshes all happen in 5 s.
-            *("--mean-stream-seconds", "8", "--refresh-seconds", "3", "--drain-seconds", "5"),
+            *(
+                "--mean-stream-seconds",
+                "8",
+                "--refresh-seconds",
+                "3",
+                "--drain-seconds",
+                "5",
+                "--ramp-seconds",
+                "1",
+            ),
             *("--out", str(tmp_path)),
         ]
     )
@@ -39,6 +48,7 @@ def test_twenty_streams_for_five_seconds_drive_every_endpoint_and_write_the_reco
     assert 35 <= endpoints["refresh"]["count"] <= 65
     assert endpoints["claim"]["count"] <= endpoints["ticket"]["count"]
     assert saved["config"]["users"] == 30
+    assert saved["setup"]["complete"] is True
     assert saved["clerk"]["observable"] is True
     assert saved["clerk"]["backend_requests"] > 0
     assert saved["clerk"]["backend_429"] == 0
