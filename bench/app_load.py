@@ -837,11 +837,12 @@ class LoadRun:
         # ramp adds a bounded write load instead of as many tickets as the app can take.
         step = args.ramp_seconds / args.streams
         first = self.now
-        progress = [0]
+        progress, succeeded = [0], [0]
 
         async def started(user: User, due: float) -> None:
             ok = await self.start_stream(user, due, setup=True)
             progress[0] += 1
+            succeeded[0] += ok
             if progress[0] % 100 == 0:
                 print(f"  {progress[0]} streams started ({self.now - signed:.0f} s)", flush=True)
             if not ok:
@@ -855,14 +856,14 @@ class LoadRun:
         ]
         _, late = await asyncio.wait(starts, timeout=args.ramp_seconds + args.setup_grace)
         ready = self.now
-        complete = not late and len(self.streams) >= args.streams
+        complete = not late and succeeded[0] == args.streams
         if late:
             # The app could not start them in time: measure what it carries, and say so.
             for task in late:
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
         print(
-            f"{len(self.streams)} of {args.streams} streams live {ready - signed:.1f} s after sign-in"
+            f"{succeeded[0]} of {args.streams} streams started {ready - signed:.1f} s after sign-in"
             + ("" if complete else " (setup incomplete)"),
             flush=True,
         )
@@ -871,6 +872,7 @@ class LoadRun:
             "sign_in_s": round(signed - began, 2),
             "ramp_s": args.ramp_seconds,
             "streams_start_s": round(ready - signed, 2),
+            "streams_started": succeeded[0],
             "live_streams_after_setup": len(self.streams),
             "complete": complete,
             "errors": dict(self.setup_errors),

@@ -44,8 +44,8 @@ def test_twenty_streams_for_five_seconds_drive_every_endpoint_and_write_the_reco
         assert row["achieved_per_s"] == row["scheduled_per_s"], name
     # 20 tabs polling every 2 s for 5 s; a stream being replaced polls a little less.
     assert 30 <= endpoints["meter"]["count"] <= 60
-    # 30 signed-in users refreshing every 3 s.
-    assert 35 <= endpoints["refresh"]["count"] <= 65
+    # 30 signed-in users refreshing every 3 s: one or two each in any 5 s.
+    assert 30 <= endpoints["refresh"]["count"] <= 60
     assert endpoints["claim"]["count"] <= endpoints["ticket"]["count"]
     assert saved["config"]["users"] == 30
     assert saved["setup"]["complete"] is True
