@@ -182,7 +182,8 @@ class AppUnderTest:
         env = {
             k: v for k, v in os.environ.items() if k not in (*LIVE_KEYS, *LIVE_ALSO_REQUIRED, "INFERENCE_URL")
         }
-        env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **env_overrides)
+        env.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+        env.update(env_overrides)
         for key in ("STYLECAST_MODE", "STYLECAST_HOST", "STYLECAST_PORT", "STYLECAST_STATE_DIR", "APP_URL"):
             env.pop(key, None)
         with log_path.open("wb") as log_file:
