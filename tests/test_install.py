@@ -194,6 +194,22 @@ def fresh_checkout(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     return FreshCheckout(root / "project", env)
 
 
+def _first_command(port: int, state_dir: Path) -> list[str]:
+    """The README's first command, on a port and state folder of the test's."""
+    return [
+        UV or "uv",
+        "run",
+        "--locked",
+        "python",
+        "-m",
+        "app",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(state_dir),
+    ]
+
+
 def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
@@ -207,18 +223,7 @@ def test_first_command_serves_the_product_from_an_empty_cache(
     started = time.monotonic()
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [
-                UV or "uv",
-                "run",
-                "--locked",
-                "python",
-                "-m",
-                "app",
-                "--port",
-                str(port),
-                "--state-dir",
-                str(project.parent / "state"),
-            ],
+            _first_command(port, project.parent / "state"),
             cwd=project,
             env=env,
             stdout=log_file,
@@ -249,18 +254,7 @@ def test_first_command_serves_the_product_from_an_empty_cache(
 def test_flux2_without_the_model_stack_names_the_install_command(fresh_checkout: FreshCheckout) -> None:
     project, env = fresh_checkout.root, fresh_checkout.env
     done = subprocess.run(
-        [
-            UV or "uv",
-            "run",
-            "--locked",
-            "python",
-            "-m",
-            "app",
-            "--port",
-            str(free_port()),
-            "--state-dir",
-            str(project.parent / "state-flux2"),
-        ],
+        _first_command(free_port(), project.parent / "state-flux2"),
         cwd=project,
         env={**env, "INFERENCE_ENGINE": "flux2"},
         capture_output=True,
