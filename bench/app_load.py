@@ -22,16 +22,20 @@ The tool starts `python -m app` in sandbox mode on a free loopback port with a f
 (one stream per user: a live stream reserves everything its account has left, billing/ledger.py, so a
 second stream of the same user would be refused; `--spare-users` more take over the streams that end,
 so a restart never waits on its own user's write spacing), gets each stream a ticket and claims it as
-the worker does, then fires every request at its due time from one schedule (open loop): a late answer
-never delays the next request, and latency is measured from the time a request was due, so a stalled
-app or generator shows in the figures instead of thinning the load (coordinated omission). This process
-is the load generator; the app is a separate process, and both processes' CPU is read from /proc.
+the worker does (the initial streams spread over `--ramp-seconds`), then fires every request at its due
+time from one schedule (open loop): a late answer never delays the next request, and latency is measured
+from the time a request was due, so a stalled app or generator shows in the figures instead of thinning
+the load (coordinated omission). A meter answered 200 without the minutes (Clerk failed) counts as an
+error. This process is the load generator, with a small HTTP/1.1 client of its own (below); the app is a
+separate process, and both processes' CPU and the machine's are read from /proc.
 
 The Clerk emulator runs inside the app and exposes no counters over HTTP; the SDK reaches it over HTTP on
 the app's own port, so with the app's default LOG_LEVEL (INFO) its Backend API requests are counted from
 uvicorn's access log. At `--log-level WARNING` they cannot be seen and the record says so.
 
-It prints a table and writes `bench/results/<UTC time>-app-load-<N>-streams.json`.
+It prints a table and writes `bench/results/<UTC time>-app-load-<N>-streams.json`. `--py-spy FILE`
+samples the app during the measured window (run under `uv run --with py-spy ...`); `--workdir DIR` keeps
+the app's state and log.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ WORKER_ID: Final = "bench-app-load"
 # A refused start is tried again this much later (a person pressing Start again), not at once: retrying
 # at once would turn an overloaded app's refusals into a storm of tickets.
 RETRY_START_SECONDS: Final = 5.0
-# The budget the brief sets for every steady-state request of the stream load.
+# The p99 budget for the stream load (issue 14, item 6): reports, meter polls and tickets.
 TARGET_P99_MS: Final = 100.0
 
 # Endpoints in the order the table shows them; the last column of each row is what it stands for.
