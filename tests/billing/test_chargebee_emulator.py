@@ -238,8 +238,9 @@ def test_failed_deliveries_are_retried_with_growing_delays(site: Site, catalogue
         attempts = [at for at, _, body in site.receiver.deliveries if body["id"] == first_id]
     assert len(attempts) == 4  # three refusals, then accepted
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
-    assert gaps[0] >= 0.04
-    assert gaps[-1] > gaps[0]  # backoff grows
+    # Each retry waits at least its doubling delay (0.05, 0.1, 0.2 s); a loaded machine only adds to them,
+    # so comparing two noisy gaps with each other would prove nothing.
+    assert [gap >= 0.05 * 2**index - 0.005 for index, gap in enumerate(gaps)] == [True, True, True], gaps
 
 
 def test_api_errors_carry_chargebee_error_codes(site: Site, catalogue: PlanCatalogue) -> None:
