@@ -1,7 +1,7 @@
 """Usage: the worker's usage reports and stream claims, and the usage meter the studio polls.
 
 `POST /api/usage/report` is machine-to-machine. It is authenticated by the worker's HMAC signature over
-the body (STREAM_SECRET, `inference.usage.verify_usage_report`) and by nothing else: it is not behind the
+the body (STREAM_SECRET, `inference.signing.verify_signed`) and by nothing else: it is not behind the
 user guard, a session cookie gives no right to it, and it is exempt from CSRF (app/security.py) because
 no browser ever calls it. Answers the worker's reporter understands:
 
@@ -43,9 +43,8 @@ from billing.ledger import LedgerRefused
 from billing.metadata import MetadataError
 from billing.metering import Metering
 from billing.plans import PlanCatalogue
-from inference.protocol import StreamClaim
+from inference.protocol import StreamClaim, UsageReport
 from inference.signing import MAX_SIGNED_BODY_BYTES, Purpose, SignedRequestError, verify_signed
-from inference.usage import UsageReportError, verify_usage_report
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,20 @@ def provide_metering(state: State) -> Metering:
 
 def _error(status_code: int, error: str, message: str, **headers: str) -> Response[dict[str, str]]:
     return Response({"error": error, "message": message}, status_code=status_code, headers=headers)
+
+
+async def _signed(
+    request: Request[Any, Any, Any], settings: Settings, purpose: Purpose, kind: type[_T]
+) -> _T | Response[Any]:
+    """The worker's signed message, or the 401 for a request no worker signed (never retried)."""
+    try:
+        return verify_signed(settings.stream_secret, purpose, request.headers, await request.body(), kind)
+    except SignedRequestError as exc:
+        client = request.client.host if request.client else "?"
+        log.warning("%s refused from %s: %s", purpose.label, client, exc)
+        return _error(
+            HTTP_401_UNAUTHORIZED, "unauthenticated", f"The {purpose.label} is not signed by a worker."
+        )
 
 
 async def _stored(what: str, stream_id: str, user_id: str, change: Awaitable[_T]) -> _T | Response[Any]:
@@ -113,14 +126,9 @@ class UsageController(Controller):
         settings: NamedDependency[Settings],
         metering: NamedDependency[Metering],
     ) -> Response[dict[str, Any]]:
-        body = await request.body()
-        try:
-            report = verify_usage_report(settings.stream_secret, request.headers, body)
-        except UsageReportError as exc:
-            log.warning(
-                "usage report refused from %s: %s", request.client.host if request.client else "?", exc
-            )
-            return _error(HTTP_401_UNAUTHORIZED, "unauthenticated", "The report is not signed by a worker.")
+        report = await _signed(request, settings, Purpose.USAGE, UsageReport)
+        if isinstance(report, Response):
+            return report
         applied = await _stored("usage report", report.stream_id, report.user_id, metering.record(report))
         if isinstance(applied, Response):
             return applied
@@ -147,14 +155,9 @@ class UsageController(Controller):
         settings: NamedDependency[Settings],
         metering: NamedDependency[Metering],
     ) -> Response[dict[str, str]]:
-        body = await request.body()
-        try:
-            claim = verify_signed(settings.stream_secret, Purpose.CLAIM, request.headers, body, StreamClaim)
-        except SignedRequestError as exc:
-            log.warning(
-                "stream claim refused from %s: %s", request.client.host if request.client else "?", exc
-            )
-            return _error(HTTP_401_UNAUTHORIZED, "unauthenticated", "The claim is not signed by a worker.")
+        claim = await _signed(request, settings, Purpose.CLAIM, StreamClaim)
+        if isinstance(claim, Response):
+            return claim
         granted = await _stored("stream claim", claim.stream_id, claim.user_id, metering.claim(claim))
         if isinstance(granted, Response):
             return granted

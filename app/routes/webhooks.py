@@ -44,7 +44,7 @@ from app.routes.billing import BillingServices, provide_billing
 from billing.accounts import Account, AccountStoreError, ClerkUnavailable, UnknownUser
 from billing.ids import is_clerk_user_id
 from billing.metadata import BillingMetadata, MetadataError
-from billing.webhooks import MalformedEvent, Outcome, apply_event, parse_event, refusal
+from billing.webhooks import ChargebeeEvent, MalformedEvent, Outcome, apply_event, parse_event, refusal
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,17 @@ WEBHOOK_PATH = "/api/webhooks/chargebee"
 # ChargeBee's largest events (a subscription with its customer, card, invoice and line items) are tens of
 # KB; 1 MiB keeps a wide margin while a flood of huge posts is refused (413) before it is read.
 WEBHOOK_MAX_BODY_BYTES = 1024 * 1024
+
+
+def _not_our_customer(event: ChargebeeEvent, user_id: str) -> Response[dict[str, str]]:
+    """A customer this app did not create (ours are Clerk user ids): acknowledged, changing nothing."""
+    log.warning(
+        "ChargeBee event %s (%s) is for customer %s, which is not a Stylecast user; ignored",
+        event.id,
+        event.event_type,
+        user_id,
+    )
+    return _answer(HTTP_200_OK, "ignored", "customer is not a user of this app")
 
 
 def _answer(
@@ -122,13 +133,7 @@ class ChargebeeWebhookController(Controller):
             return _answer(HTTP_200_OK, "ignored", f"{event.event_type} carries no subscription")
         if not is_clerk_user_id(user_id):
             # A ChargeBee customer, but not one this app created (ours are Clerk user ids).
-            log.warning(
-                "ChargeBee event %s (%s) is for customer %s, which is not a Stylecast user; ignored",
-                event.id,
-                event.event_type,
-                user_id,
-            )
-            return _answer(HTTP_200_OK, "ignored", "customer is not a user of this app")
+            return _not_our_customer(event, user_id)
 
         outcome: Outcome | None = None
 
@@ -140,13 +145,7 @@ class ChargebeeWebhookController(Controller):
         try:
             await billing.accounts.update(user_id, change)
         except UnknownUser:
-            log.warning(
-                "ChargeBee event %s (%s) is for customer %s, which is not a Stylecast user; ignored",
-                event.id,
-                event.event_type,
-                user_id,
-            )
-            return _answer(HTTP_200_OK, "ignored", "customer is not a user of this app")
+            return _not_our_customer(event, user_id)
         except ClerkUnavailable as error:
             log.warning(
                 "ChargeBee event %s (%s) not applied, Clerk unavailable: %s",
