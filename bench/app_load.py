@@ -72,7 +72,7 @@ from app.settings import LIVE_ALSO_REQUIRED, LIVE_KEYS
 from inference.protocol import StreamClaim, UsageReport
 from inference.signing import Purpose, encode_signed
 from inference.tickets import verify_ticket
-from inference.usage import encode_usage_report
+from inference.usage_reporter import encode_usage_report
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 FRONTEND: Final = "/sandbox/clerk/v1/client"

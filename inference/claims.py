@@ -19,7 +19,7 @@ import httpx
 from inference.protocol import StreamClaim
 from inference.signing import Purpose, encode_signed
 from inference.tickets import LEEWAY_SECONDS, Ticket
-from inference.usage import RETRY_STATUSES
+from inference.usage_reporter import RETRY_STATUSES
 
 log = logging.getLogger(__name__)
 

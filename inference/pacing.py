@@ -1,5 +1,5 @@
 """When a client should send its next frame: one per service interval, timed to reach the worker just
-before the engine takes it (docs/protocol.md, "Pacing"). `inference.loadgen` uses this class; the studio's
+before the engine takes it (docs/protocol.md, "Pacing"). `bench.loadgen` uses this class; the studio's
 `Pacer` in app/static/studio.js is the same algorithm in JavaScript, so keep the two in step.
 
 Sent at camera rate instead, a frame waits in the worker's slot for whatever is left of the render before

@@ -19,9 +19,9 @@ from litestar import Litestar, Response, Router, get, websocket
 from litestar.connection import WebSocket
 from litestar.datastructures import State
 
+from inference.billable_time import Clock
 from inference.config import WorkerConfig
 from inference.engines.base import Engine
-from inference.metering import Clock
 from inference.metrics import METRICS_CONTENT_TYPE
 from inference.protocol import FRAME_HEADER_BYTES, MAX_FRAME_JPEG_BYTES, MAX_TEXT_MESSAGE_BYTES
 from inference.worker import Worker, WorkerStatus

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Final
 from litestar.connection import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
+from inference.billable_time import BillingMeter
 from inference.claims import ClaimOutcome
 from inference.engines import is_preview
 from inference.engines.base import MODE_ID_PATTERN, Engine, FrameJob, mode_ids
 from inference.imaging import ImageTooLarge, InvalidJpeg, inspect_jpeg
-from inference.metering import BillingMeter
 from inference.protocol import (
     MAX_FRAME_JPEG_BYTES,
     Ack,
@@ -53,7 +53,7 @@ from inference.scheduler import RenderResult
 from inference.tickets import Ticket, TicketError, verify_ticket
 
 if TYPE_CHECKING:
-    from inference.usage import StreamUsage
+    from inference.usage_reporter import ReportedStream
     from inference.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class StreamSession:
         self._result: RenderResult | None = None
         self._wakeup = asyncio.Event()
         self._finished = False
-        self._usage: StreamUsage | None = None
+        self._usage: ReportedStream | None = None
         # Monotonic time of the last valid frame (or of the start): the idle timeout counts from it.
         self._last_frame_at = time.monotonic()
         self.ended = asyncio.Event()

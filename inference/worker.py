@@ -15,17 +15,17 @@ import httpx
 from litestar.connection import WebSocket
 
 from inference.admission import Admission
+from inference.billable_time import Clock
 from inference.claims import ClaimOutcome, LocalClaims, StreamClaimer
 from inference.config import WorkerConfig
 from inference.engines import create_engine
 from inference.engines.base import Engine
-from inference.metering import Clock
 from inference.metrics import WorkerMetrics
 from inference.protocol import CloseCode
 from inference.scheduler import Scheduler, SchedulerHooks
 from inference.session import StreamSession, serve_connection
 from inference.tickets import Ticket
-from inference.usage import UsageReporter
+from inference.usage_reporter import UsageReporter
 
 log = logging.getLogger(__name__)
 

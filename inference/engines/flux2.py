@@ -28,7 +28,7 @@ Render modes (``RenderMode``; each session picks one per frame, ``FrameJob.mode`
 * ``"turbo"`` (approximate): ``fast`` with the reference frame encoded at 256x256 (256 tokens instead of
   1024); the output stays 512x512.
 
-A mode is a ``ModeRecipe`` (which approximations it applies); ``python -m inference.bench`` also builds
+A mode is a ``ModeRecipe`` (which approximations it applies); ``python -m bench.gpu`` also builds
 single-lever recipes to measure each approximation on its own and reports every mode's deviation from the
 exact pipeline.
 

@@ -24,7 +24,7 @@ from app.security import MAX_REQUEST_BODY_BYTES
 from app.settings import load_settings
 from inference.protocol import UsageReport
 from inference.signing import MAX_SIGNED_BODY_BYTES
-from inference.usage import encode_usage_report
+from inference.usage_reporter import encode_usage_report
 from tests.conftest import ROOT, AppProcess, clean_environment, stop_process, wait_until_healthy
 from tests.live_server import free_port
 

@@ -12,7 +12,7 @@ import httpx
 
 from app.settings import SANDBOX_CHARGEBEE_PREFIX
 from inference.protocol import UsageReport
-from inference.usage import encode_usage_report
+from inference.usage_reporter import encode_usage_report
 from tests.billing.conftest import RunningApp, csrf
 
 

@@ -15,7 +15,7 @@ from tests.inference.helpers import (
     webcam_jpeg,
     worker_config,
 )
-from tests.inference.test_usage_reports import Receiver, usage_receiver
+from tests.inference.test_usage_reporter import Receiver, usage_receiver
 
 
 def _refused(client: StreamClient, ticket: str) -> int | None:

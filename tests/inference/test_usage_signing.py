@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from inference.protocol import UsageReport
-from inference.usage import (
+from inference.usage_reporter import (
     SIGNATURE_HEADER,
     UsageReportError,
     encode_usage_report,

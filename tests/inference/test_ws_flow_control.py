@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from inference.loadgen import run_load
+from bench.loadgen import run_load
 from inference.protocol import Ack
 from tests.inference.helpers import (
     SECRET,

@@ -21,7 +21,7 @@ from app.settings import SANDBOX_CLERK_PREFIX, Settings, load_settings
 from billing.metadata import BillingMetadata, decode_metadata, encode_metadata
 from billing.metering import Metering
 from inference.protocol import UsageReport
-from inference.usage import encode_usage_report
+from inference.usage_reporter import encode_usage_report
 from tests.live_server import free_port, serve
 
 CSRF_COOKIE = "stylecast_csrf"

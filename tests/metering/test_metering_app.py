@@ -20,7 +20,7 @@ from billing.metering import Metering
 from billing.plans import PRO_SECONDS_PER_PERIOD, PlanId
 from inference.protocol import UsageReport
 from inference.tickets import verify_ticket
-from inference.usage import SIGNATURE_HEADER, encode_usage_report
+from inference.usage_reporter import SIGNATURE_HEADER, encode_usage_report
 from tests.inference.helpers import StreamClient, webcam_jpeg
 from tests.metering.stack import Browser, Stack, running_stack, stack_behind_flaky_clerk, usage
 

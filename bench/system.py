@@ -1,13 +1,13 @@
-"""System-level measurements for ``python -m inference.bench``: what users see beyond one engine call.
+"""System-level measurements for ``python -m bench.gpu``: what users see beyond one engine call.
 
 * ``measure_sessions``: N simulated clients (one prompt each) feeding a real ``Scheduler`` around the
   already-loaded engine; per-session and aggregate delivered FPS, fairness, submit-to-deliver latency.
 * ``measure_websocket``: the real worker app (``create_inference_app``) served by uvicorn on loopback in
-  this process, driven by ``inference.loadgen.run_load`` (JPEG frames at up to 30 fps with the studio's
+  this process, driven by ``bench.loadgen.run_load`` (JPEG frames at up to 30 fps with the studio's
   flow control and pacing); delivered FPS, send-to-receive latency and each frame's wait next to the
   engine's own time per frame, and optionally the levers (camera rate, per-message deflate).
 * ``measure_cold_start``: the pipeline written with ``save_pretrained`` to local disk, then a fresh child
-  process (``python -m inference.bench_system cold-start-child``) from process start through
+  process (``python -m bench.system cold-start-child``) from process start through
   ``from_pretrained``, the move to the device, ``warm_up()`` and the first frame, once with an empty and
   once with a warm torch.compile cache.
 
@@ -173,7 +173,7 @@ async def _run_sessions(
     jpegs: Sequence[bytes],
     ready_timeout: float,
 ) -> dict[str, Any]:
-    from inference.loadgen import PROMPTS
+    from bench.loadgen import PROMPTS
     from inference.scheduler import Scheduler, SchedulerHooks
 
     prompts = [PROMPTS[index % len(PROMPTS)] for index in range(sessions)]
@@ -450,7 +450,7 @@ def measure_websocket(
 ) -> dict[str, Any]:
     """The worker's real ``/ws`` path on loopback: ``create_inference_app`` with ``engine`` (already loaded
     and warm) in a uvicorn thread of this process, a random STREAM_SECRET, no usage reporting; then
-    ``inference.loadgen.run_load`` for each count in ``sessions``, ``seconds`` each, pacing frames as the
+    ``bench.loadgen.run_load`` for each count in ``sessions``, ``seconds`` each, pacing frames as the
     worker's ``ready`` asks (as the studio does). With ``levers``, one session also runs at camera rate
     and against a server with per-message deflate on (``variant`` "camera-rate", "deflate"; the others
     are "shipped").
@@ -544,7 +544,7 @@ def _measure_websocket(
     ready_timeout: float,
     levers: bool,
 ) -> dict[str, Any]:
-    from inference import loadgen
+    from bench import loadgen
     from inference.config import ENGINE_NAMES, WorkerConfig
     from inference.server import create_inference_app
     from inference.worker import WorkerStatus
@@ -700,7 +700,7 @@ def _spawn_cold_start_child(
         [
             sys.executable,
             "-m",
-            "inference.bench_system",
+            "bench.system",
             "cold-start-child",
             "--model",
             str(checkpoint),
@@ -888,9 +888,9 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
     import torch
     from diffusers import Flux2KleinPipeline
 
+    from bench.loadgen import PROMPTS
     from inference.engines.base import FrameJob, deferred_warm_ups
     from inference.engines.flux2 import Flux2Engine
-    from inference.loadgen import PROMPTS
 
     marks["imports"] = _since_spawn(spawned)
     engine = Flux2Engine(model=model, local_files_only=True, **options)
@@ -964,9 +964,7 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m inference.bench_system", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.system", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     child = commands.add_parser("cold-start-child", help="one cold start (spawned by measure_cold_start)")
     child.add_argument("--model", required=True, help="local diffusers checkpoint directory")

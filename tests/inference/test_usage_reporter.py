@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from inference.protocol import CloseCode, Ready, StreamClaim, Usage, UsageReport
 from inference.signing import Purpose, SignedRequestError, verify_signed
-from inference.usage import UsageReportError, verify_usage_report
+from inference.usage_reporter import UsageReportError, verify_usage_report
 from tests.inference.helpers import (
     SECRET,
     FakeClock,

@@ -1,6 +1,6 @@
 """Drive a worker's `/ws` the way the studio does, and measure what a user would see.
 
-    STREAM_SECRET=... python -m inference.loadgen --url ws://127.0.0.1:8001/ws --sessions 1 2 4 --seconds 15
+    STREAM_SECRET=... python -m bench.loadgen --url ws://127.0.0.1:8001/ws --sessions 1 2 4 --seconds 15
 
 Each session signs its own ticket with STREAM_SECRET, says `hello`, sets a prompt of its own (and `--mode`,
 if given) and sends webcam-sized JPEG frames with the studio's flow control: at most two frames
@@ -12,7 +12,7 @@ It reports, per session and in total, delivered frames per second, send-to-recei
 how long the rendered frames waited for the engine, the engine's render time, acks and errors, and writes
 the result as JSON when `--out` is given.
 
-    STREAM_SECRET=... python -m inference.loadgen --arrivals 3 --every 8 --mode turbo
+    STREAM_SECRET=... python -m bench.loadgen --arrivals 3 --every 8 --mode turbo
 
 lets sessions arrive one by one instead, to show admission at work (MIN_SESSION_FPS): which are admitted,
 which are refused with 4503, and what each admitted one gets while the next arrives.
@@ -351,7 +351,7 @@ async def run_arrivals(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inference.loadgen", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="ws://127.0.0.1:8001/ws")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1])
     parser.add_argument("--seconds", type=float, default=15.0)

@@ -1,6 +1,6 @@
 """Frames per second of the preview engine, per style, on the calling thread:
 
-    uv run python -m inference.engines.preview_bench [photo.jpg] [--frames 40]
+    uv run python -m bench.preview [photo.jpg] [--frames 40]
 
 Pin it to one core (`taskset -c 0`) to check the one-core budget. Reports wall time and the thread's CPU
 time (the latter is what matters on a machine shared with other work).

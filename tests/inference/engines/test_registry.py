@@ -12,7 +12,7 @@ from inference.config import WorkerConfig
 from inference.engines import flux2_options
 from tests.inference.helpers import SECRET
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_the_preview_worker_does_not_import_torch() -> None:

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from inference import bench
+from bench import gpu
 
 
 def test_bench_runs_every_case_and_writes_its_record(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--tiny", "--device", "cpu", "--steps", "2", "--batch", "2", "--iters", "1", "--warmup", "0"]
     sections = ["--sections", "baseline", "modes", "--modes", "exact", "turbo"]
-    record = bench.main([*args, *sections, "--out", str(tmp_path)])
+    record = gpu.main([*args, *sections, "--out", str(tmp_path)])
 
     (path,) = tmp_path.glob("*-tiny-cpu.json")
     assert record["path"] == str(path)

@@ -1,8 +1,8 @@
 """The flux2 engine's speed, next to the seed product's way of calling Flux2KleinPipeline, in one process.
 
-    python -m inference.bench                       # klein-4B architecture, random weights, on CUDA
-    python -m inference.bench --sections cold-start # only the cold start (a child process per run)
-    python -m inference.bench --tiny --device cpu   # the tiny configuration, for a smoke run
+    python -m bench.gpu                         # klein-4B architecture, random weights, on CUDA
+    python -m bench.gpu --sections cold-start   # only the cold start (a child process per run)
+    python -m bench.gpu --tiny --device cpu     # the tiny configuration, for a smoke run
 
 Sections (``--sections``, all by default), on one set of weights:
 
@@ -52,10 +52,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.loadgen import PROMPTS
 from inference.engines.base import OUTPUT_SIZE, FrameJob
 from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Engine, ModeRecipe
 from inference.engines.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
-from inference.loadgen import PROMPTS
 
 # Modes measured one approximation at a time (--levers), next to the production modes they make up.
 LEVER_MODES: dict[str, ModeRecipe] = {
@@ -390,7 +390,7 @@ class Bench:
     # ---- sections: sessions, websocket, cold start
 
     def measure_system(self, section: str) -> None:
-        from inference import bench_system
+        from bench import system as system_bench
 
         print(f"section {section}", flush=True)
         args = self.args
@@ -408,7 +408,7 @@ class Bench:
             if args.device:
                 options["device"] = args.device
             workdir = Path(args.cold_start_dir)
-            self.system["cold_start"] = bench_system.measure_cold_start(
+            self.system["cold_start"] = system_bench.measure_cold_start(
                 self.pipe, workdir=workdir, engine_options=options
             )
             return
@@ -419,11 +419,11 @@ class Bench:
             for max_batch in sorted(set(args.system_max_batch)):
                 engine.max_batch = max_batch  # the scheduler reads it per batch
                 if section == "sessions":
-                    result = bench_system.measure_sessions(
+                    result = system_bench.measure_sessions(
                         engine, sessions=tuple(args.sessions), seconds=args.seconds, mode=mode, steps=steps
                     )
                 else:
-                    result = bench_system.measure_websocket(
+                    result = system_bench.measure_websocket(
                         engine,
                         sessions=tuple(args.sessions),
                         seconds=args.seconds,
@@ -537,7 +537,7 @@ def format_summary(rows: Sequence[Row], system: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m inference.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--model", default=None, help=f"checkpoint to load (default: random weights; {DEFAULT_MODEL})"
     )

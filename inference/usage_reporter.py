@@ -62,7 +62,7 @@ def verify_usage_report(
 
 __all__ = [
     "SIGNATURE_HEADER",
-    "StreamUsage",
+    "ReportedStream",
     "UsageReportError",
     "UsageReporter",
     "encode_usage_report",
@@ -71,8 +71,9 @@ __all__ = [
 ]
 
 
-class StreamUsage:
-    """Reporting state of one stream; `finish()` when the stream ends to send its final report."""
+class ReportedStream:
+    """One stream whose usage the reporter posts; `finish()` when the stream ends to send its final
+    report."""
 
     def __init__(self, ticket: Ticket, seconds: Callable[[], int]) -> None:
         self.ticket = ticket
@@ -111,10 +112,10 @@ class UsageReporter:
         self.final_attempts = final_attempts
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(5.0))
         self._owns_client = client is None
-        self._streams: set[StreamUsage] = set()
+        self._streams: set[ReportedStream] = set()
 
-    def open(self, ticket: Ticket, seconds: Callable[[], int]) -> StreamUsage:
-        stream = StreamUsage(ticket, seconds)
+    def open(self, ticket: Ticket, seconds: Callable[[], int]) -> ReportedStream:
+        stream = ReportedStream(ticket, seconds)
         stream.task = asyncio.create_task(self._run(stream), name=f"usage-{ticket.stream_id}")
         self._streams.add(stream)
         stream.task.add_done_callback(lambda _: self._streams.discard(stream))
@@ -141,7 +142,7 @@ class UsageReporter:
         if self._owns_client:
             await self._client.aclose()
 
-    async def _run(self, stream: StreamUsage) -> None:
+    async def _run(self, stream: ReportedStream) -> None:
         loop = asyncio.get_running_loop()
         next_due = loop.time() + self.interval
         last_sent = loop.time()
@@ -156,7 +157,7 @@ class UsageReporter:
                 last_sent = loop.time()
         await self._deliver(stream, final=True)
 
-    async def _deliver(self, stream: StreamUsage, *, final: bool) -> None:
+    async def _deliver(self, stream: ReportedStream, *, final: bool) -> None:
         attempt = 0
         while True:
             # Rebuilt per attempt: a retry carries the latest cumulative total, never a stale one.

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inference.metering import BillingMeter
+from inference.billable_time import BillingMeter
 
 T0 = 1_800_000_000.0
 

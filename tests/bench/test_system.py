@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from inference import bench_system
+from bench import system
 from inference.engines.flux2 import Flux2Engine
 
 
@@ -19,7 +19,7 @@ def engine() -> Flux2Engine:
 
 
 def test_sessions_through_the_scheduler(engine: Flux2Engine) -> None:
-    result = bench_system.measure_sessions(engine, sessions=(1, 2), seconds=1.5, settle_seconds=0.3)
+    result = system.measure_sessions(engine, sessions=(1, 2), seconds=1.5, settle_seconds=0.3)
 
     json.dumps(result)
     assert result["error"] is None
@@ -47,9 +47,7 @@ def test_sessions_through_the_scheduler(engine: Flux2Engine) -> None:
 def test_websocket_on_loopback_with_its_levers(engine: Flux2Engine) -> None:
     engine.max_batch = 1  # as the bench's default --system-max-batch: the worker asks clients to pace
     try:
-        result = bench_system.measure_websocket(
-            engine, sessions=(1,), seconds=2.0, engine_iters=2, levers=True
-        )
+        result = system.measure_websocket(engine, sessions=(1,), seconds=2.0, engine_iters=2, levers=True)
     finally:
         engine.max_batch = 2
 
@@ -81,7 +79,7 @@ def test_websocket_on_loopback_with_its_levers(engine: Flux2Engine) -> None:
 
 def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
     released = []
-    result = bench_system.measure_cold_start(
+    result = system.measure_cold_start(
         engine,
         workdir=tmp_path,
         engine_options={"compile": False, "device": "cpu", "max_batch": 1},
@@ -103,7 +101,7 @@ def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
     assert run["cache_files_before"] == 0
     assert run["first_frame_bytes"] > 0
     assert run["device"] == "cpu"
-    marks = [run["marks"][stage] for stage in bench_system.COLD_START_STAGES]
+    marks = [run["marks"][stage] for stage in system.COLD_START_STAGES]
     assert all(mark is not None for mark in marks)
     assert marks == sorted(marks)
     assert marks[0] >= 0
@@ -116,5 +114,5 @@ def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
 
 def test_cold_start_refuses_options_that_would_not_load_the_checkpoint(engine: Flux2Engine, tmp_path) -> None:
     with pytest.raises(ValueError, match="tiny"):
-        bench_system.measure_cold_start(engine, workdir=tmp_path, engine_options={"tiny": True})
+        system.measure_cold_start(engine, workdir=tmp_path, engine_options={"tiny": True})
     assert not (tmp_path / "checkpoint").exists()

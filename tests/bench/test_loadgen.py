@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.loadgen import main, run_arrivals, run_load
+from bench.loadgen import main, run_arrivals, run_load
 from tests.inference.helpers import SECRET, running_worker, worker_config
 
 
