@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 import jwt
@@ -119,6 +121,40 @@ def client_uat(connection: ASGIConnection) -> int:
         return 0
 
 
+class VerifiedTokens:
+    """Session tokens this process has verified, with their claims, until each one's `exp`.
+
+    A studio tab presents the same token on every poll for the token's minute of life; checking its RS256
+    signature and claims once instead of on each request is most of what a poll costs. The memo holds
+    only what the token itself proves (a pure function of the token and the key), so it is right in every
+    process; revocation and everything else about the session is still checked on each request."""
+
+    def __init__(self, capacity: int = 20_000, clock: Callable[[], float] = time.time) -> None:
+        self._capacity = capacity
+        self._clock = clock
+        self._claims: dict[str, dict[str, Any]] = {}
+
+    def get(self, token: str) -> dict[str, Any] | None:
+        claims = self._claims.get(token)
+        if claims is None:
+            return None
+        if self._clock() >= claims["exp"]:
+            del self._claims[token]
+            return None  # verified afresh, which says why it no longer counts
+        return claims
+
+    def add(self, token: str, claims: dict[str, Any]) -> None:
+        if len(self._claims) >= self._capacity:
+            now = self._clock()
+            self._claims = {key: value for key, value in self._claims.items() if value["exp"] > now}
+            while len(self._claims) >= self._capacity:
+                del self._claims[next(iter(self._claims))]  # the oldest
+        self._claims[token] = claims
+
+    def __len__(self) -> int:
+        return len(self._claims)
+
+
 class SessionMiddleware(ASGIMiddleware):
     """Attaches the verified user (or None) to every HTTP request as `request.user`, and answers a page
     request whose token needs refreshing with the refresh page.
@@ -144,6 +180,7 @@ class SessionMiddleware(ASGIMiddleware):
         self.revocations = (
             SessionStore(settings.state_dir / clerk_sessions.STORE_FILE) if settings.is_sandbox else None
         )
+        self.verified = VerifiedTokens()
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         connection: ASGIConnection = ASGIConnection(scope)
@@ -160,23 +197,19 @@ class SessionMiddleware(ASGIMiddleware):
         token = connection.cookies.get(SESSION_COOKIE)
         if not token:
             return _Verdict(None, "missing")
-        state = await authenticate_request_async(_SessionCookie(token), self.options)
-        if state.status is not AuthStatus.SIGNED_IN or not state.payload:
-            log.debug("session rejected: %s", state.reason)
-            expired = state.reason is TokenVerificationErrorReason.TOKEN_EXPIRED
-            return _Verdict(None, "expired" if expired else "invalid")
-        claims = state.payload
-        subject, session_id = claims.get("sub"), claims.get("sid")
-        if (
-            not isinstance(claims.get("exp"), int)
-            or claims.get("iss") != self.issuer
-            or not isinstance(subject, str)
-            or not subject
-            or not isinstance(session_id, str)
-            or not session_id
-        ):
-            log.debug("session rejected: not a session token of this Clerk instance")
-            return _Verdict(None, "invalid")
+        claims = self.verified.get(token)
+        if claims is None:
+            state = await authenticate_request_async(_SessionCookie(token), self.options)
+            if state.status is not AuthStatus.SIGNED_IN or not state.payload:
+                log.debug("session rejected: %s", state.reason)
+                expired = state.reason is TokenVerificationErrorReason.TOKEN_EXPIRED
+                return _Verdict(None, "expired" if expired else "invalid")
+            claims = state.payload
+            if not self._of_this_instance(claims):
+                log.debug("session rejected: not a session token of this Clerk instance")
+                return _Verdict(None, "invalid")
+            self.verified.add(token, claims)
+        subject, session_id = str(claims["sub"]), str(claims["sid"])
         if self.revocations is not None:
             if not self.revocations.is_current():
                 await asyncio.to_thread(self.revocations.state)
@@ -187,6 +220,17 @@ class SessionMiddleware(ASGIMiddleware):
             SignedInUser(user_id=subject, session_id=session_id),
             "signed-in",
             issued_at if isinstance(issued_at, int) else 0,
+        )
+
+    def _of_this_instance(self, claims: dict[str, Any]) -> bool:
+        subject, session_id = claims.get("sub"), claims.get("sid")
+        return (
+            isinstance(claims.get("exp"), int)
+            and claims.get("iss") == self.issuer
+            and isinstance(subject, str)
+            and bool(subject)
+            and isinstance(session_id, str)
+            and bool(session_id)
         )
 
     def _wants_refresh(self, connection: ASGIConnection, verdict: _Verdict) -> bool:
@@ -367,6 +411,7 @@ __all__ = [
     "SessionMiddleware",
     "SignInRequired",
     "SignedInUser",
+    "VerifiedTokens",
     "authentic_session_id",
     "expected_issuer",
     "mint_sandbox_session_token",

@@ -7,7 +7,7 @@ What one live stream asks of the app (app/routes/usage.py, app/routes/stream.py,
 * the worker's signed usage report, `POST /api/usage/report`, every 5 s (USAGE_REPORT_INTERVAL_SECONDS),
   answered at once from the app's pending state while the stream runs;
 * the studio tab's meter poll, `GET /partials/usage-meter` with HX-Request and the session cookie, every
-  2 s (app/templates/studio.html, `hx-trigger="every 2s"`);
+  5 s (app/templates/studio.html, `hx-trigger="every 5s"`);
 * per stream start a ticket (`POST /api/stream/ticket`, CSRF header) and the worker's signed claim
   (`POST /api/stream/claim`), and per stream end a final report, written to Clerk before it is answered.
   Streams last an exponentially distributed time (mean `--mean-stream-seconds`, 300 s), so N streams
@@ -1151,7 +1151,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--mean-stream-seconds", type=float, default=300.0, help="mean stream length")
     parser.add_argument("--report-seconds", type=float, default=5.0, help="usage report interval")
-    parser.add_argument("--poll-seconds", type=float, default=2.0, help="meter poll interval")
+    parser.add_argument("--poll-seconds", type=float, default=5.0, help="meter poll interval")
     parser.add_argument("--refresh-seconds", type=float, default=50.0, help="session token refresh interval")
     parser.add_argument("--connections", type=int, default=256, help="the generator's connection pool")
     parser.add_argument("--setup-concurrency", type=int, default=16, help="sign-ins at once")

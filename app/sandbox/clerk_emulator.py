@@ -394,8 +394,15 @@ class ClerkEmulator:
         self._clock = clock
         self._wall_clock = wall_clock
         self.sessions = SessionStore(self._store_path.with_name(sessions.STORE_FILE), clock=wall_clock)
+        # Changes are decided one at a time under `_lock` against `_accepted`; `_users` is what is on disk
+        # and what is served. A write is answered once the file holding it is on disk (group commit: the
+        # changes accepted while one file write runs share the next), so an answered change survives a
+        # restart and the cost of a write does not grow with the number of writers.
         self._lock = asyncio.Lock()
         self._users: dict[str, dict[str, Any]] = self._load()
+        self._accepted: dict[str, dict[str, Any]] = self._users
+        self._waiting: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._recent_writes: dict[str, deque[float]] = {}
         self._instance_limit = instance_requests_per_window
         self._instance_window_s = instance_window_s
@@ -443,26 +450,44 @@ class ClerkEmulator:
     def _write_store(self, payload: bytes) -> None:
         write_private_file(self._store_path, payload)
 
-    async def _commit(self, users: dict[str, dict[str, Any]]) -> None:
-        """Make `users` the state: on disk first, then in memory, so nothing is served that a restart
-        would lose. Callers hold `self._lock`, which keeps file writes in the order of the changes."""
-        payload = _json_encoder.encode({"format": STORE_FORMAT, "users": list(users.values())})
-        write = asyncio.ensure_future(asyncio.to_thread(self._write_store, payload))
+    def _stage(self, users: dict[str, dict[str, Any]]) -> asyncio.Future[None]:
+        """Make `users` the state later changes build on; the future is done once it is on disk (and
+        served), or fails with the write's error, in which case none of the changes since the last
+        successful write is kept. Callers hold `self._lock` and await the future after releasing it."""
+        self._accepted = users
+        durable = asyncio.get_running_loop().create_future()
+        self._waiting.append(durable)
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        return durable
+
+    async def _flush(self) -> None:
         try:
-            await asyncio.shield(write)
-        except asyncio.CancelledError:
-            # The thread keeps writing whatever happens to this request. Wait for it, so the lock is not
-            # released mid-write and memory never falls behind what is on disk.
-            await asyncio.wait([write])
-            if not write.cancelled() and write.exception() is None:
+            while self._waiting:
+                users, batch = self._accepted, self._waiting
+                self._waiting = []
+                payload = _json_encoder.encode({"format": STORE_FORMAT, "users": list(users.values())})
+                try:
+                    await asyncio.to_thread(self._write_store, payload)
+                except Exception as exc:  # every waiter gets the error
+                    failed, self._waiting = [*batch, *self._waiting], []
+                    self._accepted = self._users
+                    for waiter in failed:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    return
                 self._users = users
-            raise
-        self._users = users
+                for waiter in batch:
+                    if not waiter.done():
+                        waiter.set_result(None)
+        finally:
+            self._flusher = None
 
     # ---- rules -----------------------------------------------------------------------------------------
 
-    def _user_or_404(self, user_id: str) -> dict[str, Any]:
-        user = self._users.get(user_id)
+    def _user_or_404(self, user_id: str, *, accepted: bool = False) -> dict[str, Any]:
+        """The user as served, or (`accepted`, for a change under `_lock`) as the next change finds it."""
+        user = (self._accepted if accepted else self._users).get(user_id)
         if user is None:
             raise _not_found(user_id)
         return user
@@ -504,7 +529,7 @@ class ClerkEmulator:
         self, emails: Iterable[str], username: str | None, skip_user: str | None
     ) -> None:
         wanted = set(emails)
-        for user in self._users.values():
+        for user in self._accepted.values():
             if user["id"] == skip_user:
                 continue
             if wanted & {entry["email_address"] for entry in user["email_addresses"]}:
@@ -520,15 +545,16 @@ class ClerkEmulator:
         """Apply a metadata `change` (which edits a copy and names the fields it touched) under the
         per-user rate limit and the size limit, then persist it."""
         async with self._lock:
-            current = self._user_or_404(user_id)
+            current = self._user_or_404(user_id, accepted=True)
             self._check_rate(user_id)
             updated = {**current}
             written = change(updated)
             self._check_metadata_size(updated, written)
             updated["updated_at"] = _now_ms()
-            await self._commit({**self._users, user_id: updated})
-            self._metadata_writes[user_id] = self._metadata_writes.get(user_id, 0) + 1
-            return updated
+            durable = self._stage({**self._accepted, user_id: updated})
+        await durable
+        self._metadata_writes[user_id] = self._metadata_writes.get(user_id, 0) + 1
+        return updated
 
     # ---- listing ---------------------------------------------------------------------------------------
 
@@ -661,9 +687,10 @@ class ClerkEmulator:
         @delete("/users/{user_id:str}", status_code=200)
         async def delete_user(user_id: FromPath[str]) -> Response[bytes]:
             async with emulator._lock:
-                emulator._user_or_404(user_id)
-                remaining = {uid: user for uid, user in emulator._users.items() if uid != user_id}
-                await emulator._commit(remaining)
+                emulator._user_or_404(user_id, accepted=True)
+                remaining = {uid: user for uid, user in emulator._accepted.items() if uid != user_id}
+                durable = emulator._stage(remaining)
+            await durable
             emulator._recent_writes.pop(user_id, None)
             # Clerk ends a deleted user's sessions: no browser can refresh a token for them any more.
             theirs = await asyncio.to_thread(emulator.sessions.sessions_of, user_id=user_id)
@@ -999,13 +1026,14 @@ class ClerkEmulator:
         self._check_metadata_size(user, [field for field in _METADATA_FIELDS if field in body])
         async with self._lock:
             self._check_identifiers_free(emails, user["username"], skip_user=None)
-            await self._commit({**self._users, user["id"]: user})
+            durable = self._stage({**self._accepted, user["id"]: user})
+        await durable
         return user
 
     async def _update(self, user_id: str, body: _Body) -> dict[str, Any]:
         written = [field for field in _METADATA_FIELDS if field in body]
         async with self._lock:
-            current = self._user_or_404(user_id)
+            current = self._user_or_404(user_id, accepted=True)
             if written:
                 self._check_rate(user_id)
             updated = {**current}
@@ -1029,10 +1057,11 @@ class ClerkEmulator:
             if updated["username"] != current["username"]:
                 self._check_identifiers_free((), updated["username"], skip_user=user_id)
             updated["updated_at"] = _now_ms()
-            await self._commit({**self._users, user_id: updated})
-            if written:
-                self._metadata_writes[user_id] = self._metadata_writes.get(user_id, 0) + 1
-            return updated
+            durable = self._stage({**self._accepted, user_id: updated})
+        await durable
+        if written:
+            self._metadata_writes[user_id] = self._metadata_writes.get(user_id, 0) + 1
+        return updated
 
     @staticmethod
     def _apply_profile_fields(user: dict[str, Any], body: _Body) -> None:

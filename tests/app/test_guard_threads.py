@@ -1,6 +1,6 @@
 """Signed-in requests are served on the event loop: the sign-in guard costs no worker thread.
 
-Litestar runs a synchronous guard in a worker thread. The studio's meter polls every 2 s per open tab, so a
+Litestar runs a synchronous guard in a worker thread. The studio's meter polls every 5 s per open tab, so a
 sync `requires_user` meant a thread hop per poll (bench/app_load.py: ~10% of the app's CPU at 400
 streams), and a burst of polls started a thread per concurrent request.
 """

@@ -26,7 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from app.auth import CLIENT_UAT_COOKIE, SESSION_COOKIE, mint_sandbox_session_token, sandbox_issuer
+from app.auth import (
+    CLIENT_UAT_COOKIE,
+    SESSION_COOKIE,
+    VerifiedTokens,
+    mint_sandbox_session_token,
+    sandbox_issuer,
+)
 from app.factory import create_app
 from app.sandbox.clerk_emulator import ClerkEmulator
 from app.settings import SANDBOX_CLERK_PREFIX, Settings, load_settings
@@ -252,6 +258,47 @@ def test_scripts_get_a_bare_401_and_never_a_redirect(
     api = client.post("/api/stream/ticket", headers={"accept": "application/json"})
     assert api.status_code == 401
     assert api.json()["error"] == "unauthenticated"
+
+
+def test_a_token_that_was_accepted_stops_working_when_it_expires(
+    client: TestClient[Litestar], settings: Settings
+) -> None:
+    expires = int(time.time()) + 1
+    client.cookies.set(SESSION_COOKIE, forge(settings, exp=expires))
+    for _ in range(3):  # the same token on every poll of its life
+        assert client.get("/partials/usage-meter", headers=HTMX).status_code == 200
+    # Clerk's SDK allows 5 s of clock skew past `exp`; after that the token no longer counts.
+    time.sleep(max(0.0, expires + 5.5 - time.time()))
+    assert client.get("/partials/usage-meter", headers=HTMX).status_code == 401
+
+
+def test_an_accepted_token_with_its_signature_changed_is_refused(
+    client: TestClient[Litestar], settings: Settings
+) -> None:
+    token = forge(settings)
+    client.cookies.set(SESSION_COOKIE, token)
+    assert client.get("/partials/usage-meter", headers=HTMX).status_code == 200
+    head, body, signature = token.split(".")
+    client.cookies.set(SESSION_COOKIE, f"{head}.{body}.{signature[:-4]}AAAA")
+    assert client.get("/partials/usage-meter", headers=HTMX).status_code == 401
+    other_user = forge(settings, sub="user_other")
+    client.cookies.set(SESSION_COOKIE, f"{head}.{other_user.split('.')[1]}.{signature}")
+    assert client.get("/partials/usage-meter", headers=HTMX).status_code == 401
+
+
+def test_verified_tokens_forget_expired_ones_first_and_never_grow_past_capacity() -> None:
+    now = [1000.0]
+    memo = VerifiedTokens(capacity=3, clock=lambda: now[0])
+    memo.add("expired-soon", {"exp": 1001})
+    memo.add("a", {"exp": 2000})
+    memo.add("b", {"exp": 2000})
+    now[0] = 1500.0
+    assert memo.get("expired-soon") is None
+    memo.add("c", {"exp": 2000})
+    memo.add("d", {"exp": 2000})  # full of live tokens: the oldest goes
+    assert len(memo) == 3
+    assert memo.get("a") is None
+    assert [memo.get(key) for key in ("b", "c", "d")] == [{"exp": 2000}] * 3
 
 
 def test_the_refresh_page_gives_up_after_three_tries(

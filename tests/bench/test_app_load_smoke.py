@@ -28,6 +28,8 @@ def test_twenty_streams_for_five_seconds_drive_every_endpoint_and_write_the_reco
                 "5",
                 "--ramp-seconds",
                 "1",
+                "--poll-seconds",
+                "2",
             ),
             *("--out", str(tmp_path)),
         ]

@@ -360,6 +360,81 @@ def test_concurrent_metadata_patches_to_one_user_lose_nothing(tmp_path: Path) ->
     assert reloaded.public_metadata == user.public_metadata
 
 
+class CountingEmulator(ClerkEmulator):
+    """Counts the store's file writes; with `fail_writes` set, every file write fails like a full disk."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.file_writes = 0
+        self.fail_writes = False
+
+    def _write_store(self, payload: bytes) -> None:
+        if self.fail_writes:
+            raise OSError(28, "No space left on device")
+        self.file_writes += 1
+        time.sleep(0.02)  # a disk that takes a while, so writes queue up behind it
+        super()._write_store(payload)
+
+
+def test_concurrent_writes_for_many_users_are_each_on_disk_when_answered(tmp_path: Path) -> None:
+    store = tmp_path / "clerk.json"
+    emulator = CountingEmulator(store, SECRET)
+    users = 40
+
+    async def body(clerk: Clerk) -> list[str]:
+        created = [await clerk.users.create_async(email_address=[f"u{i}@example.com"]) for i in range(users)]
+        before = emulator.file_writes
+        await asyncio.gather(
+            *(
+                clerk.users.update_metadata_async(user_id=user.id, public_metadata={"seconds": index})
+                for index, user in enumerate(created)
+            )
+        )
+        # Answered writes share file writes instead of each rewriting the whole store.
+        assert emulator.file_writes - before < users / 2
+        return [user.id for user in created]
+
+    with serving(emulator, store) as sandbox:
+        ids = sandbox.call(body)
+    with serving(ClerkEmulator(store, SECRET), store) as restarted:
+        reloaded = restarted.call(
+            lambda clerk: clerk.users.list_async(request={"user_id": ids, "limit": 100})
+        )
+    assert {user.id: user.public_metadata for user in reloaded} == {
+        user_id: {"seconds": index} for index, user_id in enumerate(ids)
+    }
+
+
+def test_a_failed_disk_write_fails_the_request_and_keeps_what_was_there(tmp_path: Path) -> None:
+    store = tmp_path / "clerk.json"
+    emulator = CountingEmulator(store, SECRET)
+
+    async def body(clerk: Clerk) -> tuple[int, models.User, models.User]:
+        user = await clerk.users.create_async(email_address=["disk@example.com"])
+        await clerk.users.update_metadata_async(user_id=user.id, public_metadata={"plan": "pro"})
+        emulator.fail_writes = True
+        results = await asyncio.gather(
+            *(
+                clerk.users.update_metadata_async(user_id=user.id, public_metadata={"plan": f"p{i}"})
+                for i in range(3)
+            ),
+            return_exceptions=True,
+        )
+        failed = sum(isinstance(result, Exception) for result in results)
+        during = await clerk.users.get_async(user_id=user.id)
+        emulator.fail_writes = False
+        await clerk.users.update_metadata_async(user_id=user.id, private_metadata={"ok": True})
+        return failed, during, await clerk.users.get_async(user_id=user.id)
+
+    with serving(emulator, store) as sandbox:
+        failed, during, after = sandbox.call(body)
+    assert failed == 3
+    assert during.public_metadata == {"plan": "pro"}
+    # The next change builds on what was on disk, not on the writes that failed.
+    assert after.public_metadata == {"plan": "pro"}
+    assert after.private_metadata == {"ok": True}
+
+
 def test_counters_count_requests_and_metadata_writes_and_reset(sandbox: Sandbox) -> None:
     async def body(clerk: Clerk) -> str:
         user = await clerk.users.create_async(email_address=["count@example.com"])

@@ -152,12 +152,13 @@ def test_the_countdown_and_the_meter_show_the_seconds_streamed(
         assert remaining - 2 <= shown <= remaining + 1, (shown, remaining)
         page.wait_for_timeout(300)
 
-    # The meter trails the worker by a report and a poll, never runs ahead of it, and its bar agrees.
+    # The meter trails the worker by a report and a poll (1 s and 5 s here), never runs ahead of it, and its
+    # bar agrees.
     meter_moved = lambda: clock_seconds(time_left.inner_text()) < FREE_SECONDS - 2  # noqa: E731
     wait_until(page, meter_moved, 15, "the meter to move")
     shown = clock_seconds(time_left.inner_text())
     remaining = worker_remaining()
-    assert remaining <= shown <= remaining + 6, (shown, remaining)
+    assert remaining <= shown <= remaining + 8, (shown, remaining)
     used_percent = round(100 * (FREE_SECONDS - shown) / FREE_SECONDS)
     bar = meter.locator("[role=progressbar]")
     expect(bar).to_have_attribute("aria-valuenow", str(used_percent))
