@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # Views (the meter's polls) are served from here this long; this process's writes refresh them at once.
 DEFAULT_TTL_SECONDS = 30.0
 DEFAULT_MAX_CACHED = 10_000
+# Below the SDK's HTTP client pool (httpx keeps 20 connections alive), so calls reuse connections.
+DEFAULT_MAX_CONCURRENT_CALLS = 16
 
 
 class AccountStoreError(Exception):
@@ -74,9 +76,14 @@ class AccountStore:
         *,
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         max_cached: int = DEFAULT_MAX_CACHED,
+        max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clerk = clerk
+        # Calls beyond this wait here, in arrival order, rather than in the HTTP client's connection pool,
+        # whose queue costs CPU per waiting request and per event (a burst of cache misses then starves the
+        # event loop). Clerk's instance limit (100 requests a second) needs only a few calls in flight.
+        self._calls = asyncio.Semaphore(max_concurrent_calls)
         self._ttl = ttl_seconds
         self._max_cached = max_cached
         self._clock = clock
@@ -101,7 +108,8 @@ class AccountStore:
         _check_user_id(user_id)
         if not fresh and (account := self.cached(user_id)) is not None:
             return account
-        user = await _clerk_call(self._clerk.users.get_async(user_id=user_id), user_id)
+        async with self._calls:
+            user = await _clerk_call(self._clerk.users.get_async(user_id=user_id), user_id)
         return self._remember(user)
 
     async def update(
@@ -135,12 +143,13 @@ class AccountStore:
         if public is None and private is None:
             return account
         try:
-            user = await _clerk_call(
-                self._clerk.users.update_metadata_async(
-                    user_id=account.user_id, public_metadata=public, private_metadata=private
-                ),
-                account.user_id,
-            )
+            async with self._calls:
+                user = await _clerk_call(
+                    self._clerk.users.update_metadata_async(
+                        user_id=account.user_id, public_metadata=public, private_metadata=private
+                    ),
+                    account.user_id,
+                )
         except AccountStoreError:
             # The write may have landed although its answer was lost: only a fresh read can tell.
             self.invalidate(account.user_id)
