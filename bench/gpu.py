@@ -53,9 +53,10 @@ import torch
 from PIL import Image
 
 from bench.loadgen import PROMPTS
-from inference.engines.base import OUTPUT_SIZE, FrameJob
+from inference.engines.base import FrameJob
 from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Engine, ModeRecipe
 from inference.engines.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
+from inference.protocol import OUTPUT_SIZE
 
 # Modes measured one approximation at a time (--levers), next to the production modes they make up.
 LEVER_MODES: dict[str, ModeRecipe] = {

@@ -43,6 +43,7 @@ from websockets.exceptions import ConnectionClosed
 
 from inference.pacing import FramePacer
 from inference.protocol import (
+    MAX_UNACKED,
     Ack,
     Admitted,
     Error,
@@ -56,7 +57,6 @@ from inference.protocol import (
 )
 from inference.tickets import issue_ticket
 
-MAX_UNACKED = 2  # frames on the wire that the worker has not acknowledged yet
 STALE_FRAME_SECONDS = 4.0  # an unacknowledged frame older than this no longer counts (a lost ack)
 PROMPTS = (
     "an expressive oil painting, thick impasto brushwork",

@@ -17,9 +17,8 @@ from typing import Final
 import httpx
 
 from inference.protocol import StreamClaim
-from inference.signing import Purpose, encode_signed
+from inference.signing import RETRY_STATUSES, Purpose, encode_signed
 from inference.tickets import LEEWAY_SECONDS, Ticket
-from inference.usage_reporter import RETRY_STATUSES
 
 log = logging.getLogger(__name__)
 

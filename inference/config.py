@@ -16,8 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from inference.engines.base import MODE_ID_PATTERN
-from inference.protocol import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS
+from inference.protocol import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS, MODE_ID_PATTERN
 
 ENGINE_NAMES: Final = ("preview", "flux2")
 # HS256 keys shorter than the hash output weaken the signature; PyJWT warns below 32 bytes too.

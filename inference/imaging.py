@@ -9,7 +9,7 @@ from typing import Final
 import msgspec
 from PIL import Image
 
-from inference.engines.base import OUTPUT_SIZE
+from inference.protocol import OUTPUT_SIZE
 
 JPEG_QUALITY: Final = 85
 # A 1 MiB JPEG can declare 65535x65535 pixels; decoding that would need ~12 GiB. Webcams stay far below.

@@ -1,5 +1,6 @@
-"""The worker's wire protocol, defined once: WebSocket messages, binary frame framing, close codes and the
-usage report the worker posts to the app. docs/protocol.md describes the same thing for humans and JS.
+"""The worker's wire protocol, defined once: WebSocket messages, binary frame framing, close codes, limits,
+render modes and the usage report the worker posts to the app. docs/protocol.md describes the same thing
+for humans and JS; everything else (engines, the worker, the app, the tools) takes it from here.
 
 Text messages are JSON objects tagged by their "type" field. Binary messages are video frames: an 8-byte
 little-endian header followed by JPEG bytes.
@@ -13,8 +14,6 @@ from typing import Annotated, Final, NamedTuple
 
 import msgspec
 
-from inference.engines.base import ModeId, RenderMode
-
 # Limits a client must respect; anything beyond is answered with an `error` and the session goes on.
 MAX_PROMPT_CHARS: Final = 500
 MIN_STEPS: Final = 1
@@ -23,6 +22,12 @@ DEFAULT_STEPS: Final = 2
 MAX_SEED: Final = 2**32 - 1  # every UI and generator agrees on uint32; larger values lose precision in JS
 MAX_FRAME_JPEG_BYTES: Final = 1024 * 1024
 MAX_TEXT_MESSAGE_BYTES: Final = 16 * 1024  # a 500-char prompt is at most ~3 KiB of escaped JSON
+# Flow control: a client keeps at most this many of its frames unacknowledged (`Ack`).
+MAX_UNACKED: Final = 2
+# Output frames are OUTPUT_SIZE x OUTPUT_SIZE JPEGs; input frames are center-cropped and resized to it.
+OUTPUT_SIZE: Final = 512
+# A render mode's id as it travels in `params` and `ready` messages and worker settings.
+MODE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,31}$"
 
 # Binary frame header, both directions, little-endian: uint32 frame id, uint16 render milliseconds, int16
 # waited milliseconds. Input frames: the client picks the id (the worker echoes it) and sends zeros.
@@ -39,6 +44,7 @@ Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
 Steps = Annotated[int, msgspec.Meta(ge=MIN_STEPS, le=MAX_STEPS)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+ModeId = Annotated[str, msgspec.Meta(pattern=MODE_ID_PATTERN)]
 
 
 class CloseCode(IntEnum):
@@ -65,6 +71,17 @@ class ErrorCode(StrEnum):
     NOT_JPEG = "not_jpeg"  # the frame's payload is not a baseline/progressive JPEG
     FRAME_TOO_LARGE = "frame_too_large"  # over MAX_FRAME_JPEG_BYTES, or pixel dimensions too large
     RENDER_FAILED = "render_failed"  # the engine could not render this frame; later frames may work
+
+
+class RenderMode(msgspec.Struct, frozen=True, kw_only=True):
+    """One way an engine can render, offered to the user in `ready`. An engine's first mode is its default,
+    and it is the fastest one that reproduces the model's reference pipeline (within rounding); modes that
+    trade fidelity for speed say so with ``approximate`` and explain the trade in ``detail``."""
+
+    id: ModeId  # "exact", "fast", "turbo", "preview"
+    label: str  # short, for a select box: "Exact", "Fast"
+    approximate: bool  # True: output differs from the reference pipeline by more than rounding
+    detail: str  # one sentence for a tooltip/help text: what it changes and what it costs
 
 
 # ---- client -> worker (text) ----
@@ -119,7 +136,7 @@ class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True):
 class Ack(msgspec.Struct, tag="ack", tag_field="type", frozen=True):
     """Input frame `frame` arrived and is now the session's waiting frame. It is rendered when the engine
     is next free unless a newer frame replaces it first (latest frame wins); either way the client may
-    count it as off the wire. Flow control: a client keeps at most 2 frames unacknowledged."""
+    count it as off the wire. Flow control: a client keeps at most MAX_UNACKED frames unacknowledged."""
 
     frame: int
 

@@ -19,21 +19,25 @@ import logging
 import re
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from litestar.connection import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
-from inference.billable_time import BillingMeter
+from inference.admission import Admission
+from inference.billable_time import BillingMeter, Clock
 from inference.claims import ClaimOutcome
+from inference.config import WorkerConfig
 from inference.engines import is_preview
-from inference.engines.base import MODE_ID_PATTERN, Engine, FrameJob, mode_ids
+from inference.engines.base import Engine, FrameJob, mode_ids
 from inference.imaging import ImageTooLarge, InvalidJpeg, inspect_jpeg
+from inference.metrics import WorkerMetrics
 from inference.protocol import (
     MAX_FRAME_JPEG_BYTES,
+    MODE_ID_PATTERN,
     Ack,
-    Admitted,
     CloseCode,
     Error,
     ErrorCode,
@@ -49,12 +53,9 @@ from inference.protocol import (
     pack_frame,
     unpack_frame,
 )
-from inference.scheduler import RenderResult
+from inference.scheduler import RenderResult, Scheduler
 from inference.tickets import Ticket, TicketError, verify_ticket
-
-if TYPE_CHECKING:
-    from inference.usage_reporter import ReportedStream
-    from inference.worker import Worker
+from inference.usage_reporter import ReportedStream, UsageReporter
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,20 @@ MAX_CLOSE_REASON: Final = 120
 _session_ids = itertools.count(1)
 _MODE_ID: Final = re.compile(MODE_ID_PATTERN)
 
-_SOCKET_ERRORS: Final = (WebSocketDisconnect, OSError, RuntimeError)
+# What writing to a socket whose client is gone raises.
+SOCKET_ERRORS: Final = (WebSocketDisconnect, OSError, RuntimeError)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionServices:
+    """The parts of the worker a session works with, fixed from the worker's start to its stop."""
+
+    config: WorkerConfig
+    scheduler: Scheduler  # renders the session's frames
+    metrics: WorkerMetrics
+    admission: Admission  # told how long each frame of a mode took to render
+    reporter: UsageReporter | None  # posts the stream's billable seconds to the app; None: not reported
+    clock: Clock  # the billing clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,40 +96,30 @@ def _unknown_mode(mode: str, engine: Engine) -> str:
     return f"unknown mode {mode!r}; the {engine.name} engine offers {offered}"
 
 
-async def serve_connection(worker: Worker, socket: WebSocket) -> None:
-    """The whole life of one connection, from accept to close: admission, hello, claim, session."""
-    await socket.accept()
-    # The mode the session starts in (`/ws?mode=turbo`), so admission counts what it will really cost.
+def requested_mode(socket: WebSocket) -> str | None:
+    """The mode the session will start in (`/ws?mode=turbo`), so admission counts what it will really cost;
+    None (the engine's default) when absent or not a mode id."""
     mode = socket.query_params.get("mode")
     if mode is not None and not _MODE_ID.match(mode):
-        mode = None
-    if not worker.admit(mode):
-        await _close(socket, CloseCode.WORKER_FULL, "every session here is at the frame-rate floor")
-        return
-    try:
-        with contextlib.suppress(*_SOCKET_ERRORS):
-            await socket.send_text(encode_message(Admitted(worker_id=worker.worker_id)))
-        ticket = await _authenticate(worker, socket)
-        if ticket is None:
-            return
-        session = StreamSession(worker, socket, ticket, mode=mode)
-    finally:
-        worker.release(mode)
-    await session.run()  # registers itself in worker.sessions before its first await
+        return None
+    return mode
 
 
-async def _close(socket: WebSocket, code: int, reason: str) -> None:
-    with contextlib.suppress(*_SOCKET_ERRORS):
+async def close_socket(socket: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(*SOCKET_ERRORS):
         await socket.close(code=code, reason=reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore"))
 
 
-async def _authenticate(worker: Worker, socket: WebSocket) -> Ticket | None:
-    """Wait for `hello`; close with 4408 (too slow) or 4401 (anything but a valid, unused ticket)."""
-    timeout = worker.config.hello_timeout_seconds
+async def authenticate(
+    socket: WebSocket, config: WorkerConfig, claim: Callable[[Ticket], Awaitable[ClaimOutcome]]
+) -> Ticket | None:
+    """Wait for `hello` and `claim` its ticket; close with 4408 (too slow), 4401 (anything but a valid,
+    unused ticket) or 1013 (the claim could not be decided) and return None instead."""
+    timeout = config.hello_timeout_seconds
     try:
         event = await asyncio.wait_for(socket.receive(), timeout=timeout)
     except TimeoutError:
-        await _close(socket, CloseCode.HELLO_TIMEOUT, f"send hello within {timeout:g} s")
+        await close_socket(socket, CloseCode.HELLO_TIMEOUT, f"send hello within {timeout:g} s")
         return None
     except WebSocketDisconnect:
         return None
@@ -123,41 +127,44 @@ async def _authenticate(worker: Worker, socket: WebSocket) -> Ticket | None:
         return None
     text = event.get("text")
     if text is None:
-        await _close(socket, CloseCode.BAD_TICKET, "the first message must be hello")
+        await close_socket(socket, CloseCode.BAD_TICKET, "the first message must be hello")
         return None
     try:
         message = decode_client_message(text)
     except ProtocolError:
         message = None
     if not isinstance(message, Hello):
-        await _close(socket, CloseCode.BAD_TICKET, "the first message must be hello")
+        await close_socket(socket, CloseCode.BAD_TICKET, "the first message must be hello")
         return None
     try:
-        ticket = verify_ticket(worker.config.stream_secret, message.ticket)
+        ticket = verify_ticket(config.stream_secret, message.ticket)
     except TicketError as exc:
-        await _close(socket, CloseCode.BAD_TICKET, str(exc))
+        await close_socket(socket, CloseCode.BAD_TICKET, str(exc))
         return None
-    outcome = await worker.claim(ticket)
+    outcome = await claim(ticket)
     if outcome is ClaimOutcome.REFUSED:
-        await _close(socket, CloseCode.BAD_TICKET, "ticket already used")
+        await close_socket(socket, CloseCode.BAD_TICKET, "ticket already used")
         return None
     if outcome is ClaimOutcome.UNAVAILABLE:
-        await _close(socket, CloseCode.TRY_AGAIN_LATER, "the stream could not be claimed; try again")
+        await close_socket(socket, CloseCode.TRY_AGAIN_LATER, "the stream could not be claimed; try again")
         return None
     return ticket
 
 
 class StreamSession:
-    def __init__(self, worker: Worker, socket: WebSocket, ticket: Ticket, *, mode: str | None = None) -> None:
-        self.worker = worker
+    def __init__(
+        self, services: SessionServices, socket: WebSocket, ticket: Ticket, *, mode: str | None = None
+    ) -> None:
+        self.services = services
         self.socket = socket
         self.ticket = ticket
         self.session_id = f"{ticket.stream_id}#{next(_session_ids)}"
         self.meter = BillingMeter(ticket.allowance_seconds)
         self.prompt = ""
-        self.steps = worker.config.default_steps
+        self.steps = services.config.default_steps
         self.seed = 0
         self.mode = ""  # a mode id of the engine, validated; "" is the engine's default (its first mode)
+        self.engine: Engine | None = None  # None while the worker is warming
         # Asked for at connect or while warming; validated once the engine is ready (at once if it is).
         self._requested_mode: str | None = mode
         self._outbox: deque[ServerMessage | _Close] = deque()
@@ -169,14 +176,15 @@ class StreamSession:
         self._last_frame_at = time.monotonic()
         self.ended = asyncio.Event()
 
-    async def run(self) -> None:
-        worker = self.worker
-        worker.metrics.sessions.inc()
-        worker.sessions.add(self)
-        if worker.reporter is not None:
-            self._usage = worker.reporter.open(self.ticket, lambda: self.meter.seconds_used)
-        if worker.engine is not None:
-            self.engine_ready(worker.engine)
+    async def run(self, engine: Engine | None = None) -> None:
+        """Serve the session until it ends. ``engine``: the worker's engine if it is ready, else None
+        (``engine_ready`` follows)."""
+        services = self.services
+        services.metrics.sessions.inc()
+        if services.reporter is not None:
+            self._usage = services.reporter.open(self.ticket, lambda: self.meter.seconds_used)
+        if engine is not None:
+            self.engine_ready(engine)
         else:
             self._queue(Warming())
         sender = asyncio.create_task(self._send_loop(), name=f"send-{self.session_id}")
@@ -184,7 +192,7 @@ class StreamSession:
             await self._receive_loop()
         finally:
             self._finished = True
-            worker.scheduler.cancel(self.session_id)
+            services.scheduler.cancel(self.session_id)
             self._wakeup.set()
             try:
                 # The sender exits on its own once it has written what is queued (a close, usually).
@@ -194,13 +202,13 @@ class StreamSession:
                 # After the sender: its last delivery may have opened a billable second.
                 if self._usage is not None:
                     self._usage.finish()
-                worker.sessions.discard(self)
-                worker.metrics.sessions.dec()
+                services.metrics.sessions.dec()
                 self.ended.set()
 
     # ---- called by the worker, on the event loop ----
 
     def engine_ready(self, engine: Engine) -> None:
+        self.engine = engine
         requested, self._requested_mode = self._requested_mode, None
         if requested is not None:  # chosen while warming, when the engine's modes were not known yet
             if requested in mode_ids(engine):
@@ -211,7 +219,7 @@ class StreamSession:
             Ready(
                 engine=engine.name,
                 model=engine.model,
-                worker_id=self.worker.worker_id,
+                worker_id=self.services.config.worker_id,
                 preview=is_preview(engine),
                 modes=list(engine.modes),
                 mode=self.mode or engine.modes[0].id,
@@ -256,7 +264,7 @@ class StreamSession:
 
     def _apply_params(self, params: Params) -> None:
         """All of it or (bad_params) nothing of it."""
-        engine = self.worker.engine
+        engine = self.engine
         if params.mode is not None and engine is not None and params.mode not in mode_ids(engine):
             self._error(ErrorCode.BAD_PARAMS, _unknown_mode(params.mode, engine))
             return
@@ -274,7 +282,7 @@ class StreamSession:
                 self.mode = params.mode
 
     def _on_frame(self, data: bytes) -> None:
-        metrics = self.worker.metrics
+        metrics = self.services.metrics
         metrics.frames_in.inc()
         frame_id: int | None = None
         try:
@@ -295,18 +303,19 @@ class StreamSession:
             return
         self._last_frame_at = time.monotonic()
         job = FrameJob(self.session_id, frame_id, jpeg, self.prompt, self.steps, self.seed, self.mode)
-        if self.worker.scheduler.submit(job, self._on_rendered):
+        if self.services.scheduler.submit(job, self._on_rendered):
             metrics.frames_dropped.labels("input").inc()
         self._queue_droppable(Ack(frame=frame_id))
 
     def _on_rendered(self, result: RenderResult) -> None:
         if result.jpeg is not None:
             seconds_per_frame = result.render_ms / 1000 / max(result.batch_size, 1)
-            self.worker.admission.observe(result.job.mode or self.worker.default_mode(), seconds_per_frame)
+            default = self.engine.modes[0].id if self.engine is not None else ""
+            self.services.admission.observe(result.job.mode or default, seconds_per_frame)
         if self._finished:
             return
         if self._result is not None:
-            self.worker.metrics.frames_dropped.labels("output").inc()
+            self.services.metrics.frames_dropped.labels("output").inc()
         self._result = result
         self._wakeup.set()
 
@@ -322,14 +331,15 @@ class StreamSession:
             self._queue(message)
 
     def _error(self, code: ErrorCode, message: str, *, frame: int | None = None) -> None:
-        self.worker.metrics.frame_errors.labels(code.value).inc()
+        self.services.metrics.frame_errors.labels(code.value).inc()
         self._queue_droppable(Error(code=code, message=message, frame=frame))
 
     def _usage_message(self) -> Usage:
         return Usage(seconds_used=self.meter.seconds_used, seconds_remaining=self.meter.seconds_remaining)
 
     async def _send_loop(self) -> None:
-        clock = self.worker.clock
+        services = self.services
+        clock = services.clock
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -338,15 +348,15 @@ class StreamSession:
                 while self._outbox:
                     item = self._outbox.popleft()
                     if isinstance(item, _Close):
-                        await _close(self.socket, item.code, item.reason)
+                        await close_socket(self.socket, item.code, item.reason)
                         return
                     await self.socket.send_text(encode_message(item))
                 if self._finished:
                     return
-                if time.monotonic() - self._last_frame_at >= self.worker.config.idle_timeout_seconds:
-                    self.worker.metrics.sessions_idle.inc()
-                    idle = self.worker.config.idle_timeout_seconds
-                    await _close(self.socket, CloseCode.IDLE, f"no frame for {idle:g} s")
+                idle = services.config.idle_timeout_seconds
+                if time.monotonic() - self._last_frame_at >= idle:
+                    services.metrics.sessions_idle.inc()
+                    await close_socket(self.socket, CloseCode.IDLE, f"no frame for {idle:g} s")
                     return
                 if self.meter.exhausted(clock()):
                     await self._end_allowance()
@@ -354,7 +364,7 @@ class StreamSession:
                 result, self._result = self._result, None
                 if result is not None and not await self._deliver(result):
                     return
-        except _SOCKET_ERRORS:
+        except SOCKET_ERRORS:
             return  # the client is gone; the receive loop sees the disconnect and cleans up
 
     async def _deliver(self, result: RenderResult) -> bool:
@@ -368,19 +378,19 @@ class StreamSession:
             )
             return True
         # Read the clock after the render: the second the user sees the frame in is the one billed.
-        now = self.worker.clock()
+        now = self.services.clock()
         if self.meter.exhausted(now):
             await self._end_allowance()
             return False
         await self.socket.send_bytes(
             pack_frame(job.frame_id, result.jpeg, render_ms=result.render_ms, waited_ms=result.waited_ms)
         )
-        self.worker.metrics.frames_out.inc()
+        self.services.metrics.frames_out.inc()
         if self.meter.record_delivery(now):
-            self.worker.metrics.billable_seconds.inc()
+            self.services.metrics.billable_seconds.inc()
             await self.socket.send_text(encode_message(self._usage_message()))
         return True
 
     async def _end_allowance(self) -> None:
         await self.socket.send_text(encode_message(self._usage_message()))
-        await _close(self.socket, CloseCode.ALLOWANCE_USED, "allowance used up")
+        await close_socket(self.socket, CloseCode.ALLOWANCE_USED, "allowance used up")

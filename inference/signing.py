@@ -24,6 +24,8 @@ SIGNATURE_HEADER: Final = "X-Stylecast-Signature"
 SIGNATURE_TOLERANCE_SECONDS: Final = 300
 # A report or a claim is a few hundred bytes of JSON; the app refuses larger bodies before reading them.
 MAX_SIGNED_BODY_BYTES: Final = 4096
+# Answers to a signed request that are worth retrying besides 5xx; any other 4xx is the app refusing it.
+RETRY_STATUSES: Final = frozenset({408, 425, 429})
 
 _T = TypeVar("_T")
 

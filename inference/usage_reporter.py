@@ -16,6 +16,7 @@ import httpx
 
 from inference.protocol import UsageReport
 from inference.signing import (
+    RETRY_STATUSES,
     SIGNATURE_HEADER,
     SIGNATURE_TOLERANCE_SECONDS,
     Purpose,
@@ -29,7 +30,6 @@ from inference.tickets import Ticket
 log = logging.getLogger(__name__)
 
 UsageReportError = SignedRequestError
-RETRY_STATUSES: Final = frozenset({408, 425, 429})
 # A live stream whose total has not changed is reported every HEARTBEAT_INTERVALS * interval seconds.
 HEARTBEAT_INTERVALS: Final = 2
 

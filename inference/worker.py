@@ -21,9 +21,16 @@ from inference.config import WorkerConfig
 from inference.engines import create_engine
 from inference.engines.base import Engine
 from inference.metrics import WorkerMetrics
-from inference.protocol import CloseCode
+from inference.protocol import Admitted, CloseCode, encode_message
 from inference.scheduler import Scheduler, SchedulerHooks
-from inference.session import StreamSession, serve_connection
+from inference.session import (
+    SOCKET_ERRORS,
+    SessionServices,
+    StreamSession,
+    authenticate,
+    close_socket,
+    requested_mode,
+)
 from inference.tickets import Ticket
 from inference.usage_reporter import UsageReporter
 
@@ -129,7 +136,8 @@ class Worker:
             await self.stop()
 
     async def handle(self, socket: WebSocket) -> None:
-        """Serve one WebSocket connection (the `/ws` route)."""
+        """Serve one WebSocket connection (the `/ws` route), from accept to close: admission, hello, claim,
+        session."""
         if self.status is WorkerStatus.STOPPED:
             await socket.accept()
             await socket.close(code=CloseCode.INTERNAL_ERROR, reason="worker not started")
@@ -138,7 +146,37 @@ class Worker:
             await socket.accept()
             await socket.close(code=CloseCode.INTERNAL_ERROR, reason=self._failure_reason())
             return
-        await serve_connection(self, socket)
+        await socket.accept()
+        mode = requested_mode(socket)
+        if not self.admit(mode):
+            await close_socket(socket, CloseCode.WORKER_FULL, "every session here is at the frame-rate floor")
+            return
+        try:
+            with contextlib.suppress(*SOCKET_ERRORS):
+                await socket.send_text(encode_message(Admitted(worker_id=self.worker_id)))
+            ticket = await authenticate(socket, self.config, self.claim)
+            if ticket is None:
+                return
+            session = StreamSession(self.session_services(), socket, ticket, mode=mode)
+        finally:
+            self.release(mode)
+        # Registered before the session's first await, so it sees the engine now or gets engine_ready().
+        self.sessions.add(session)
+        try:
+            await session.run(self.engine)
+        finally:
+            self.sessions.discard(session)
+
+    def session_services(self) -> SessionServices:
+        """What this worker's sessions work with, until it stops."""
+        return SessionServices(
+            config=self.config,
+            scheduler=self.scheduler,
+            metrics=self.metrics,
+            admission=self.admission,
+            reporter=self.reporter,
+            clock=self.clock,
+        )
 
     def default_mode(self) -> str:
         return self.engine.modes[0].id if self.engine is not None else ""

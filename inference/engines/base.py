@@ -8,26 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Final, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-import msgspec
-
-OUTPUT_SIZE: Final = 512
-
-# A render mode's id as it travels in `params` and `ready` messages and worker settings.
-MODE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,31}$"
-ModeId = Annotated[str, msgspec.Meta(pattern=MODE_ID_PATTERN)]
-
-
-class RenderMode(msgspec.Struct, frozen=True, kw_only=True):
-    """One way an engine can render, offered to the user. An engine's first mode is its default, and it is
-    the fastest one that reproduces the model's reference pipeline (within rounding); modes that trade
-    fidelity for speed say so with ``approximate`` and explain the trade in ``detail``."""
-
-    id: ModeId  # "exact", "fast", "turbo", "preview"
-    label: str  # short, for a select box: "Exact", "Fast"
-    approximate: bool  # True: output differs from the reference pipeline by more than rounding
-    detail: str  # one sentence for a tooltip/help text: what it changes and what it costs
+from inference.protocol import RenderMode
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,7 +122,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu,
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from inference.engines.base import OUTPUT_SIZE, FrameJob, RenderMode
+from inference.engines.base import FrameJob
 from inference.engines.klein_config import (
     KLEIN_4B,
     MAX_SEQUENCE_LENGTH,
@@ -130,7 +130,7 @@ from inference.engines.klein_config import (
     TINY,
     build_random_components,
 )
-from inference.protocol import MAX_STEPS, MIN_STEPS
+from inference.protocol import MAX_STEPS, MIN_STEPS, OUTPUT_SIZE, RenderMode
 
 try:  # nvJPEG decode/encode on the GPU; the CPU-only install has no torchvision and uses Pillow.
     import torchvision.io as tvio

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from inference.engines.base import OUTPUT_SIZE, FrameJob, RenderMode
+from inference.engines.base import FrameJob
 from inference.imaging import decode_square, encode_jpeg
+from inference.protocol import OUTPUT_SIZE, RenderMode
 
 if TYPE_CHECKING:
     from inference.config import WorkerConfig

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inference.engines.base import RenderMode
 from inference.protocol import (
     FRAME_HEADER_BYTES,
     MAX_RENDER_MS,
@@ -22,6 +21,7 @@ from inference.protocol import (
     Params,
     ProtocolError,
     Ready,
+    RenderMode,
     Usage,
     Warming,
     decode_client_message,

@@ -48,7 +48,8 @@ def test_a_client_flooding_frames_without_reading_holds_one_frame_and_a_bounded_
     async def scenario() -> tuple[list[str | bytes], int, float]:
         worker = Worker(worker_config())  # not started: the engine stays "warming", frames just wait
         socket = UnreadSocket([pack_frame(frame_id, jpeg) for frame_id in range(1, frames + 1)])
-        session = StreamSession(worker, socket, verify_ticket(SECRET, new_ticket()))  # type: ignore[arg-type]
+        ticket = verify_ticket(SECRET, new_ticket())
+        session = StreamSession(worker.session_services(), socket, ticket)  # type: ignore[arg-type]
         running = asyncio.create_task(session.run())
         await asyncio.sleep(0.1)  # every frame has been read; the sender is stuck on its first write
         waiting = worker.scheduler.pending_count

@@ -8,9 +8,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-from inference.engines.base import FrameJob, RenderMode
+from inference.engines.base import FrameJob
 from inference.engines.preview import PreviewEngine
-from inference.protocol import Ack, Error, ErrorCode, Ready, Warming
+from inference.protocol import Ack, Error, ErrorCode, Ready, RenderMode, Warming
 from tests.inference.helpers import StreamClient, new_ticket, running_worker, webcam_jpeg
 
 

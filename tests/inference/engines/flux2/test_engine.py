@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from inference.engines.base import OUTPUT_SIZE, Engine, FrameJob
+from inference.engines.base import Engine, FrameJob
 from inference.engines.flux2 import Float8Linear, Flux2Engine, ModeRecipe, create_flux2_engine
+from inference.protocol import OUTPUT_SIZE
 
 # Batched matrix products sum in a different order than single ones; on the tiny float32 model that moves
 # pixels by up to ~1e-4 (out of [0, 1]).
