@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
+import os
 import re
 import secrets
 import string
@@ -48,6 +49,8 @@ CLIENT_COOKIE = "__client"
 CLIENT_UAT_COOKIE = "__client_uat"
 SESSION_COOKIE = "__session"
 STORE_FORMAT = "stylecast-clerk-emulator/1"
+# The journal is folded into a new snapshot once it is larger than this and than the snapshot.
+DEFAULT_JOURNAL_MIN_BYTES = 1 << 20
 
 # Clerk documents 8 KB for user metadata; we count public and private together because both ride in the
 # same backend writes and both end up in the session token claims we build.
@@ -381,6 +384,7 @@ class ClerkEmulator:
         metadata_write_window_s: float = METADATA_WRITE_WINDOW_S,
         instance_requests_per_window: int = INSTANCE_REQUESTS_PER_WINDOW,
         instance_window_s: float = INSTANCE_WINDOW_S,
+        journal_min_bytes: int = DEFAULT_JOURNAL_MIN_BYTES,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -399,8 +403,13 @@ class ClerkEmulator:
         # changes accepted while one file write runs share the next), so an answered change survives a
         # restart and the cost of a write does not grow with the number of writers.
         self._lock = asyncio.Lock()
+        self._journal_path = self._store_path.with_name(self._store_path.name + ".journal")
+        self._journal_min_bytes = journal_min_bytes
+        self._snapshot_bytes = 0
+        self._journal_bytes = 0
         self._users: dict[str, dict[str, Any]] = self._load()
         self._accepted: dict[str, dict[str, Any]] = self._users
+        self._changed: dict[str, dict[str, Any] | None] = {}
         self._waiting: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._recent_writes: dict[str, deque[float]] = {}
@@ -439,22 +448,60 @@ class ClerkEmulator:
 
     # ---- persistence -----------------------------------------------------------------------------------
 
+    # The store is a snapshot (`clerk.json`, the whole state) and a journal beside it (`clerk.json.journal`,
+    # one line per changed user since the snapshot), so a write appends one user's record instead of
+    # rewriting every user's. The journal is folded into a new snapshot once it outgrows the snapshot.
+
     def _load(self) -> dict[str, dict[str, Any]]:
-        if not self._store_path.exists():
-            return {}
-        stored = msgspec.json.decode(self._store_path.read_bytes())
-        if not isinstance(stored, dict) or stored.get("format") != STORE_FORMAT:
-            raise ValueError(f"{self._store_path} is not a Clerk emulator store ({STORE_FORMAT})")
-        return {user["id"]: user for user in stored["users"]}
+        users: dict[str, dict[str, Any]] = {}
+        if self._store_path.exists():
+            stored = msgspec.json.decode(self._store_path.read_bytes())
+            if not isinstance(stored, dict) or stored.get("format") != STORE_FORMAT:
+                raise ValueError(f"{self._store_path} is not a Clerk emulator store ({STORE_FORMAT})")
+            users = {user["id"]: user for user in stored["users"]}
+            self._snapshot_bytes = self._store_path.stat().st_size
+        if self._journal_path.exists():
+            lines = self._journal_path.read_bytes().split(b"\n")
+            for number, line in enumerate(lines, start=1):
+                if not line:
+                    continue
+                try:
+                    entry = msgspec.json.decode(line)
+                except msgspec.DecodeError:
+                    if number == len(lines):
+                        break  # a change cut off mid-write was never answered: it did not happen
+                    raise ValueError(f"{self._journal_path}: line {number} is not a journal entry") from None
+                if "put" in entry:
+                    users[entry["put"]["id"]] = entry["put"]
+                else:
+                    users.pop(entry["delete"], None)
+            self._journal_bytes = self._journal_path.stat().st_size
+        return users
 
     def _write_store(self, payload: bytes) -> None:
+        """A new snapshot of everything, then an empty journal (a crash in between replays the old journal
+        over the new snapshot, which changes nothing)."""
         write_private_file(self._store_path, payload)
+        self._journal_path.unlink(missing_ok=True)
 
-    def _stage(self, users: dict[str, dict[str, Any]]) -> asyncio.Future[None]:
-        """Make `users` the state later changes build on; the future is done once it is on disk (and
-        served), or fails with the write's error, in which case none of the changes since the last
-        successful write is kept. Callers hold `self._lock` and await the future after releasing it."""
+    def _append_journal(self, lines: bytes) -> None:
+        self._journal_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            view = memoryview(lines)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _stage(self, users: dict[str, dict[str, Any]], user_id: str) -> asyncio.Future[None]:
+        """Make `users` (in which `user_id` changed or was deleted) the state later changes build on; the
+        future is done once it is on disk (and served), or fails with the write's error, in which case none
+        of the changes since the last successful write is kept. Callers hold `self._lock` and await the
+        future after releasing it."""
         self._accepted = users
+        self._changed[user_id] = users.get(user_id)
         durable = asyncio.get_running_loop().create_future()
         self._waiting.append(durable)
         if self._flusher is None:
@@ -464,13 +511,24 @@ class ClerkEmulator:
     async def _flush(self) -> None:
         try:
             while self._waiting:
-                users, batch = self._accepted, self._waiting
-                self._waiting = []
-                payload = _json_encoder.encode({"format": STORE_FORMAT, "users": list(users.values())})
+                users, batch, changed = self._accepted, self._waiting, self._changed
+                self._waiting, self._changed = [], {}
+                lines = b"".join(
+                    _json_encoder.encode({"put": user} if user is not None else {"delete": user_id}) + b"\n"
+                    for user_id, user in changed.items()
+                )
                 try:
-                    await asyncio.to_thread(self._write_store, payload)
+                    if self._journal_bytes + len(lines) > max(self._journal_min_bytes, self._snapshot_bytes):
+                        snapshot = _json_encoder.encode(
+                            {"format": STORE_FORMAT, "users": list(users.values())}
+                        )
+                        await asyncio.to_thread(self._write_store, snapshot)
+                        self._snapshot_bytes, self._journal_bytes = len(snapshot), 0
+                    else:
+                        await asyncio.to_thread(self._append_journal, lines)
+                        self._journal_bytes += len(lines)
                 except Exception as exc:  # every waiter gets the error
-                    failed, self._waiting = [*batch, *self._waiting], []
+                    failed, self._waiting, self._changed = [*batch, *self._waiting], [], {}
                     self._accepted = self._users
                     for waiter in failed:
                         if not waiter.done():
@@ -551,7 +609,7 @@ class ClerkEmulator:
             written = change(updated)
             self._check_metadata_size(updated, written)
             updated["updated_at"] = _now_ms()
-            durable = self._stage({**self._accepted, user_id: updated})
+            durable = self._stage({**self._accepted, user_id: updated}, user_id)
         await durable
         self._metadata_writes[user_id] = self._metadata_writes.get(user_id, 0) + 1
         return updated
@@ -689,7 +747,7 @@ class ClerkEmulator:
             async with emulator._lock:
                 emulator._user_or_404(user_id, accepted=True)
                 remaining = {uid: user for uid, user in emulator._accepted.items() if uid != user_id}
-                durable = emulator._stage(remaining)
+                durable = emulator._stage(remaining, user_id)
             await durable
             emulator._recent_writes.pop(user_id, None)
             # Clerk ends a deleted user's sessions: no browser can refresh a token for them any more.
@@ -1026,7 +1084,7 @@ class ClerkEmulator:
         self._check_metadata_size(user, [field for field in _METADATA_FIELDS if field in body])
         async with self._lock:
             self._check_identifiers_free(emails, user["username"], skip_user=None)
-            durable = self._stage({**self._accepted, user["id"]: user})
+            durable = self._stage({**self._accepted, user["id"]: user}, user["id"])
         await durable
         return user
 
@@ -1057,7 +1115,7 @@ class ClerkEmulator:
             if updated["username"] != current["username"]:
                 self._check_identifiers_free((), updated["username"], skip_user=user_id)
             updated["updated_at"] = _now_ms()
-            durable = self._stage({**self._accepted, user_id: updated})
+            durable = self._stage({**self._accepted, user_id: updated}, user_id)
         await durable
         if written:
             self._metadata_writes[user_id] = self._metadata_writes.get(user_id, 0) + 1

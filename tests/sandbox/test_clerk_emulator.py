@@ -323,9 +323,10 @@ def test_state_survives_a_restart_on_the_same_file(tmp_path: Path) -> None:
     with serving(ClerkEmulator(store, SECRET), store) as first:
         before = first.call(populate)
 
-    # Private metadata is in the file, so only its owner may read it.
-    assert stat.S_IMODE(os.stat(store).st_mode) == 0o600
-    assert [p.name for p in store.parent.iterdir()] == ["clerk.json"]  # no temp files left behind
+    # Private metadata is in the files, so only their owner may read them; no temporary file is left.
+    files = list(store.parent.iterdir())
+    assert {path.name for path in files} <= {"clerk.json", "clerk.json.journal"}
+    assert [stat.S_IMODE(os.stat(path).st_mode) for path in files] == [0o600] * len(files)
 
     async def read_back(clerk: Clerk) -> tuple[models.User, list[models.User]]:
         return await clerk.users.get_async(user_id=before.id), await clerk.users.list_async()
@@ -361,19 +362,27 @@ def test_concurrent_metadata_patches_to_one_user_lose_nothing(tmp_path: Path) ->
 
 
 class CountingEmulator(ClerkEmulator):
-    """Counts the store's file writes; with `fail_writes` set, every file write fails like a full disk."""
+    """Counts the store's file writes (snapshots and journal appends); with `fail_writes` set, every file
+    write fails like a full disk."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.file_writes = 0
         self.fail_writes = False
 
-    def _write_store(self, payload: bytes) -> None:
+    def _written(self) -> None:
         if self.fail_writes:
             raise OSError(28, "No space left on device")
         self.file_writes += 1
         time.sleep(0.02)  # a disk that takes a while, so writes queue up behind it
+
+    def _write_store(self, payload: bytes) -> None:
+        self._written()
         super()._write_store(payload)
+
+    def _append_journal(self, lines: bytes) -> None:
+        self._written()
+        super()._append_journal(lines)
 
 
 def test_concurrent_writes_for_many_users_are_each_on_disk_when_answered(tmp_path: Path) -> None:
@@ -403,6 +412,48 @@ def test_concurrent_writes_for_many_users_are_each_on_disk_when_answered(tmp_pat
     assert {user.id: user.public_metadata for user in reloaded} == {
         user_id: {"seconds": index} for index, user_id in enumerate(ids)
     }
+
+
+def test_the_journal_folds_into_a_snapshot_and_a_restart_replays_both(tmp_path: Path) -> None:
+    store = tmp_path / "clerk.json"
+    journal = Path(f"{store}.journal")
+    # Folded after a few writes instead of a megabyte of them.
+    emulator = ClerkEmulator(store, SECRET, metadata_writes_per_window=100, journal_min_bytes=4096)
+
+    async def body(clerk: Clerk) -> tuple[str, str, int]:
+        kept = await clerk.users.create_async(email_address=["kept@example.com"])
+        gone = await clerk.users.create_async(email_address=["gone@example.com"])
+        snapshots = 0
+        for step in range(40):
+            await clerk.users.update_metadata_async(user_id=kept.id, public_metadata={"step": step})
+            snapshots += not await asyncio.to_thread(journal.exists)
+        await clerk.users.delete_async(user_id=gone.id)
+        return kept.id, gone.id, snapshots
+
+    with serving(emulator, store) as sandbox:
+        kept, gone, snapshots = sandbox.call(body)
+    assert snapshots >= 2  # the journal was folded into the snapshot along the way
+    assert store.stat().st_size > 0
+    with serving(ClerkEmulator(store, SECRET), store) as restarted:
+        users = restarted.call(lambda clerk: clerk.users.list_async())
+    assert [(user.id, user.public_metadata) for user in users] == [(kept, {"step": 39})]
+    assert gone not in {user.id for user in users}
+
+
+def test_a_change_cut_off_mid_write_is_dropped_and_anything_else_unreadable_refuses(tmp_path: Path) -> None:
+    store = tmp_path / "clerk.json"
+    with serving(ClerkEmulator(store, SECRET), store) as sandbox:
+        user = sandbox.call(lambda clerk: clerk.users.create_async(email_address=["torn@example.com"]))
+    journal = Path(f"{store}.journal")
+    with journal.open("ab") as handle:
+        handle.write(b'{"put": {"id": "user_torn", "email')  # the process died here
+    with serving(ClerkEmulator(store, SECRET), store) as restarted:
+        users = restarted.call(lambda clerk: clerk.users.list_async())
+    assert [found.id for found in users] == [user.id]
+
+    journal.write_bytes(b"not json\n" + journal.read_bytes())
+    with pytest.raises(ValueError, match="line 1 is not a journal entry"):
+        ClerkEmulator(store, SECRET)
 
 
 def test_a_failed_disk_write_fails_the_request_and_keeps_what_was_there(tmp_path: Path) -> None:
