@@ -1,4 +1,4 @@
-"""The flux2 engine's speed, next to the seed product's way of calling Flux2KleinPipeline, in one process.
+"""The flux2 engine's speed, next to a plain per-frame Flux2KleinPipeline call, in one process.
 
     python -m bench.gpu                         # klein-4B architecture, random weights, on CUDA
     python -m bench.gpu --sections cold-start   # only the cold start (a child process per run)
@@ -6,10 +6,10 @@
 
 Sections (``--sections``, all by default), on one set of weights:
 
-* ``baseline``: what the seed product did per frame, ``Flux2KleinPipeline(image=<PIL frame>,
+* ``baseline``: the pipeline called once per frame, ``Flux2KleinPipeline(image=<PIL frame>,
   prompt_embeds=<cached>, generator=<seeded>)`` returning a PIL image, eager and with the transformer
-  compiled as one graph (the seed's setup); and the engine's exact mode uncompiled (``render_frames``
-  must equal the pipeline bit for bit there).
+  compiled as one graph (what an integration without the engine's work does); and the engine's exact mode
+  uncompiled (``render_frames`` must equal the pipeline bit for bit there).
 * ``modes``: a fresh engine with the production options (every mode, compiled), its ``warm_up()`` timed,
   then each mode: ``render`` (JPEG bytes in and out, the cost the scheduler sees) at each step count and
   batch size, and ``render_frames``'s deviation from the eager pipeline (exact) on the same frame, prompt
@@ -54,8 +54,9 @@ from PIL import Image
 
 from bench.loadgen import PROMPTS
 from inference.engines.base import FrameJob
-from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Engine, ModeRecipe
-from inference.engines.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
+from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Config, Flux2Engine, ModeRecipe
+from inference.engines.flux2.compiled import COMPILE_SCOPES
+from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
 from inference.protocol import OUTPUT_SIZE
 
 # Modes measured one approximation at a time (--levers), next to the production modes they make up.
@@ -187,7 +188,7 @@ class Bench:
             self.references[steps] = self.baseline_call(steps, "pt")
 
     def baseline_call(self, steps: int, output_type: str = "pil") -> Any:
-        """The seed product's per-frame call: PIL frame in, cached prompt embeddings, a seeded generator."""
+        """The baseline's per-frame call: PIL frame in, cached prompt embeddings, a seeded generator."""
         return self.pipe(
             image=self.frame_image,
             prompt_embeds=self.base.prompt_embeds(self.prompts[0]),
@@ -202,12 +203,12 @@ class Bench:
     # ---- section: baseline
 
     def measure_baseline(self) -> None:
-        """The seed-style pipeline eager and compiled, and the uncompiled engine's exactness."""
+        """The per-frame pipeline call eager and compiled, and the uncompiled engine's exactness."""
         print("section baseline", flush=True)
         transformer = self.pipe.transformer
         for phase in ("eager", "compiled"):
             if phase == "compiled":
-                # As the seed product compiled it: the whole transformer as one graph, the VAE eager.
+                # The plain way to compile it: the whole transformer as one graph, the VAE eager.
                 transformer.compile(fullgraph=True)
             for steps in self.args.steps:
                 row = self._run(phase, "baseline", steps, 1, lambda steps=steps: self.baseline_call(steps))
@@ -239,22 +240,20 @@ class Bench:
         """The engine as the worker runs it (every built-in mode, compiled), on the same weights; built and
         warmed up once, its warm-up timed."""
         if self.engine is None:
-            options: dict[str, Any] = {
-                "pipeline": self.pipe,
-                "max_batch": max(self.args.batch),
-                "steps": self.args.steps[0],
-                "compile": self.args.compile,
-                "compile_scope": self.args.compile_scope,
-                "cuda_graphs": self.args.cuda_graphs,
-                "modes": tuple(self.args.modes),
-            }
-            if self.args.levers:
-                options["custom_modes"] = LEVER_MODES
+            config = Flux2Config(
+                max_batch=max(self.args.batch),
+                steps=self.args.steps[0],
+                compile=self.args.compile,
+                compile_scope=self.args.compile_scope,
+                cuda_graphs=self.args.cuda_graphs,
+                modes=tuple(self.args.modes),
+                custom_modes=LEVER_MODES if self.args.levers else {},
+            )
             start = time.perf_counter()
-            engine = Flux2Engine(**options)
+            engine = Flux2Engine(config, pipeline=self.pipe)
             engine.warm_up()
             warm_up_ms = 1000 * (time.perf_counter() - start)
-            self.rows.append(Row("engine", "warm_up", engine.steps, 1, [warm_up_ms]))
+            self.rows.append(Row("engine", "warm_up", config.steps, 1, [warm_up_ms]))
             # What the worker runs while idle once it is ready: the other modes' compilation.
             start = time.perf_counter()
             for task in engine.deferred_warm_ups():
@@ -262,7 +261,7 @@ class Bench:
             deferred_ms = 1000 * (time.perf_counter() - start)
             others = len(engine.modes) - 1
             if others:
-                self.rows.append(Row("engine", "warm_up_rest", engine.steps, others, [deferred_ms]))
+                self.rows.append(Row("engine", "warm_up_rest", config.steps, others, [deferred_ms]))
             print(
                 f"  warm_up (default mode): {warm_up_ms / 1000:.1f} s; the other {others}:"
                 f" {deferred_ms / 1000:.1f} s",
@@ -449,7 +448,7 @@ def environment(engine: Flux2Engine) -> dict[str, Any]:
         "device": str(engine.device),
         "dtype": str(engine.dtype),
         "model": engine.model,
-        "random_weights": engine.random_weights or engine.tiny,
+        "random_weights": engine.config.random_weights or engine.config.tiny,
     }
     if engine.device.type == "cuda":
         properties = torch.cuda.get_device_properties(engine.device)
@@ -504,13 +503,14 @@ def _find(rows: Sequence[Row], phase: str, case: str, steps: int, batch: int = 1
 
 
 def format_summary(rows: Sequence[Row], system: dict[str, Any]) -> str:
-    """The issue's targets as measured in this run, then the system sections' own tables."""
+    """The per-frame targets (docs/performance.md, "Targets") as measured in this run, then the system
+    sections' own tables."""
     lines = []
     for steps in sorted({row.steps for row in rows if row.steps}):
         baseline = _find(rows, "compiled", "baseline", steps)
         if baseline is None:
             continue
-        lines.append(f"{steps} steps: compiled seed-style baseline {baseline.per_frame_ms:.2f} ms/frame")
+        lines.append(f"{steps} steps: compiled pipeline baseline {baseline.per_frame_ms:.2f} ms/frame")
         for row in rows:
             if (
                 row.phase.startswith("mode:")
@@ -558,7 +558,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA yes"
     )
-    parser.add_argument("--compile-scope", default="auto", choices=("auto", "blocks", "full"))
+    parser.add_argument("--compile-scope", default="auto", choices=COMPILE_SCOPES)
     parser.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
@@ -593,15 +593,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     base = Flux2Engine(
-        model=args.model or DEFAULT_MODEL,
-        cache_dir=args.cache_dir,
-        device=args.device,
-        dtype=args.dtype,
-        random_weights=args.model is None and not args.tiny,
-        tiny=args.tiny,
-        max_batch=max(args.batch),
-        modes=("exact",),
-        compile=False,
+        Flux2Config(
+            model=args.model or DEFAULT_MODEL,
+            cache_dir=args.cache_dir,
+            device=args.device,
+            dtype=args.dtype,
+            random_weights=args.model is None and not args.tiny,
+            tiny=args.tiny,
+            max_batch=max(args.batch),
+            modes=("exact",),
+            compile=False,
+        )
     )
     start = time.perf_counter()
     bench = Bench(base, args)

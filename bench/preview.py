@@ -40,7 +40,9 @@ def synthetic_webcam_frame(width: int = 640, height: int = 480) -> bytes:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.preview",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "photo", nargs="?", type=Path, help="a JPEG to style (default: a synthetic 640x480 frame)"

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 _STARTED_WALL: Final = time.time()
 _STARTED_PERF: Final = time.perf_counter()
 
-# The issue's targets.
+# What the worker should reach (docs/performance.md, "Targets").
 MIN_SESSION_SHARE: Final = 0.8  # every session >= 0.8x its fair share
 MIN_AGGREGATE_VS_SINGLE: Final = 0.9  # aggregate FPS of N sessions >= 0.9x one session's
 MIN_DELIVERED_VS_ENGINE: Final = 0.95  # over the socket: delivered FPS >= 0.95x the engine's FPS
@@ -755,10 +755,11 @@ def measure_cold_start(
 
     The pipeline (a ``Flux2KleinPipeline``, or a ``Flux2Engine``'s, loaded here if needed) is written with
     ``save_pretrained`` (safetensors) to ``workdir/checkpoint``. Then, per entry of ``runs``, a child
-    process builds ``Flux2Engine(model=<checkpoint>, local_files_only=True, **engine_options)`` and times
-    its stages from the moment this process spawned it (``COLD_START_STAGES``) to the first frame. "empty"
-    runs with a freshly emptied torch.compile cache (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under
-    ``workdir/compile-cache``), "warm" with the same cache as the runs before it. With
+    process builds ``create_flux2_engine(model=<checkpoint>, local_files_only=True, **engine_options)``
+    (``engine_options`` are ``Flux2Config`` fields) and times its stages from the moment this process
+    spawned it (``COLD_START_STAGES``) to the first frame. "empty" runs with a freshly emptied
+    torch.compile cache (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under ``workdir/compile-cache``),
+    "warm" with the same cache as the runs before it. With
     ``drop_page_cache`` the checkpoint is evicted from the page cache before each child, so it is read
     from disk. ``release`` is called once before the first child (to free this process's GPU memory).
 
@@ -890,10 +891,10 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
 
     from bench.loadgen import PROMPTS
     from inference.engines.base import FrameJob, deferred_warm_ups
-    from inference.engines.flux2 import Flux2Engine
+    from inference.engines.flux2 import create_flux2_engine
 
     marks["imports"] = _since_spawn(spawned)
-    engine = Flux2Engine(model=model, local_files_only=True, **options)
+    engine = create_flux2_engine(model=model, local_files_only=True, **options)
 
     def sync() -> None:
         if engine.device.type == "cuda":
@@ -928,7 +929,7 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
     engine.warm_up()
     marks["warm_up"] = _since_spawn(spawned)
     # A prompt warm_up() did not see: a user's first frame pays for encoding its prompt too.
-    job = FrameJob("cold-start", 1, _camera_jpegs(1)[0], PROMPTS[0], engine.steps, 1)
+    job = FrameJob("cold-start", 1, _camera_jpegs(1)[0], PROMPTS[0], engine.config.steps, 1)
     output = engine.render([job])[0]
     sync()
     marks["first_frame"] = _since_spawn(spawned)
@@ -968,7 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     child = commands.add_parser("cold-start-child", help="one cold start (spawned by measure_cold_start)")
     child.add_argument("--model", required=True, help="local diffusers checkpoint directory")
-    child.add_argument("--options", default="{}", help="Flux2Engine keyword options as JSON")
+    child.add_argument("--options", default="{}", help="Flux2Config fields as JSON")
     child.add_argument("--spawned-at", type=float, default=None, help="the parent's time.time() at spawn")
     args = parser.parse_args(argv)
     result = cold_start_child(args.model, json.loads(args.options), args.spawned_at)

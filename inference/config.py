@@ -71,16 +71,16 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     cache_dir: str | None = None  # where weights are downloaded; a persistent volume in production
     # Frames of different sessions rendered in one transformer call. 1: sessions take turns. The klein
     # transformer is compute-bound at batch 1, so batching adds no throughput while every session waits
-    # for the whole batch: on an H200, 4 sessions at batch 4 saw p50 335 ms, at batch 1 96 ms, with the
-    # same 12.5 frames per second in total (docs/performance.md). Larger batches pay on smaller models.
+    # for the whole batch (docs/performance.md, "Sessions through the scheduler"). Larger batches pay on
+    # smaller models.
     max_batch: int = 1
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: CUDA when available
     dtype: str | None = None  # "bfloat16", "float16", "float32"; None: the engine's default for the device
     # torch.compile the transformer and VAE: a longer warm-up, faster frames. None: on CUDA, not on a CPU.
     compile: bool | None = None
     # The render modes sessions may choose, comma-separated, the default first: "exact" reproduces the
-    # reference pipeline; "fast" and "turbo" are approximate (inference/engines/flux2.py). Each one adds
-    # its compilation to the warm-up.
+    # reference pipeline; "fast" and "turbo" are approximate (inference/engines/flux2/recipes.py). Each
+    # one adds its compilation to the warm-up.
     modes: str = "exact,fast,turbo"
     # "pretrained": the checkpoint; "random": klein-4B's architecture with random weights (benchmarks
     # without the download); "tiny": a tiny random model that runs on a CPU (tests).

@@ -41,8 +41,8 @@ WS_MAX_MESSAGE_BYTES: Final = 2 * (MAX_FRAME_JPEG_BYTES + FRAME_HEADER_BYTES + M
 
 # Keyword arguments for uvicorn wherever it serves `/ws` (`python -m inference`, `python -m app`, the bench).
 # Per-message deflate is uvicorn's default and every browser offers it, but the frames are JPEG, which
-# deflate cannot shrink: it only spends CPU on both ends, about 10 ms per frame on an H200's loopback
-# (docs/performance.md, run K), all of it added to the latency the user sees.
+# deflate cannot shrink: it only spends CPU on both ends, all of it added to the latency the user sees
+# (docs/performance.md, "The WebSocket on loopback").
 WEBSOCKET_SERVER_OPTIONS: Final[Mapping[str, Any]] = MappingProxyType(
     {"ws_max_size": WS_MAX_MESSAGE_BYTES, "ws_per_message_deflate": False}
 )

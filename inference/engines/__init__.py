@@ -19,8 +19,8 @@ def _preview(config: WorkerConfig) -> Engine:
 
 
 def flux2_options(config: WorkerConfig) -> dict[str, Any]:
-    """The worker's settings as `create_flux2_engine` keyword options; unset ones keep the engine's
-    defaults."""
+    """The worker's settings as `create_flux2_engine` keyword options (`Flux2Config` fields); unset ones
+    keep the engine's defaults."""
     options: dict[str, Any] = {
         "model": config.model_path or config.model_id,
         "steps": config.default_steps,

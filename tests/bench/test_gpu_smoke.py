@@ -55,5 +55,5 @@ def test_bench_runs_every_case_and_writes_its_record(tmp_path, capsys: pytest.Ca
 
     printed = capsys.readouterr().out.rsplit("wrote", 1)[1]
     assert "render_frames" in printed
-    assert "2 steps: compiled seed-style baseline" in printed
+    assert "2 steps: compiled pipeline baseline" in printed
     assert "x baseline" in printed

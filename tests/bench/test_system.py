@@ -8,12 +8,12 @@ import json
 import pytest
 
 from bench import system
-from inference.engines.flux2 import Flux2Engine
+from inference.engines.flux2 import Flux2Engine, create_flux2_engine
 
 
 @pytest.fixture(scope="module")
 def engine() -> Flux2Engine:
-    engine = Flux2Engine(tiny=True, compile=False, device="cpu", max_batch=2)
+    engine = create_flux2_engine(tiny=True, compile=False, device="cpu", max_batch=2)
     engine.warm_up()
     return engine
 

@@ -32,16 +32,17 @@ def test_the_preview_worker_does_not_import_torch() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_flux2_options_are_keywords_the_flux2_engine_accepts() -> None:
+def test_flux2_options_are_fields_of_the_flux2_engine_config() -> None:
     # Read from the source rather than imported: importing torch and diffusers takes many seconds.
-    tree = ast.parse((ROOT / "inference/engines/flux2.py").read_text())
-    engine_class = next(
-        node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "Flux2Engine"
+    tree = ast.parse((ROOT / "inference/engines/flux2/config.py").read_text())
+    config_class = next(
+        node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "Flux2Config"
     )
-    init = next(
-        node for node in engine_class.body if isinstance(node, ast.FunctionDef) and node.name == "__init__"
-    )
-    accepted = {argument.arg for argument in init.args.kwonlyargs}
+    accepted = {
+        node.target.id
+        for node in config_class.body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
     config = WorkerConfig(
         stream_secret=SECRET,
         engine="flux2",

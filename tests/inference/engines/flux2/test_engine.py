@@ -80,7 +80,7 @@ def test_factory_is_lazy_and_satisfies_the_engine_protocol() -> None:
 def test_warm_up_warms_the_default_mode_and_defers_the_others() -> None:
     engine = create_flux2_engine(tiny=True, device="cpu")
     engine.load()
-    calls, hook = _token_counts(engine._fp8_transformer)
+    calls, hook = _token_counts(engine.transformers.fp8)
     engine.warm_up()
     assert calls == []  # the FP8 transformer (fast, turbo) has not run: ready after exact alone
     tasks = engine.deferred_warm_ups()
@@ -194,7 +194,7 @@ def test_render_groups_jobs_by_mode_and_steps_and_keeps_their_order(engine: Flux
             lambda module, args, kwargs, output: batch_sizes.append(kwargs["hidden_states"].shape[0]),
             with_kwargs=True,
         )
-        for transformer in (engine.pipe.transformer, engine._fp8_transformer)
+        for transformer in (engine.pipe.transformer, engine.transformers.fp8)
     ]
     try:
         together = [_decode(jpeg).astype(int) for jpeg in engine.render(jobs)]
@@ -282,7 +282,7 @@ def test_fast_modes_are_close_to_exact_and_do_less_work(
 ) -> None:
     frame = _as_tensor(_frame(15))
     exact = engine.render_frames(frame, ["oil painting"], steps=2, seeds=[3])
-    fp8_transformer = engine._fp8_transformer
+    fp8_transformer = engine.transformers.fp8
     assert isinstance(fp8_transformer.single_transformer_blocks[0].attn.to_qkv_mlp_proj, Float8Linear)
     # The exact mode's transformer is untouched.
     assert isinstance(

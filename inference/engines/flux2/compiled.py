@@ -1,0 +1,58 @@
+"""torch.compile scopes of the engine's modules: the transformer(s) and the VAE's encoder and decoder.
+
+Compilation itself happens in the first call of each input shape (the engine's warm-up makes those calls).
+Compiled kernels round differently from eager ones, so outputs move by rounding-level amounts, as those of
+a compiled Flux2KleinPipeline do.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import torch
+from diffusers import AutoencoderKLFlux2
+from diffusers.models.attention_processor import AttnProcessor
+
+# "blocks": regional compilation (diffusers' compile_repeated_blocks): the double and the single block are
+# each compiled once and reused by every block of their kind, several times quicker to compile than the
+# whole transformer as one graph ("full"), at a few ms per frame. "auto": the exact transformer whole (one
+# call signature, the fastest frame), the FP8 one by blocks (its modes make several call signatures).
+COMPILE_SCOPES: Final = ("auto", "blocks", "full")
+
+
+def compile_transformers(exact: torch.nn.Module, fp8: torch.nn.Module | None, *, scope: str) -> None:
+    """Compile the exact transformer and the FP8 copy (when there is one) in place; compiling a module
+    again replaces its compilation."""
+    # Both transformers' blocks share one code object per block class, and every mode and batch shape is
+    # a graph of its own under it: more than dynamo's default limit of 8, past which it gives up.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 1024
+    )
+    for module in [exact] if fp8 is None else [exact, fp8]:
+        module_scope = scope
+        if scope == "auto":
+            module_scope = "full" if module is exact else "blocks"
+        # dynamic=None: batch size 1 gets a graph of its own, the first other batch size a graph with a
+        # symbolic batch dimension that serves every larger batch (no compilation per session count).
+        if module_scope == "blocks":
+            module.compile_repeated_blocks(fullgraph=True, dynamic=None)
+        else:
+            module.compile(fullgraph=True, dynamic=None)
+
+
+def compile_vae(vae: AutoencoderKLFlux2) -> None:
+    """Compile the VAE's encoder and decoder in place, with the layout and attention they compile best in.
+
+    The VAE runs once per frame each way; GroupNorm at batch 1 is where eager PyTorch loses most (one
+    thread block per group), and a compiled reduction does not. Shapes are static: a dynamic graph would
+    serve the 256² reference frames of "turbo" too, but it is then also what the 512² frames run through
+    (dynamo tries its newest graph first), and its kernels are slower. The weights are made channels-last,
+    the layout the tensor-core convolutions read, so no layout copies sit between them; and the mid-block
+    attention (one head of 512 channels, which the flash kernels do not take) becomes plain matrix
+    products that inductor fuses. docs/performance.md has what each of these buys.
+    """
+    vae.to(memory_format=torch.channels_last)
+    vae.set_attn_processor(AttnProcessor())
+    vae.encoder.compile(fullgraph=True, dynamic=False)
+    vae.decoder.compile(fullgraph=True, dynamic=False)

@@ -1,0 +1,421 @@
+"""The flux2 engine's render path: webcam frames restyled by FLUX.2 [klein] through diffusers' components.
+
+Each frame conditions generation as a reference image, exactly as ``Flux2KleinPipeline`` does: the frame is
+VAE-encoded and its latent tokens are appended after the noise tokens, and a few distilled Euler steps turn
+seeded noise into the output image. Per frame the engine runs only the VAE encoder, the transformer steps
+and the VAE decoder; what depends on the session rather than the frame is computed once and cached: the
+prompt's embedding (one text-encoder pass per distinct prompt), the initial noise of the session's seed
+(the same for all its frames, which keeps a live stream temporally stable), the timestep schedule per step
+count, position ids and the VAE's latent statistics.
+
+Jobs of one ``render()`` call are stacked into one transformer batch even when their prompts differ; jobs
+with different modes or step counts go in separate batches. In the ``exact`` mode, on the same device and
+without compilation, the output tensors are bit-identical to the pipeline's with the same weights, frame,
+prompt and ``generator=torch.Generator(device).manual_seed(seed)``: the correctness gate for every
+speed-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+from inference.engines.base import FrameJob
+from inference.engines.flux2.checkpoint import build_pipeline
+from inference.engines.flux2.compiled import compile_transformers, compile_vae
+from inference.engines.flux2.config import Flux2Config
+from inference.engines.flux2.cuda_graphs import FrameGraphs
+from inference.engines.flux2.frames import decode_jpegs, encode_jpegs, gradient_frame, resize
+from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
+from inference.engines.flux2.kv_reuse import ReferenceKV
+from inference.engines.flux2.recipes import ModeRecipe, offered_modes
+from inference.engines.flux2.transformer import Transformers, predict
+from inference.protocol import MAX_STEPS, MIN_STEPS, OUTPUT_SIZE, RenderMode
+
+logger = logging.getLogger(__name__)
+
+
+class Conditioning(NamedTuple):
+    """What each row of a batch is rendered from besides its frame, taken from its job. Tensors only, so
+    that a captured CUDA graph can take them as inputs."""
+
+    prompt_embeds: torch.Tensor  # (B, text tokens, joint_attention_dim): the job's prompt
+    noise: torch.Tensor  # (B, latent tokens, C): the initial noise of the job's seed
+
+
+class Flux2Engine:
+    """Renders batches of webcam frames with FLUX.2 [klein], as ``config`` says (``Flux2Config``).
+
+    ``pipeline``: components already in memory (the bench shares one set of weights between engines);
+    otherwise ``load()`` builds or downloads them as the config says."""
+
+    name = "flux2"
+
+    def __init__(
+        self, config: Flux2Config | None = None, *, pipeline: Flux2KleinPipeline | None = None
+    ) -> None:
+        self.config = config = config or Flux2Config()
+        offered = offered_modes(config.modes, config.custom_modes)
+        self.modes: tuple[RenderMode, ...] = tuple(mode for mode, _ in offered.values())
+        self._recipes: dict[str, ModeRecipe] = {mode_id: recipe for mode_id, (_, recipe) in offered.items()}
+        self.model = config.model_label
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        # The scheduler reads max_batch per batch, and the bench changes it (and cuda_graphs) between cases.
+        self.max_batch = config.max_batch
+        self.compile = self.device.type == "cuda" if config.compile is None else config.compile
+        self.cuda_graphs = self.compile if config.cuda_graphs is None else config.cuda_graphs
+
+        self.pipe: Flux2KleinPipeline | None = None
+        self.transformers: Transformers | None = None
+        self._load_lock = threading.Lock()
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._noise_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_ids: dict[tuple[int, ...], torch.Tensor] = {}
+        self._reference_ids: dict[int, torch.Tensor] = {}
+        self._warm_modes: set[str] = set()
+        self._frame_graphs = FrameGraphs()
+        if pipeline is not None:
+            self._attach(pipeline)
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self) -> Flux2KleinPipeline:
+        """Build or load the pipeline's components on the device (once)."""
+        with self._load_lock:
+            if self.pipe is None:
+                self._attach(build_pipeline(self.config, self.device, self.dtype))
+            assert self.pipe is not None
+            return self.pipe
+
+    def _attach(self, pipe: Flux2KleinPipeline) -> None:
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.device = pipe.transformer.device
+        self.dtype = pipe.transformer.dtype
+        vae = pipe.vae
+        # Patched-latent geometry of an OUTPUT_SIZE² frame: VAE downsampling x 2x2 patches.
+        self._latent_size = OUTPUT_SIZE // (pipe.vae_scale_factor * 2)
+        self._latent_channels = pipe.transformer.config.in_channels
+        # The VAE's latent statistics, in the form (and dtype) Flux2KleinPipeline computes them per call.
+        bn_mean = vae.bn.running_mean.view(1, -1, 1, 1)
+        bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        self._bn_mean = bn_mean.to(self.device, self.dtype)
+        self._bn_std = bn_std.to(self.device, self.dtype)
+        shape = (1, self._latent_channels, self._latent_size, self._latent_size)
+        self._latent_ids = Flux2KleinPipeline._prepare_latent_ids(torch.empty(shape, device="meta")).to(
+            self.device
+        )
+        # The frame normalisation of VaeImageProcessor (x / 255 * 2 - 1 in float32, then the VAE's dtype) as
+        # a table of its 256 possible results, computed on the CPU as the pipeline computes them. On CUDA,
+        # dividing by a scalar is done as a multiplication by its reciprocal, which rounds differently.
+        levels = torch.arange(256, dtype=torch.float32) / 255.0
+        self._pixel_values = (2.0 * levels - 1.0).to(vae.dtype).to(self.device)
+        if self.config.fuse_qkv:
+            pipe.transformer.fuse_qkv_projections()
+        self.transformers = Transformers(pipe.transformer, self._recipes.values())
+        if self.compile:
+            compile_transformers(
+                self.transformers.exact, self.transformers.fp8, scope=self.config.compile_scope
+            )
+            compile_vae(vae)
+
+    # ------------------------------------------------------------------ the Engine protocol
+
+    def warm_up(self) -> None:
+        """Load the weights and warm the default mode, which is all the first frame needs; the other modes
+        are ``deferred_warm_ups()``. Warming renders throw-away frames through ``render()`` (JPEG codecs
+        included): the first call allocates workspaces, and with ``compile`` each mode's transformer calls
+        compile on first use (seconds from a warm compile cache, tens of seconds from an empty one), once
+        for batch size 1 and once for a symbolic batch size that serves the rest."""
+        self.load()
+        self.warm_up_mode(self.modes[0].id)
+
+    def deferred_warm_ups(self) -> list[Callable[[], None]]:
+        """Tasks for the scheduler to run while no frame is waiting: one per mode not warmed yet (a mode
+        chosen before its task ran compiles on its first frame instead, once), then, with CUDA graphs, one
+        per other step count of each mode, so that changing steps mid-stream does not wait for a capture."""
+        cold = [mode.id for mode in self.modes if mode.id not in self._warm_modes]
+        tasks = [partial(self.warm_up_mode, mode) for mode in cold]
+        if self.cuda_graphs and self.device.type == "cuda":
+            tasks += [
+                partial(self._capture_graph, mode.id, steps)
+                for mode in self.modes
+                for steps in range(MIN_STEPS, MAX_STEPS + 1)
+            ]
+        return tasks
+
+    def warm_up_mode(self, mode: str) -> None:
+        if mode in self._warm_modes:
+            return
+        jpeg = self._warm_up_jpeg()
+        sizes = sorted({1, min(2, self.max_batch), self.max_batch}) if self.compile else [1]
+        # At least 2 steps: reference K/V reuse runs a different transformer call from the second step on.
+        steps = max(2, self.config.steps)
+        for size in sizes:
+            self.render([FrameJob("warm-up", 0, jpeg, "warm-up", steps, seed, mode) for seed in range(size)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._warm_modes.add(mode)
+
+    def _capture_graph(self, mode: str, steps: int) -> None:
+        if (mode, steps, 1) not in self._frame_graphs:
+            self.render([FrameJob("warm-up", 0, self._warm_up_jpeg(), "warm-up", steps, 0, mode)])
+
+    def _warm_up_jpeg(self) -> bytes:
+        return self.encode_jpegs(gradient_frame(self.device).to(torch.float32) / 255)[0]
+
+    def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
+        """One OUTPUT_SIZE² JPEG per job, in order: the frames decoded, rendered in one batch per (mode,
+        steps), encoded."""
+        if len(jobs) > self.max_batch:
+            raise ValueError(f"render() accepts at most {self.max_batch} jobs, got {len(jobs)}")
+        if not jobs:
+            return []
+        self.load()
+        groups = _group_jobs(jobs, self.modes[0].id, self.config.steps)
+        for mode, _ in groups:
+            self._recipe(mode)
+        frames = self.decode_frames([job.jpeg for job in jobs])
+        images: list[torch.Tensor | None] = [None] * len(jobs)
+        for (mode, steps), indices in groups.items():
+            rendered = self.render_frames(
+                frames[indices],
+                [jobs[i].prompt for i in indices],
+                steps=steps,
+                seeds=[jobs[i].seed for i in indices],
+                mode=mode,
+            )
+            for row, index in enumerate(indices):
+                images[index] = rendered[row]
+        return self.encode_jpegs(torch.stack(images))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ the render path
+
+    @torch.no_grad()
+    def render_frames(
+        self,
+        frames: torch.Tensor,
+        prompts: Sequence[str],
+        *,
+        steps: int,
+        seeds: Sequence[int],
+        mode: str = "",
+    ) -> torch.Tensor:
+        """Restyle uint8 RGB frames (B, 3, 512, 512): one prompt and noise seed per frame, ``steps``
+        denoising steps and one mode for all. Returns float images in [0, 1], (B, 3, 512, 512), on the
+        device; in the exact mode these are what Flux2KleinPipeline(..., output_type="pt") returns for the
+        same inputs."""
+        self.load()
+        mode = mode or self.modes[0].id
+        recipe = self._recipe(mode)
+        batch_size = frames.shape[0]
+        if not (len(prompts) == len(seeds) == batch_size):
+            raise ValueError(
+                f"{batch_size} frames need as many prompts and seeds, got {len(prompts)}/{len(seeds)}"
+            )
+        if tuple(frames.shape[1:]) != (3, OUTPUT_SIZE, OUTPUT_SIZE):
+            raise ValueError(
+                f"frames must be (B, 3, {OUTPUT_SIZE}, {OUTPUT_SIZE}), got {tuple(frames.shape)}"
+            )
+        # Everything looked up per job (and cached) comes first: what follows is the frame's GPU work alone,
+        # the part a CUDA graph can capture.
+        conditioning = self._conditioning(prompts, seeds, recipe)
+        frames = frames.to(self.device)
+        if not (self.cuda_graphs and self.device.type == "cuda"):
+            return self._denoise(frames, *conditioning, recipe=recipe, steps=steps)
+        denoise = partial(self._denoise, recipe=recipe, steps=steps)
+        return self._frame_graphs.replay((mode, steps, batch_size), denoise, (frames, *conditioning))
+
+    def _conditioning(self, prompts: Sequence[str], seeds: Sequence[int], recipe: ModeRecipe) -> Conditioning:
+        # 1. The prompts' embeddings (cached per prompt), cut to the tokens the recipe attends to
+        prompt_embeds = torch.cat([self.prompt_embeds(prompt) for prompt in prompts])
+        if recipe.text_tokens < prompt_embeds.shape[1]:
+            prompt_embeds = prompt_embeds[:, : recipe.text_tokens]
+        # 2. The initial noise, fixed per seed
+        noise = torch.cat([self._noise(seed, prompt_embeds.dtype) for seed in seeds])
+        return Conditioning(prompt_embeds, noise)
+
+    def _denoise(
+        self,
+        frames: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        recipe: ModeRecipe,
+        steps: int,
+    ) -> torch.Tensor:
+        """The GPU work of a frame: encode the reference, ``steps`` transformer steps, decode. Nothing here
+        reads a tensor's values on the host, so it can be captured as a CUDA graph (the caches it reads
+        from are filled by a first, uncaptured call)."""
+        assert self.transformers is not None
+        transformer = self.transformers.for_recipe(recipe)
+        batch_size = frames.shape[0]
+        text_ids = self._txt_ids(prompt_embeds)
+
+        # 3. The frames, encoded as the reference image
+        reference, reference_ids = self._encode_reference(frames, recipe.reference_size)
+        latents = noise
+        latent_ids = self._latent_ids.expand(batch_size, -1, -1)
+
+        # 4. Denoising loop
+        timesteps, sigmas = self._schedule(steps)
+        reference_kv = ReferenceKV() if recipe.reference_kv_reuse else None
+        for i, t in enumerate(timesteps):
+            timestep = (t.expand(batch_size).to(latents.dtype)) / 1000
+            text = {
+                "timestep": timestep,
+                "guidance": None,
+                "encoder_hidden_states": prompt_embeds,
+                "txt_ids": text_ids,
+                # Passed as the pipeline passes it, so a compiled transformer sees the same call signature
+                # from both and one graph serves both.
+                "joint_attention_kwargs": None,
+                "return_dict": False,
+            }
+            if reference_kv is None:
+                noise_pred = predict(transformer, latents, latent_ids, reference, reference_ids, text)
+            else:
+                noise_pred = reference_kv.predict(
+                    transformer, latents, latent_ids, reference, reference_ids, text
+                )
+            # FlowMatchEulerDiscreteScheduler.step, operation for operation: the update is added in float32
+            # and the result cast back to the model's dtype.
+            dt = sigmas[i + 1] - sigmas[i]
+            latents = (latents.to(torch.float32) + dt * noise_pred).to(noise_pred.dtype)
+
+        # 5. Decode
+        return self._decode(latents, latent_ids)
+
+    def _encode_reference(self, frames: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 frames (B, 3, 512, 512) as reference-image latent tokens (B, tokens, C), encoded at size²,
+        and their position ids."""
+        assert self.pipe is not None
+        # VaeImageProcessor's arithmetic: [0, 255] -> [0, 1] -> [-1, 1], looked up in (B, H, W, C) order and
+        # viewed as (B, C, H, W): the pipeline's tensor comes from an HWC numpy array, so it is channels-last
+        # in memory (with a full batch stride), and convolution kernels differ by memory format, so matching
+        # that layout is what makes the encoder's output identical.
+        if size != OUTPUT_SIZE:
+            frames = resize(frames, size)
+        pixels = frames.permute(0, 2, 3, 1).contiguous()
+        image = self._pixel_values[pixels.long()].permute(0, 3, 1, 2)
+        latents = self.pipe._encode_vae_image(image=image, generator=None)
+        latents = Flux2KleinPipeline._pack_latents(latents)  # (B, 1024, C) at 512²
+        return latents, self._reference_latent_ids(size).expand(frames.shape[0], -1, -1)
+
+    def _decode(self, latents: torch.Tensor, latent_ids: torch.Tensor) -> torch.Tensor:
+        """Denoised latent tokens as float images in [0, 1], (B, 3, 512, 512)."""
+        assert self.pipe is not None
+        latents = Flux2KleinPipeline._unpack_latents_with_ids(
+            latents, latent_ids, self._latent_size, self._latent_size
+        )
+        latents = latents * self._bn_std + self._bn_mean
+        latents = Flux2KleinPipeline._unpatchify_latents(latents)
+        image = self.pipe.vae.decode(latents, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pt")
+
+    # ------------------------------------------------------------------ cached per prompt / seed / steps
+
+    def prompt_embeds(self, prompt: str) -> torch.Tensor:
+        """(1, 512, joint_attention_dim) embedding of ``prompt``; the text encoder runs once per prompt."""
+        embeds = self._prompt_cache.get(prompt)
+        if embeds is not None:
+            self._prompt_cache.move_to_end(prompt)
+            return embeds
+        pipe = self.load()
+        # Encoded alone, not batched with other new prompts, so a prompt's embedding never depends on
+        # which other prompts arrived in the same batch.
+        embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            prompt=prompt,
+            device=self.device,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            hidden_states_layers=TEXT_ENCODER_OUT_LAYERS,
+        )
+        self._prompt_cache[prompt] = embeds
+        while len(self._prompt_cache) > self.config.prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
+        return embeds
+
+    def _noise(self, seed: int, dtype: torch.dtype) -> torch.Tensor:
+        # The draw of Flux2KleinPipeline.prepare_latents given a generator on the device seeded with `seed`:
+        # a (1, C, H, W) normal sample in the prompt embeddings' dtype, packed to (1, H*W, C).
+        noise = self._noise_cache.get(seed)
+        if noise is None or noise.dtype != dtype:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            shape = (1, self._latent_channels, self._latent_size, self._latent_size)
+            sample = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+            noise = Flux2KleinPipeline._pack_latents(sample)
+            self._noise_cache[seed] = noise
+            while len(self._noise_cache) > 4 * self.config.prompt_cache_size:
+                self._noise_cache.popitem(last=False)
+        else:
+            self._noise_cache.move_to_end(seed)
+        return noise
+
+    def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps, sigmas) of ``steps`` Euler steps, as Flux2KleinPipeline sets its scheduler."""
+        if steps not in self._schedules:
+            pipe = self.load()
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+            if getattr(scheduler.config, "use_flow_sigmas", False):
+                sigmas = None
+            mu = compute_empirical_mu(image_seq_len=self._latent_size**2, num_steps=steps)
+            timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+            self._schedules[steps] = (timesteps, scheduler.sigmas.to(self.device))
+        return self._schedules[steps]
+
+    def _txt_ids(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        key = tuple(prompt_embeds.shape[:2])
+        if key not in self._text_ids:
+            self._text_ids[key] = Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(self.device)
+        return self._text_ids[key]
+
+    def _reference_latent_ids(self, size: int) -> torch.Tensor:
+        # One reference image per job, at time coordinate 10 as Flux2KleinPipeline places the first one.
+        if size not in self._reference_ids:
+            side = size // (self.pipe.vae_scale_factor * 2)  # type: ignore[union-attr]
+            shape = (1, self._latent_channels, side, side)
+            ids = Flux2KleinPipeline._prepare_image_ids([torch.empty(shape, device="meta")])
+            self._reference_ids[size] = ids.to(self.device)
+        return self._reference_ids[size]
+
+    def _recipe(self, mode: str) -> ModeRecipe:
+        try:
+            return self._recipes[mode]
+        except KeyError:
+            raise ValueError(f"unknown mode {mode!r}; this engine has {', '.join(self._recipes)}") from None
+
+    # ------------------------------------------------------------------ frames in and out
+
+    def decode_frames(self, jpegs: Sequence[bytes]) -> torch.Tensor:
+        """uint8 RGB frames (B, 3, 512, 512) on the engine's device."""
+        return decode_jpegs(jpegs, self.device)
+
+    def encode_jpegs(self, images: torch.Tensor) -> list[bytes]:
+        """JPEG bytes of float images in [0, 1] (B, 3, H, W), rounded to 8 bits as diffusers' PIL output."""
+        return encode_jpegs(images, self.config.jpeg_quality)
+
+
+def _group_jobs(
+    jobs: Sequence[FrameJob], default_mode: str, default_steps: int
+) -> dict[tuple[str, int], list[int]]:
+    """Job indices by (mode, steps): one transformer batch each, since their schedules and graphs differ."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for index, job in enumerate(jobs):
+        key = (job.mode or default_mode, job.steps if job.steps > 0 else default_steps)
+        groups.setdefault(key, []).append(index)
+    return groups

@@ -1,0 +1,102 @@
+"""Render modes as recipes: which approximations of the exact pipeline each mode applies.
+
+A session picks a mode per frame (``FrameJob.mode``). The default recipe is the exact pipeline; every
+other one is labelled approximate and says what it changes. Each approximation lives in its own module:
+``fp8.py`` (FP8 matrix products), ``kv_reuse.py`` (the reference frame's keys and values computed once per
+frame); fewer text tokens and a smaller reference frame are shapes the render path takes from the recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH
+from inference.protocol import OUTPUT_SIZE, RenderMode
+
+
+@dataclass(frozen=True, slots=True)
+class ModeRecipe:
+    """Which approximations a render mode applies; the default recipe is the exact pipeline."""
+
+    # The transformer blocks' linear layers multiply in FP8 (e4m3) on the tensor cores: weights quantized
+    # once with one scale per output channel, activations per token on the fly, float32 accumulation.
+    fp8: bool = False
+    # How many prompt-embedding tokens the transformer attends to. The pipeline pads every prompt to 512
+    # and attends to the padding too; the text encoder is causal, so the first `text_tokens` embeddings are
+    # unchanged by dropping the rest, but the transformer's output changes (and longer prompts are cut).
+    text_tokens: int = MAX_SEQUENCE_LENGTH
+    # Flux2KleinKVPipeline's scheme: at the first step the reference tokens attend only to themselves, at
+    # timestep 0, and their keys/values are cached; later steps run without them and attend to the cache.
+    reference_kv_reuse: bool = False
+    # Side of the square the webcam frame is encoded at as the reference image (512: 1024 tokens).
+    reference_size: int = OUTPUT_SIZE
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.text_tokens <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"text_tokens must be in 1..{MAX_SEQUENCE_LENGTH}, got {self.text_tokens}")
+        if self.reference_size % 16 or not 64 <= self.reference_size <= OUTPUT_SIZE:
+            raise ValueError(f"reference_size must be a multiple of 16 in 64..{OUTPUT_SIZE}")
+
+    @property
+    def approximate(self) -> bool:
+        return self != ModeRecipe()
+
+    def describe(self) -> str:
+        """The approximations, e.g. "fp8, 128 text tokens, reference K/V reuse"; "exact" when none."""
+        parts = ["fp8"] if self.fp8 else []
+        if self.text_tokens != MAX_SEQUENCE_LENGTH:
+            parts.append(f"{self.text_tokens} text tokens")
+        if self.reference_kv_reuse:
+            parts.append("reference K/V reuse")
+        if self.reference_size != OUTPUT_SIZE:
+            parts.append(f"reference {self.reference_size}x{self.reference_size}")
+        return ", ".join(parts) or "exact"
+
+
+EXACT: Final = RenderMode(
+    id="exact",
+    label="Exact",
+    approximate=False,
+    detail="FLUX.2 [klein] computed as the reference pipeline computes it (bf16, full prompt and frame).",
+)
+FAST: Final = RenderMode(
+    id="fast",
+    label="Fast",
+    approximate=True,
+    detail="Approximate: FP8 matrix products, a 128-token prompt, and the webcam frame's attention keys "
+    "and values computed once per frame instead of at every step.",
+)
+TURBO: Final = RenderMode(
+    id="turbo",
+    label="Turbo",
+    approximate=True,
+    detail="Approximate: as Fast, with the webcam frame read at 256x256 instead of 512x512 "
+    "(the output stays 512x512).",
+)
+# The built-in modes, fastest last; the worker's FLUX2_MODES picks from these ids.
+MODE_RECIPES: Final[dict[str, tuple[RenderMode, ModeRecipe]]] = {
+    "exact": (EXACT, ModeRecipe()),
+    "fast": (FAST, ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True)),
+    "turbo": (TURBO, ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True, reference_size=256)),
+}
+
+
+def offered_modes(
+    modes: Sequence[str], custom_modes: Mapping[str, ModeRecipe]
+) -> dict[str, tuple[RenderMode, ModeRecipe]]:
+    """The modes an engine offers by id, in order (the first is the default): the built-in ``modes``, then
+    the ``custom_modes``, each labelled with its id and described by its recipe."""
+    unknown = [mode for mode in modes if mode not in MODE_RECIPES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; built-in modes are {', '.join(MODE_RECIPES)}")
+    offered = {mode: MODE_RECIPES[mode] for mode in modes}
+    for mode_id, recipe in custom_modes.items():
+        if mode_id in offered:
+            raise ValueError(f"custom mode {mode_id!r} is already a mode")
+        mode = RenderMode(id=mode_id, label=mode_id, approximate=recipe.approximate, detail=recipe.describe())
+        offered[mode_id] = (mode, recipe)
+    if not offered:
+        raise ValueError("an engine needs at least one mode")
+    return offered

@@ -1,0 +1,62 @@
+"""The transformer as the denoising loop uses it: which copy a mode runs on, and one step's prediction.
+
+The checkpoint's bf16 transformer serves the modes without FP8, so they stay exact; the modes with FP8 run
+on a quantized copy (fp8.py). Whatever changes the transformer for a mode or a session is set up here,
+once per copy, and everything that calls it goes through ``Transformers.for_recipe``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+
+from inference.engines.flux2.fp8 import quantized_copy
+from inference.engines.flux2.kv_reuse import use_kv_attention
+from inference.engines.flux2.recipes import ModeRecipe
+
+
+class Transformers:
+    """The transformer copies an engine's modes run on: ``exact`` always, ``fp8`` when a mode needs it."""
+
+    def __init__(self, exact: Flux2Transformer2DModel, recipes: Iterable[ModeRecipe]) -> None:
+        recipes = list(recipes)
+        self.exact = exact
+        self.fp8: Flux2Transformer2DModel | None = (
+            quantized_copy(exact) if any(recipe.fp8 for recipe in recipes) else None
+        )
+        for recipe in recipes:
+            if recipe.reference_kv_reuse:
+                use_kv_attention(self.for_recipe(recipe))
+
+    def for_recipe(self, recipe: ModeRecipe) -> Flux2Transformer2DModel:
+        if recipe.fp8:
+            assert self.fp8 is not None
+            return self.fp8
+        return self.exact
+
+    def __iter__(self) -> Iterator[Flux2Transformer2DModel]:
+        yield self.exact
+        if self.fp8 is not None:
+            yield self.fp8
+
+
+def predict(
+    transformer: Flux2Transformer2DModel,
+    latents: torch.Tensor,
+    latent_ids: torch.Tensor,
+    reference: torch.Tensor,
+    reference_ids: torch.Tensor,
+    text: dict[str, Any],
+) -> torch.Tensor:
+    """One step's prediction for the noise tokens, as Flux2KleinPipeline makes it: the reference frame's
+    tokens appended after the noise tokens, attended to jointly. ``text`` is the rest of the transformer's
+    keyword arguments."""
+    noise_pred = transformer(
+        hidden_states=torch.cat([latents, reference], dim=1).to(transformer.dtype),
+        img_ids=torch.cat([latent_ids, reference_ids], dim=1),
+        **text,
+    )[0]
+    return noise_pred[:, : latents.shape[1]]
