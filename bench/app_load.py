@@ -68,6 +68,7 @@ import httptools
 import httpx
 import msgspec
 
+from app.__main__ import KEEP_ALIVE_SECONDS
 from app.settings import LIVE_ALSO_REQUIRED, LIVE_KEYS
 from inference.protocol import StreamClaim, UsageReport
 from inference.signing import Purpose, encode_signed
@@ -75,6 +76,9 @@ from inference.tickets import verify_ticket
 from inference.usage_reporter import encode_usage_report
 
 ROOT: Final = Path(__file__).resolve().parent.parent
+# A connection idle this long is closed by the client, before the app's keep-alive timeout closes it under
+# a request in flight.
+IDLE_SECONDS: Final = KEEP_ALIVE_SECONDS - 4.0
 FRONTEND: Final = "/sandbox/clerk/v1/client"
 WORKER_ID: Final = "bench-app-load"
 # A refused start is tried again this much later (a person pressing Start again), not at once: retrying
@@ -217,7 +221,7 @@ class AppUnderTest:
             time.sleep(0.1)
 
     def stream_secret(self) -> str:
-        from app.sandbox.keys import SECRETS_FILE
+        from sandbox.keys import SECRETS_FILE
 
         return str(json.loads((self.state_dir / SECRETS_FILE).read_bytes())["stream_secret"])
 
@@ -401,7 +405,13 @@ class HttpPool:
     """Keep-alive connections to one server, at most `max_connections`; waiters are served in order."""
 
     def __init__(
-        self, host: str, port: int, max_connections: int, *, idle_seconds: float = 4.0, timeout: float = 30.0
+        self,
+        host: str,
+        port: int,
+        max_connections: int,
+        *,
+        idle_seconds: float = IDLE_SECONDS,
+        timeout: float = 30.0,
     ) -> None:
         self.host, self.port = host, port
         self.timeout = timeout  # for a whole request, waiting for a connection included
