@@ -46,9 +46,9 @@ from litestar.response import Redirect
 from litestar.status_codes import HTTP_401_UNAUTHORIZED
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from app.sandbox import clerk_sessions
-from app.sandbox.clerk_sessions import FrontendSettings, SessionStore
 from app.settings import SANDBOX_CLERK_PREFIX, Settings
+from sandbox import clerk_sessions
+from sandbox.clerk_sessions import FrontendSettings, SessionStore
 
 log = logging.getLogger(__name__)
 

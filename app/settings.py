@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from app.sandbox.keys import SandboxSecrets, load_or_create_sandbox_secrets
 from inference.config import MIN_SECRET_BYTES
+from sandbox.keys import SandboxSecrets, load_or_create_sandbox_secrets
 
 # Variables that decide the mode when STYLECAST_MODE is unset: all of them set means live, none of them
 # (on a loopback address) means sandbox.

@@ -2,7 +2,8 @@
 
     uv run --group test python -m bench.app_load --streams 1000 --seconds 60
 
-What one live stream asks of the app (app/routes/usage.py, app/routes/stream.py, billing/metering.py):
+What one live stream asks of the app (app/routes/worker_requests.py, app/routes/stream.py,
+billing/ledger_store.py):
 
 * the worker's signed usage report, `POST /api/usage/report`, every 5 s (USAGE_REPORT_INTERVAL_SECONDS),
   answered at once from the app's pending state while the stream runs;
@@ -97,7 +98,7 @@ ENDPOINTS: Final = {
     "refresh": "POST /sandbox/clerk/v1/client/sessions/{id}/tokens (sandbox only)",
 }
 # The stream load the p99 budget applies to; claims and final reports are answered once written to Clerk
-# (per-user write spacing, billing/metering.py) and are reported beside it.
+# (per-user write spacing, billing/ledger_store.py) and are reported beside it.
 BUDGETED: Final = ("report", "meter", "ticket")
 
 _ACCESS_LINE = re.compile(rb'"(GET|POST|PATCH|PUT|DELETE) (/[^ ?"]*)[^"]* HTTP/[0-9.]+" (\d{3})')

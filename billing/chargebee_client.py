@@ -1,7 +1,8 @@
 """The ChargeBee calls Stylecast makes, through the official SDK's async client.
 
 The same code talks to `https://{site}.chargebee.com/api/v2` in live mode and to the emulator mounted in
-our own process in sandbox mode; only the site, domain, protocol and key differ (see app/settings.py).
+our own process in sandbox mode; only the site, domain, protocol and key differ (`ChargebeeConfig`, which
+the web app builds from its settings).
 Every call is awaited on the SDK's httpx.AsyncClient: a synchronous call here would stall the event loop,
 and in sandbox mode it would deadlock against the emulator served by that same loop.
 
@@ -12,15 +13,16 @@ leaves `/` and `.` in them, so `HostedPage.retrieve("../customers/x")` would fet
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import httpx
 import msgspec
 from chargebee import APIError, Chargebee
 
-from app.settings import Settings
 from billing import ids
 from billing.plans import Plan
+from billing.statuses import LIVE_STATUSES
 from billing.webhooks import SubscriptionSnapshot
 
 # A checkout or portal click waits on these; ChargeBee's own defaults (30 s connect, 80 s read) would
@@ -28,9 +30,16 @@ from billing.webhooks import SubscriptionSnapshot
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 30
 
-# Subscriptions that still bill or may bill again; a customer with one of these must change plans in the
-# portal instead of buying a second subscription.
-LIVE_STATUSES = ("future", "in_trial", "active", "non_renewing", "paused")
+
+@dataclass(frozen=True, kw_only=True)
+class ChargebeeConfig:
+    """Where the ChargeBee site is and how to sign in to it. The SDK builds its endpoint as
+    "{protocol}://{site}.{domain}/api/v2"."""
+
+    site: str
+    api_key: str = field(repr=False)
+    domain: str
+    protocol: Literal["http", "https"]
 
 
 class ChargebeeUnavailable(Exception):
@@ -56,16 +65,16 @@ class CheckoutResult(msgspec.Struct, frozen=True, kw_only=True):
     subscription: SubscriptionSnapshot | None
 
 
-def create_chargebee_client(settings: Settings) -> Chargebee:
-    if settings.chargebee_protocol == "http":
+def create_chargebee_client(config: ChargebeeConfig) -> Chargebee:
+    if config.protocol == "http":
         # The SDK picks http over https only when this class-wide flag is off (an instance attribute is
         # ignored). Only the sandbox emulator on loopback speaks plain http; live mode never gets here.
         Chargebee.verify_ca_certs = False
     return Chargebee(
-        api_key=settings.chargebee_api_key,
-        site=settings.chargebee_site,
-        chargebee_domain=settings.chargebee_domain,
-        protocol=settings.chargebee_protocol,
+        api_key=config.api_key,
+        site=config.site,
+        chargebee_domain=config.domain,
+        protocol=config.protocol,
         connection_time_out=CONNECT_TIMEOUT_S,
         read_time_out=READ_TIMEOUT_S,
         use_async_client=True,
@@ -187,6 +196,7 @@ async def _list_subscriptions(
         "limit": limit,
     }
     if statuses:
-        params["status"] = {"in": list(statuses)}
+        # Plain strings: the SDK sends a list filter as str(list), which spells an enum member as its repr.
+        params["status"] = {"in": [str(status) for status in statuses]}
     response = await _call(client.Subscription.list(params))
     return [msgspec.convert(entry.subscription.raw_data, SubscriptionSnapshot) for entry in response.list]

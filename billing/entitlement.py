@@ -2,7 +2,7 @@
 
 The rules (also in docs/metadata.md):
 
-* A paid plan whose subscription is in a granting status (in_trial, active, non_renewing) grants the
+* A paid plan whose subscription is in a granting status (billing/statuses.py) grants the
   plan's seconds per billing period, counted in `seconds_used`, which resets when a new term starts.
 * Everything else (never subscribed, cancelled, deleted, paused, future) falls back to the Free
   allowance: `free_plan_seconds` once per account, counted in `free_seconds_used`, which never resets.
@@ -15,8 +15,9 @@ from enum import StrEnum
 
 import msgspec
 
-from billing.metadata import GRANTING_STATUSES, PublicBilling
+from billing.metadata import PublicBilling
 from billing.plans import Plan, PlanCatalogue
+from billing.statuses import GRANTING_STATUSES
 
 
 class Counter(StrEnum):

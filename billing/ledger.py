@@ -37,7 +37,7 @@ from typing import Final
 import msgspec
 
 from billing.entitlement import Counter, entitlement
-from billing.metadata import BillingMetadata, PrivateBilling, PublicBilling, StreamUsage
+from billing.metadata import BillingMetadata, LedgerEntry, PrivateBilling, PublicBilling
 from billing.plans import PlanCatalogue
 from inference.protocol import StreamClaim, UsageReport
 from inference.tickets import DEFAULT_TTL_SECONDS, LEEWAY_SECONDS
@@ -123,12 +123,12 @@ def _issued(stream_id: str) -> int:
     return issued if issued is not None else 0
 
 
-def last_seen(stream_id: str, entry: StreamUsage, policy: LedgerPolicy = DEFAULT_POLICY) -> int:
+def last_seen(stream_id: str, entry: LedgerEntry, policy: LedgerPolicy = DEFAULT_POLICY) -> int:
     """The stream's last sign of life. A ticket not yet presented counts as alive until it expires."""
     return max(entry.reported_at, _issued(stream_id) + policy.ticket_ttl_seconds)
 
 
-def is_live(stream_id: str, entry: StreamUsage, now: int, policy: LedgerPolicy = DEFAULT_POLICY) -> bool:
+def is_live(stream_id: str, entry: LedgerEntry, now: int, policy: LedgerPolicy = DEFAULT_POLICY) -> bool:
     if entry.final:
         return False
     if not entry.claimed and entry.seconds == 0 and entry.reported_at <= _issued(stream_id):
@@ -138,7 +138,7 @@ def is_live(stream_id: str, entry: StreamUsage, now: int, policy: LedgerPolicy =
     return now - last_seen(stream_id, entry, policy) <= policy.stale_after_seconds
 
 
-def reserved_seconds(entry: StreamUsage) -> int:
+def reserved_seconds(entry: LedgerEntry) -> int:
     """What a live stream may still deliver under its ticket."""
     return max(0, entry.allowance - entry.seconds)
 
@@ -285,7 +285,7 @@ def reserve_stream(
         raise LedgerRefused(
             Refusal.MINUTES_IN_USE, "the time left is held by another live stream of this account"
         )
-    entry = StreamUsage(seconds=0, reported_at=now, allowance=allowance)
+    entry = LedgerEntry(seconds=0, reported_at=now, allowance=allowance)
     private = prune(
         msgspec.structs.replace(private, streams={**private.streams, stream_id: entry}), now, policy
     )

@@ -1,5 +1,5 @@
-"""Metering in the web app: usage reports, stream reservations and claims applied to Clerk through the
-account store, batched per user, and the cached view the usage meter polls.
+"""The usage ledger as Clerk keeps it: usage reports, stream reservations and claims applied to the
+metadata through the account store, batched per user, and the cached view the usage meter polls.
 
 Clerk allows 1,000 Backend API requests per 10 s per instance and 10 metadata writes per 10 s per user, so
 Clerk traffic per stream is budgeted (docs/metering.md, "A Clerk budget"):
@@ -83,7 +83,7 @@ class _UserQueue:
     flush: asyncio.TimerHandle | None = None
 
 
-class Metering:
+class LedgerStore:
     def __init__(
         self,
         accounts: AccountStore,
@@ -240,7 +240,7 @@ class Metering:
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
         queue.pending.append(_Pending(operation, future))
         if queue.task is None or queue.task.done():
-            queue.task = asyncio.create_task(self._drain(user_id, queue), name=f"metering-{user_id}")
+            queue.task = asyncio.create_task(self._drain(user_id, queue), name=f"ledger-{user_id}")
         # The write goes ahead even if the caller gives up (a worker timing out): its retry then finds the
         # report already counted.
         return await asyncio.shield(future)
@@ -289,13 +289,13 @@ class Metering:
         try:
             await self.accounts.update(user_id, change, trust_own_write_seconds=self._trust_own_writes)
         except (AccountStoreError, MetadataError) as error:
-            log.warning("metering write for %s failed (%d waiting): %s", user_id, len(batch), error)
+            log.warning("ledger write for %s failed (%d waiting): %s", user_id, len(batch), error)
             self._keep_deferred(user_id, queue, deferred)
             _settle(batch, [error] * len(batch))
             return
         except Exception as error:
             # A bug must not leave callers waiting forever; they answer 500 and the worker retries.
-            log.exception("metering write for %s failed unexpectedly", user_id)
+            log.exception("ledger write for %s failed unexpectedly", user_id)
             self._keep_deferred(user_id, queue, deferred)
             _settle(batch, [error] * len(batch))
             return
@@ -335,4 +335,4 @@ def _settle(batch: list[_Pending[Any]], outcomes: list[object]) -> None:
             pending.future.set_result(outcome)
 
 
-__all__ = ["Metering", "ReportApplied"]
+__all__ = ["LedgerStore", "ReportApplied"]

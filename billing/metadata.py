@@ -18,12 +18,12 @@ only the old one had (`Migrated.retired_private_keys`). See docs/metadata.md.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import StrEnum
 from typing import Any, TypeVar
 
 import msgspec
 
 from billing.plans import PlanId
+from billing.statuses import ENDED_STATUSES, SubscriptionStatus
 
 # 2: one record per subscription (`PrivateBilling.subscriptions`) instead of the single applied one.
 SCHEMA_VERSION = 2
@@ -39,29 +39,6 @@ _V1_SUBSCRIPTION_KEYS = (
     "resource_version",
     "term_start",
 )
-
-
-class SubscriptionStatus(StrEnum):
-    """ChargeBee's subscription statuses, as they arrive in webhooks."""
-
-    FUTURE = "future"
-    IN_TRIAL = "in_trial"
-    ACTIVE = "active"
-    NON_RENEWING = "non_renewing"
-    PAUSED = "paused"
-    CANCELLED = "cancelled"
-    TRANSFERRED = "transferred"
-
-
-# A subscription in one of these states grants its plan's allowance. `non_renewing` is paid up to the
-# end of the term; `in_trial` is a deliberate trial. Paused, future and ended subscriptions do not.
-GRANTING_STATUSES = frozenset(
-    {SubscriptionStatus.IN_TRIAL, SubscriptionStatus.ACTIVE, SubscriptionStatus.NON_RENEWING}
-)
-
-
-# Statuses after which a subscription no longer exists for billing purposes.
-ENDED_STATUSES = frozenset({SubscriptionStatus.CANCELLED, SubscriptionStatus.TRANSFERRED})
 
 
 class MetadataError(Exception):
@@ -85,7 +62,7 @@ class PublicBilling(msgspec.Struct, frozen=True, kw_only=True):
     period_end: int | None = None
 
 
-class StreamUsage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One stream's entry in the usage ledger (owned by metering: billing/ledger.py; docs/metering.md).
 
     The stream's issue time is part of its id, so it is not stored again. Defaults are left out of the
@@ -146,7 +123,7 @@ class PrivateBilling(msgspec.Struct, frozen=True, kw_only=True):
     # that every app process sees).
     refreshed_at: int | None = None
     # Usage ledger, stream id -> what has been counted, so repeated worker reports count once.
-    streams: dict[str, StreamUsage] = msgspec.field(default_factory=dict)
+    streams: dict[str, LedgerEntry] = msgspec.field(default_factory=dict)
     # Issue time (unix seconds) of the newest stream pruned from the ledger: a report for a stream that is
     # not in the ledger and was issued at or before this is refused, so a pruned stream never counts twice.
     streams_pruned_before: int = 0

@@ -1,8 +1,9 @@
 """The plan catalogue: the one place that says which plans exist and what each one grants.
 
-Allowances are decided here and nowhere else. Display prices and ChargeBee item price ids come from the
-settings, so a deployment can rename its ChargeBee item prices or change the shown price without code
-changes, and tests can shorten the free allowance.
+Allowances are decided here and nowhere else. Display prices, ChargeBee item price ids and the Free
+allowance come from the deployment (`CatalogueConfig`, which the web app builds from its settings), so a
+deployment can rename its ChargeBee item prices or change the shown price without code changes, and tests
+can shorten the free allowance.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 from enum import StrEnum
 
 import msgspec
-
-from app.settings import Settings
 
 PRO_SECONDS_PER_PERIOD = 30 * 60
 ULTRA_SECONDS_PER_PERIOD = 60 * 60
@@ -43,17 +42,30 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
         return self.seconds // 60
 
 
+class CatalogueConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What a deployment chooses about its plans."""
+
+    # Streaming seconds of the Free plan, once per account.
+    free_plan_seconds: int
+    # The ChargeBee item prices a checkout for Pro and Ultra subscribes to.
+    pro_item_price_id: str
+    ultra_item_price_id: str
+    # The prices the pricing page shows ("$12 / month"); what is charged is the item price's, in ChargeBee.
+    pro_price_display: str
+    ultra_price_display: str
+
+
 class PlanCatalogue(msgspec.Struct, frozen=True):
     plans: tuple[Plan, ...]
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PlanCatalogue:
+    def from_config(cls, config: CatalogueConfig) -> PlanCatalogue:
         return cls(
             plans=(
                 Plan(
                     id=PlanId.FREE,
                     name="Free",
-                    seconds=settings.free_plan_seconds,
+                    seconds=config.free_plan_seconds,
                     lifetime=True,
                     price_display="$0",
                     item_price_id=None,
@@ -64,8 +76,8 @@ class PlanCatalogue(msgspec.Struct, frozen=True):
                     name="Pro",
                     seconds=PRO_SECONDS_PER_PERIOD,
                     lifetime=False,
-                    price_display=settings.price_pro_display,
-                    item_price_id=settings.chargebee_item_price_pro,
+                    price_display=config.pro_price_display,
+                    item_price_id=config.pro_item_price_id,
                     tagline="For regular streams and calls.",
                 ),
                 Plan(
@@ -73,8 +85,8 @@ class PlanCatalogue(msgspec.Struct, frozen=True):
                     name="Ultra",
                     seconds=ULTRA_SECONDS_PER_PERIOD,
                     lifetime=False,
-                    price_display=settings.price_ultra_display,
-                    item_price_id=settings.chargebee_item_price_ultra,
+                    price_display=config.ultra_price_display,
+                    item_price_id=config.ultra_item_price_id,
                     tagline="Twice the time on the GPU.",
                 ),
             )

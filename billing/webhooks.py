@@ -34,16 +34,9 @@ from collections.abc import Iterable
 import msgspec
 
 from billing import ids
-from billing.metadata import (
-    ENDED_STATUSES,
-    GRANTING_STATUSES,
-    MAX_RESOURCE_VERSION,
-    BillingMetadata,
-    PublicBilling,
-    SubscriptionRecord,
-    SubscriptionStatus,
-)
+from billing.metadata import MAX_RESOURCE_VERSION, BillingMetadata, PublicBilling, SubscriptionRecord
 from billing.plans import Plan, PlanCatalogue, PlanId
+from billing.statuses import ENDED_STATUSES, GRANTING_STATUSES, SubscriptionStatus, precedence
 
 # ChargeBee sends a `_with_backdating` variant when the change is dated in the past (an operator's
 # backdated cancellation, say). The snapshot is the subscription as it is now, so it applies like any other.
@@ -332,24 +325,15 @@ def apply_subscription(
     return Outcome(updated, "applied" if applies else "recorded the version of a deleted subscription")
 
 
-_RANKS = {
-    **dict.fromkeys(GRANTING_STATUSES, 3),
-    SubscriptionStatus.PAUSED: 2,
-    SubscriptionStatus.FUTURE: 2,
-    SubscriptionStatus.CANCELLED: 1,
-    SubscriptionStatus.TRANSFERRED: 1,
-}
-
-
 def granting_subscription(records: dict[str, SubscriptionRecord], catalogue: PlanCatalogue) -> str | None:
     """The subscription the account's plan follows: one that grants (best plan, then newest) before one
     that may bill again (paused, future) before one that ended; None without any."""
 
     def rank(item: tuple[str, SubscriptionRecord]) -> tuple[int, int, int, str]:
         subscription_id, record = item
-        level = 0 if record.status is None else _RANKS[record.status]
-        seconds = catalogue.get(record.plan).seconds if level == 3 and record.plan is not None else 0
-        return level, seconds, record.created_at or 0, subscription_id
+        grants = record.status in GRANTING_STATUSES
+        seconds = catalogue.get(record.plan).seconds if grants and record.plan is not None else 0
+        return precedence(record.status), seconds, record.created_at or 0, subscription_id
 
     if not records:
         return None

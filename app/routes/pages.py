@@ -9,6 +9,17 @@ from litestar.response import Template
 from app.auth import SignedInUser, requires_user
 from app.presets import DEFAULT_PRESET, STYLE_PRESETS
 from app.settings import Settings
+from inference.protocol import DEFAULT_STEPS, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, OUTPUT_SIZE
+
+# What the studio's controls offer, from the worker's protocol: anything else it would refuse.
+STUDIO_LIMITS = {
+    "max_prompt_chars": MAX_PROMPT_CHARS,
+    "max_seed": MAX_SEED,
+    "output_size": OUTPUT_SIZE,
+    # From the default (the fastest the studio offers) up to the most the worker takes.
+    "steps": tuple(range(DEFAULT_STEPS, MAX_STEPS + 1)),
+    "default_steps": DEFAULT_STEPS,
+}
 
 
 class PagesController(Controller):
@@ -27,6 +38,7 @@ class PagesController(Controller):
                 "presets": STYLE_PRESETS,
                 "default_preset": DEFAULT_PRESET,
                 "worker_url": settings.worker_url,
+                "limits": STUDIO_LIMITS,
             },
         )
 

@@ -23,7 +23,7 @@ import msgspec
 from clerk_backend_api import Clerk
 from clerk_backend_api.models import ClerkBaseError, SDKError
 from litestar import Controller, Request, get, post
-from litestar.datastructures import Cookie, State
+from litestar.datastructures import Cookie
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotFoundException
@@ -38,12 +38,14 @@ from app.auth import (
     signed_out_cookies,
 )
 from app.clerk import find_or_create_user_by_email
-from app.sandbox.clerk_sessions import SIGN_IN_TOKEN_SECONDS
 from app.settings import SANDBOX_CLERK_PREFIX, Settings
 
 log = logging.getLogger(__name__)
 
 _SANDBOX_SIGN_INS = f"{SANDBOX_CLERK_PREFIX}/client/sign_ins"
+# How long the sign-in token handed from the sign-in form to the sandbox Frontend API stays redeemable:
+# it is redeemed by the same request that asked for it.
+SIGN_IN_TOKEN_SECONDS = 60
 
 
 class SignInForm(msgspec.Struct):
@@ -73,14 +75,13 @@ class SessionController(Controller):
     async def sign_in(
         self,
         settings: NamedDependency[Settings],
-        state: State,
+        clerk: NamedDependency[Clerk],
         data: Annotated[SignInForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
     ) -> Template | Redirect:
         if not settings.is_sandbox:
             # Live sign-in belongs to Clerk's hosted component; there is nothing to post here.
             raise NotFoundException
         target = safe_redirect_target(data.next)
-        clerk: Clerk = state.clerk
         try:
             user = await find_or_create_user_by_email(clerk, data.email)
             cookies = await _sandbox_sign_in(clerk, settings, user.id)
@@ -104,12 +105,13 @@ class SessionController(Controller):
         return Redirect(path=target, status_code=303, cookies=cookies)
 
     @post("/sign-out", status_code=303)
-    async def sign_out(self, request: Request, settings: NamedDependency[Settings], state: State) -> Redirect:
+    async def sign_out(
+        self, request: Request, settings: NamedDependency[Settings], clerk: NamedDependency[Clerk]
+    ) -> Redirect:
         # An expired token still names its session; sign-out must end it, or the browser's client
         # cookie could refresh it again.
         session_id = authentic_session_id(settings, request.cookies.get(SESSION_COOKIE))
         if session_id is not None:
-            clerk: Clerk = state.clerk
             try:
                 await clerk.sessions.revoke_async(session_id=session_id)
             except (ClerkBaseError, SDKError, httpx.HTTPError):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 
 from litestar import Controller, Response, post
-from litestar.di import NamedDependency, Provide
+from litestar.di import NamedDependency
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.status_codes import (
@@ -31,15 +31,18 @@ from litestar.status_codes import (
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.auth import SessionEnded, SignedInUser, SignInRequired, requires_user
-from app.routes.usage import RETRY_AFTER_SECONDS, provide_metering
 from app.settings import Settings
 from billing.accounts import AccountStoreError, ClerkUnavailable, UnknownUser
 from billing.ledger import LedgerRefused, Refusal
+from billing.ledger_store import LedgerStore
 from billing.metadata import MetadataError
-from billing.metering import Metering
 from inference.tickets import issue_ticket
 
 log = logging.getLogger(__name__)
+
+# What a 409 or 503 suggests the studio wait before it asks again: another tab's stream, or the one this
+# tab just closed, frees its minutes within a report or two.
+RETRY_AFTER_SECONDS = "2"
 
 
 class SessionBeforeCsrf(ASGIMiddleware):
@@ -59,7 +62,6 @@ class SessionBeforeCsrf(ASGIMiddleware):
 
 
 class StreamController(Controller):
-    dependencies = {"metering": Provide(provide_metering, sync_to_thread=False)}
     middleware = [SessionBeforeCsrf()]
 
     @post("/api/stream/ticket", name="stream_ticket", guards=[requires_user], status_code=HTTP_200_OK)
@@ -67,10 +69,10 @@ class StreamController(Controller):
         self,
         user: NamedDependency[SignedInUser],
         settings: NamedDependency[Settings],
-        metering: NamedDependency[Metering],
+        ledger: NamedDependency[LedgerStore],
     ) -> Response[dict[str, object]]:
         try:
-            reservation = await metering.reserve(user.user_id)
+            reservation = await ledger.reserve(user.user_id)
         except LedgerRefused as refused:
             if refused.reason is Refusal.OUT_OF_MINUTES:
                 return Response(
@@ -101,7 +103,7 @@ class StreamController(Controller):
             user_id=user.user_id,
             stream_id=reservation.stream_id,
             allowance_seconds=reservation.allowance_seconds,
-            ttl_seconds=metering.policy.ticket_ttl_seconds,
+            ttl_seconds=ledger.policy.ticket_ttl_seconds,
         )
         return Response(
             {

@@ -11,24 +11,35 @@
 
 import { holdNavigation, refreshSession } from "/static/session.js";
 
+// The worker's wire contract, as inference/protocol.py defines it (tests/studio/test_studio_constants.py
+// holds these to it): frame size, flow control, limits, the frame header's layout and the close codes.
 const SIZE = 512;
 const MAX_UNACKED = 2;
-const MAX_CAPTURE_FPS = 30;
-const CAPTURE_SLACK_MS = 4; // display frames are not exactly 1/60 s apart: 2 of them still count as 1/30 s
-const JPEG_QUALITY = 0.8;
-const HEADER_BYTES = 8; // uint32 frame id, uint16 render ms, int16 waited ms; little-endian
-const PARAMS_DEBOUNCE_MS = 250;
-const STALE_FRAME_MS = 4000; // an unacknowledged frame older than this no longer counts (a lost ack)
+const MAX_PROMPT_CHARS = 500;
+const MAX_SEED = 0xffffffff;
+const MAX_FRAME_ID = 0xffffffff;
+// Little-endian: uint32 frame id at 0, uint16 render ms at 4, int16 waited ms at 6, then the JPEG.
+const HEADER_BYTES = 8;
+const HEADER_FRAME_ID_AT = 0;
+const HEADER_WAITED_MS_AT = 6;
 const CLOSE_BAD_TICKET = 4401;
 const CLOSE_ALLOWANCE_USED = 4402;
 const CLOSE_IDLE = 4410;
 const CLOSE_WORKER_FULL = 4503;
 const CLOSE_NORMAL = 1000;
 
+// The studio's own choices.
+const MAX_CAPTURE_FPS = 30;
+const CAPTURE_SLACK_MS = 4; // display frames are not exactly 1/60 s apart: 2 of them still count as 1/30 s
+const JPEG_QUALITY = 0.8;
+const PARAMS_DEBOUNCE_MS = 250;
+const STALE_FRAME_MS = 4000; // an unacknowledged frame older than this no longer counts (a lost ack)
+
 // When to send the next frame: one per service interval, timed by how long the last rendered frame
-// waited for the engine (the worker says so in the output's header). The same algorithm as
-// inference/pacing.py (the reasoning is there and in docs/protocol.md): keep the two in step. Times in
-// milliseconds of performance.now().
+// waited for the engine (the worker says so in the output's header). The algorithm and its parameters
+// are inference/pacing.py's (the reasoning is there and in docs/protocol.md; the same test holds the
+// parameters to it, in milliseconds where pacing.py has seconds). Times in milliseconds of
+// performance.now().
 const PACING = {
   intervalSmoothing: 0.25,
   waitSmoothing: 0.2,
@@ -297,8 +308,8 @@ function maybeCapture() {
         const jpeg = new Uint8Array(await blob.arrayBuffer());
         const message = new Uint8Array(HEADER_BYTES + jpeg.byteLength);
         const id = session.nextFrameId;
-        session.nextFrameId = id >= 0xffffffff ? 1 : id + 1;
-        new DataView(message.buffer).setUint32(0, id, true);
+        session.nextFrameId = id >= MAX_FRAME_ID ? 1 : id + 1;
+        new DataView(message.buffer).setUint32(HEADER_FRAME_ID_AT, id, true);
         message.set(jpeg, HEADER_BYTES);
         const sentAt = performance.now();
         session.unacked.set(id, sentAt);
@@ -342,8 +353,8 @@ async function onBinary(buffer) {
   if (buffer.byteLength <= HEADER_BYTES) return;
   const now = performance.now();
   const view = new DataView(buffer);
-  const id = view.getUint32(0, true);
-  session.pacer.rendered(id, view.getInt16(6, true), now);
+  const id = view.getUint32(HEADER_FRAME_ID_AT, true);
+  session.pacer.rendered(id, view.getInt16(HEADER_WAITED_MS_AT, true), now);
   const sentAt = session.sentAt.get(id);
   // Ids increase and the worker keeps only the latest frame of a session, so an output for `id` means every
   // older frame was rendered or replaced: none of them will come back (and all of them were acked).
@@ -534,9 +545,9 @@ function currentParams() {
   const seed = Number.parseInt(ui.seed.value, 10);
   const params = {
     type: "params",
-    prompt: ui.prompt.value.trim().slice(0, 500) || root.dataset.defaultPrompt,
+    prompt: ui.prompt.value.trim().slice(0, MAX_PROMPT_CHARS) || root.dataset.defaultPrompt,
     steps: Number.parseInt(ui.steps.value, 10),
-    seed: Number.isFinite(seed) && seed >= 0 ? Math.min(seed, 0xffffffff) : 0,
+    seed: Number.isFinite(seed) && seed >= 0 ? Math.min(seed, MAX_SEED) : 0,
   };
   if (selectedMode()) params.mode = ui.mode.value;
   return params;
@@ -674,7 +685,7 @@ ui.seed.addEventListener("change", () => {
   sendParams();
 });
 ui.reseed.addEventListener("click", () => {
-  ui.seed.value = String(Math.floor(Math.random() * 0xffffffff));
+  ui.seed.value = String(Math.floor(Math.random() * MAX_SEED));
   sendParams();
 });
 for (const button of ui.presets) button.addEventListener("click", () => choosePreset(button));

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from app.routes.webhooks import WEBHOOK_MAX_BODY_BYTES
+from app.routes.chargebee_webhooks import WEBHOOK_MAX_BODY_BYTES
 from app.security import MAX_REQUEST_BODY_BYTES
 from app.settings import load_settings
 from inference.protocol import UsageReport
@@ -141,7 +141,7 @@ def credentials(app: AppProcess) -> dict[str, dict[str, str]]:
 def test_an_announced_oversized_body_is_refused_before_it_is_sent(
     app: AppProcess, credentials: dict[str, dict[str, str]], path: str, limit: int
 ) -> None:
-    # The 9 MB of issue 13: the answer must not wait for a single byte of it.
+    # A 9 MB upload announced: the answer must not wait for a single byte of it.
     status, headers = announced_but_unsent(app.url, path, 9_000_000, **credentials[path])
     assert status == 413
     assert headers["x-content-type-options"] == "nosniff"

@@ -15,7 +15,7 @@ from app.settings import LIVE_KEYS, ConfigError, Mode, load_settings
 from tests.app.test_settings import assert_one_clear_refusal, live_environment, run_app
 from tests.conftest import AppProcess
 
-# What an operator who forgot the Clerk/ChargeBee keys deploys (issue 13, A1).
+# What an operator who forgot the Clerk/ChargeBee keys deploys.
 FORGOTTEN_KEYS = {
     "APP_URL": "https://stylecast.example.com",
     "STYLECAST_HOST": "0.0.0.0",

@@ -19,7 +19,7 @@ from app.security import content_security_policy
 from app.settings import load_settings
 from tests.app.test_settings import live_environment
 from tests.live_server import free_port, serve
-from tests.metering.stack import Browser, FlakyProxy, Stack, _answer, running_stack
+from tests.stack import Browser, FlakyProxy, Stack, _answer, running_stack
 
 EXPECTED = {
     "x-content-type-options": "nosniff",

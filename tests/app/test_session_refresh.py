@@ -34,12 +34,12 @@ from app.auth import (
     sandbox_issuer,
 )
 from app.factory import create_app
-from app.sandbox.clerk_emulator import ClerkEmulator
 from app.settings import SANDBOX_CLERK_PREFIX, Settings, load_settings
+from sandbox.clerk_emulator import ClerkEmulator
 from tests.app.test_settings import live_environment
 from tests.conftest import AppProcess
 from tests.live_server import free_port, serve
-from tests.metering.stack import Stack, running_stack
+from tests.stack import Stack, running_stack
 
 PAGE = {"accept": "text/html,application/xhtml+xml", "sec-fetch-dest": "document"}
 HTMX = {"HX-Request": "true"}
@@ -402,7 +402,7 @@ def test_live_a_session_for_a_user_clerk_no_longer_has_signs_out(tmp_path: Path)
     public = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    emulator = ClerkEmulator(tmp_path / "clerk.json", "sk_live_x")
+    emulator = ClerkEmulator(tmp_path / "clerk.json", "sk_live_x", api_path=SANDBOX_CLERK_PREFIX)
     with serve(Litestar(route_handlers=[emulator.router])) as clerk_url:
         live = load_settings(
             {

@@ -17,10 +17,11 @@ from litestar import Litestar
 
 from app.clerk import create_clerk_client, find_or_create_user_by_email
 from app.factory import create_app
-from app.sandbox.chargebee_emulator import ApiRequest, ChargebeeEmulator
 from app.settings import SANDBOX_CLERK_PREFIX, Settings, load_settings
+from app.wiring import plan_catalogue
 from billing.metadata import BillingMetadata, decode_metadata
 from billing.plans import PlanCatalogue
+from sandbox.chargebee_emulator import ApiRequest, ChargebeeEmulator
 from tests.live_server import free_port, serve
 
 T = TypeVar("T")
@@ -41,7 +42,7 @@ def sandbox_settings(state_dir: Path, **env: str) -> Settings:
 
 @pytest.fixture(scope="session")
 def catalogue(tmp_path_factory: pytest.TempPathFactory) -> PlanCatalogue:
-    return PlanCatalogue.from_settings(sandbox_settings(tmp_path_factory.mktemp("catalogue")))
+    return plan_catalogue(sandbox_settings(tmp_path_factory.mktemp("catalogue")))
 
 
 @dataclass
@@ -93,7 +94,7 @@ class RunningApp:
         return self.clerk(read)
 
     def set_public(self, user_id: str, **fields: Any) -> None:
-        """Change public billing fields the way metering does (a deep-merge write)."""
+        """Change public billing fields the way the ledger store does (a deep-merge write)."""
 
         async def write(clerk: Clerk) -> None:
             await clerk.users.update_metadata_async(user_id=user_id, public_metadata={"billing": fields})

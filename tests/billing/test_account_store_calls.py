@@ -13,10 +13,10 @@ from litestar import Litestar
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.clerk import create_clerk_client
-from app.sandbox.clerk_emulator import API_PATH, ClerkEmulator
 from billing.accounts import AccountStore
 from billing.metadata import BillingMetadata
 from billing.plans import PlanId
+from sandbox.clerk_emulator import API_PATH, ClerkEmulator
 from tests.live_server import serve
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*\*\* DEPRECATED \*\*:DeprecationWarning")

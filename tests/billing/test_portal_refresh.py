@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from app.routes.billing import PORTAL_REFRESH_INTERVAL_S, portal_return_token, portal_return_valid
 from app.settings import SANDBOX_CLERK_PREFIX
+from app.subscriptions import PORTAL_REFRESH_INTERVAL_S, portal_return_token, portal_return_valid
 from tests.billing.conftest import RunningApp, replace_settings, running_app
 from tests.billing.test_billing_pages import (
     checkout,

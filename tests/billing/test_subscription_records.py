@@ -13,18 +13,18 @@ from chargebee.models.enums import EventType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.wiring import plan_catalogue
 from billing.entitlement import Counter, entitlement
 from billing.ledger import DEFAULT_POLICY
 from billing.metadata import (
     BillingMetadata,
+    LedgerEntry,
     PublicBilling,
-    StreamUsage,
     decode_metadata,
     encode_metadata,
     metadata_patch,
     read_metadata,
 )
-from billing.plans import PlanCatalogue
 from billing.webhooks import (
     DEFAULT_MEMORY,
     HANDLED_EVENT_TYPES,
@@ -37,7 +37,7 @@ from billing.webhooks import (
 from tests.billing.conftest import sandbox_settings
 from tests.billing.lifecycle import DAY, Lifecycle
 
-CATALOGUE = PlanCatalogue.from_settings(sandbox_settings(Path(tempfile.mkdtemp(prefix="stylecast-plans-"))))
+CATALOGUE = plan_catalogue(sandbox_settings(Path(tempfile.mkdtemp(prefix="stylecast-plans-"))))
 PRO, ULTRA = (plan.item_price_id or "" for plan in CATALOGUE.paid)
 CLERK_METADATA_LIMIT = 8 * 1024
 
@@ -51,7 +51,7 @@ def deliver(
 
 
 def reactivated_after_a_second_subscription() -> Lifecycle:
-    """The issue's customer: cancels Pro, buys Ultra and cancels it, then reactivates the Pro one."""
+    """A customer who cancels Pro, buys Ultra and cancels it, then reactivates the Pro one."""
     life = Lifecycle(customer_id="user_1", item_prices=(PRO, ULTRA))
     life.start(PRO)
     life.act("cancel", 0)
@@ -125,9 +125,9 @@ def test_a_customer_with_many_subscriptions_fits_in_clerk_metadata() -> None:
     assert len(life.subscriptions) == 31
     assert len(metadata.private.subscriptions) == 8
     assert entitlement(metadata.public, CATALOGUE).plan.name in ("Pro", "Ultra")
-    # Next to a full usage ledger (metering keeps at most this many streams).
+    # Next to a full usage ledger (the ledger keeps at most this many streams).
     streams = {
-        f"st_{1_760_000_000 + index}_0a1b2c3d4e5f": StreamUsage(
+        f"st_{1_760_000_000 + index}_0a1b2c3d4e5f": LedgerEntry(
             seconds=3599, reported_at=1_760_003_600, allowance=3600, final=True
         )
         for index in range(DEFAULT_POLICY.max_entries)

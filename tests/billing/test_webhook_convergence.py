@@ -9,6 +9,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.wiring import plan_catalogue
 from billing.entitlement import Counter, entitlement
 from billing.metadata import BillingMetadata, PublicBilling
 from billing.plans import PlanCatalogue
@@ -22,7 +23,7 @@ from billing.webhooks import (
 from tests.billing.conftest import sandbox_settings
 from tests.billing.lifecycle import ACTIONS, DAY, Lifecycle
 
-CATALOGUE = PlanCatalogue.from_settings(sandbox_settings(Path(tempfile.mkdtemp(prefix="stylecast-plans-"))))
+CATALOGUE = plan_catalogue(sandbox_settings(Path(tempfile.mkdtemp(prefix="stylecast-plans-"))))
 PRO, ULTRA = (plan.item_price_id or "" for plan in CATALOGUE.paid)
 
 
@@ -37,7 +38,7 @@ def deliver(
 
 
 def stream(metadata: BillingMetadata, seconds: int) -> BillingMetadata:
-    """Usage as metering records it: on whichever counter the entitlement says."""
+    """Usage as the ledger records it: on whichever counter the entitlement says."""
     counter = entitlement(metadata.public, CATALOGUE).counter
     current = getattr(metadata.public, counter.value)
     public = msgspec.structs.replace(metadata.public, **{counter.value: current + seconds})

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from litestar import Litestar, get
 
 from app.clerk import create_clerk_client, find_or_create_user_by_email, normalize_email
-from app.sandbox.clerk_emulator import API_PATH, ClerkEmulator
-from app.sandbox.clerk_sessions import FrontendSettings
+from sandbox.clerk_emulator import API_PATH, ClerkEmulator
+from sandbox.clerk_sessions import FrontendSettings
 from tests.live_server import free_port, serve
 
 # The SDK itself trips this by reading a deprecated list filter while building every list query.
@@ -556,7 +556,7 @@ def test_client_does_not_retry_a_dead_server() -> None:
 def test_client_gives_up_after_its_timeout() -> None:
     release = threading.Event()
 
-    @get("/sandbox/clerk/v1/users")
+    @get(f"{API_PATH}/users")
     async def stuck() -> list[Any]:
         # Answers only once the test is done, so a client that waited would hang well past the bound.
         await asyncio.to_thread(release.wait, 10)

@@ -16,8 +16,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from app.sandbox.clerk_sessions import mint_session_token
 from app.settings import SANDBOX_CLERK_PREFIX
+from sandbox.clerk_sessions import mint_session_token
 from tests.conftest import AppProcess
 
 FRONTEND = f"{SANDBOX_CLERK_PREFIX}/client"

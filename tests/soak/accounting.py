@@ -1,14 +1,14 @@
 """What a client can know for certain about the seconds a worker billed for its stream.
 
-The worker bills a wall-clock second when it delivers a styled frame in it (inference/metering.py): it reads
-its clock after the render and before it writes the frame. That instant comes after the client sent the
-input frame plus the time the frame's header says it waited for the engine and rendered (the wait counts
-from the frame's arrival, which is after its sending), and before the client received the output. Client
-and workers run on one machine and read one clock, so for output frame i the billed second is some b_i in
-[floor(earliest_i), floor(received_i)], and the b_i never decrease (a session's frames are delivered one
-after another). The worker's count is the number of distinct b_i; `delivered_bounds` gives the fewest and the
-most distinct values any such choice allows. When no frame's interval straddles a second boundary both are
-the number of distinct seconds in which the client received a frame.
+The worker bills a wall-clock second when it delivers a styled frame in it (inference/billable_time.py): it
+reads its clock after the render and before it writes the frame. That instant comes after the client sent the
+input frame plus the time the frame's header says it waited for the engine and rendered (the wait counts from
+the frame's arrival, which is after its sending), and before the client received the output. Client and
+workers run on one machine and read one clock, so for output frame i the billed second is some b_i in
+[floor(earliest_i), floor(received_i)], and the b_i never decrease (a session's frames are delivered one after
+another). The worker's count is the number of distinct b_i; `delivered_bounds` gives the fewest and the most
+distinct values any such choice allows. When no frame's interval straddles a second boundary both are the
+number of distinct seconds in which the client received a frame.
 """
 
 from __future__ import annotations

@@ -34,8 +34,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.settings import SANDBOX_CLERK_PREFIX, Settings, load_settings
+from app.wiring import plan_catalogue
 from billing.metadata import BillingMetadata, decode_metadata
-from billing.plans import PlanCatalogue, PlanId
+from billing.plans import PlanId
 from inference.protocol import CloseCode
 from tests.conftest import AppProcess
 from tests.inference.helpers import webcam_jpeg
@@ -72,7 +73,7 @@ PLAN = SoakPlan(
     switches=4,
     seed=14,
 )
-# A running stream's reports reach Clerk within this (billing/metering.py's deferred_write_seconds, which
+# A running stream's reports reach Clerk within this (billing/ledger_store.py's deferred_write_seconds, which
 # `python -m app` does not change), so a crashed stream's last total is in Clerk by then.
 DEFERRED_WRITE_SECONDS = 20
 # What a crash may cost a stream: the report interval, plus the second that was in progress when the last
@@ -157,7 +158,7 @@ class Verdict:
     def __init__(self, soak: Soak, stored: dict[str, BillingMetadata], settings: Settings) -> None:
         self.soak = soak
         self.stored = stored
-        self.catalogue = PlanCatalogue.from_settings(settings)
+        self.catalogue = plan_catalogue(settings)
         self.free = settings.free_plan_seconds
         self.failures: list[str] = []
         self.stats: Counter[str] = Counter()

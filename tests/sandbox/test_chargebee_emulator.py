@@ -19,8 +19,8 @@ import pytest
 from chargebee import APIError, Chargebee
 from litestar import Litestar, Request, Response, post
 
-from app.sandbox.chargebee_emulator import ChargebeeEmulator, SandboxItemPrice
 from app.settings import SANDBOX_CHARGEBEE_PREFIX, Settings
+from app.wiring import chargebee_config, plan_catalogue
 from billing.chargebee_client import (
     ChargebeeRejected,
     create_chargebee_client,
@@ -35,6 +35,7 @@ from billing.ids import InvalidId
 from billing.metadata import BillingMetadata
 from billing.plans import PlanCatalogue
 from billing.webhooks import apply_event, parse_event
+from sandbox.chargebee_emulator import ChargebeeEmulator, SandboxItemPrice
 from tests.billing.conftest import run_async, sandbox_settings
 from tests.live_server import free_port, serve
 
@@ -77,7 +78,7 @@ class Site:
         """Run `body` with the app's SDK client on a fresh event loop, as a request handler would."""
 
         async def main() -> T:
-            return await body(create_chargebee_client(self.settings))
+            return await body(create_chargebee_client(chargebee_config(self.settings)))
 
         return run_async(main)
 
@@ -110,6 +111,7 @@ def build_site_app(emulator: ChargebeeEmulator, receiver: Receiver) -> Litestar:
 def make_emulator(settings: Settings, store_path: Path, catalogue: PlanCatalogue) -> ChargebeeEmulator:
     return ChargebeeEmulator(
         store_path,
+        mount_path=SANDBOX_CHARGEBEE_PREFIX,
         api_key=settings.chargebee_api_key,
         public_url=settings.app_url,
         webhook_url=f"{settings.internal_url}/hooks",
@@ -137,6 +139,12 @@ def running_site(
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return sandbox_settings(tmp_path / "state", STYLECAST_PORT=str(free_port()))
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory: pytest.TempPathFactory) -> PlanCatalogue:
+    """The plans a sandbox deployment sells through the emulator."""
+    return plan_catalogue(sandbox_settings(tmp_path_factory.mktemp("catalogue")))
 
 
 @pytest.fixture

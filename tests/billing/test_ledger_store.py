@@ -15,14 +15,15 @@ import pytest
 
 from app.auth import SESSION_COOKIE
 from app.settings import load_settings
-from billing.metadata import BillingMetadata, PublicBilling, SubscriptionStatus
-from billing.metering import Metering
+from billing.ledger_store import LedgerStore
+from billing.metadata import BillingMetadata, PublicBilling
 from billing.plans import PRO_SECONDS_PER_PERIOD, PlanId
+from billing.statuses import SubscriptionStatus
 from inference.protocol import UsageReport
 from inference.tickets import verify_ticket
 from inference.usage_reporter import SIGNATURE_HEADER, encode_usage_report
 from tests.inference.helpers import StreamClient, webcam_jpeg
-from tests.metering.stack import Browser, Stack, running_stack, stack_behind_flaky_clerk, usage
+from tests.stack import Browser, Stack, running_stack, stack_behind_flaky_clerk, usage
 
 FREE_SECONDS = 60
 
@@ -382,7 +383,7 @@ def test_running_streams_cost_clerk_one_write_per_write_interval_and_no_reads(tm
     so one Clerk instance carries thousands of streams."""
     with running_stack(tmp_path) as stack:
         interval = 2.0
-        stack.app.state.metering = Metering(
+        stack.app.state.ledger = LedgerStore(
             stack.app.state.accounts, stack.app.state.catalogue, deferred_write_seconds=interval
         )
         browsers = [stack.sign_in(f"viewer{index}@example.com") for index in range(6)]
@@ -415,7 +416,7 @@ def test_running_streams_cost_clerk_one_write_per_write_interval_and_no_reads(tm
 
 def test_the_meter_shows_a_running_streams_seconds_before_they_are_written(tmp_path: Path) -> None:
     with running_stack(tmp_path) as stack:
-        stack.app.state.metering = Metering(
+        stack.app.state.ledger = LedgerStore(
             stack.app.state.accounts, stack.app.state.catalogue, deferred_write_seconds=30
         )
         browser = stack.sign_in("meter@example.com")

@@ -1,5 +1,6 @@
-"""The whole app on a real socket for metering tests: sandbox sign-in over HTTP, the Clerk emulator read
-through the real SDK, signed worker reports, and a proxy in front of Clerk that can fail on demand."""
+"""The whole app on a real socket, for tests of the ledger, sessions and headers: sandbox sign-in over HTTP,
+the Clerk emulator read through the real SDK, signed worker reports, and a proxy in front of Clerk that can
+fail on demand."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from litestar import Litestar
 
 from app.auth import SESSION_COOKIE
 from app.factory import create_app
-from app.sandbox.clerk_emulator import ClerkEmulator
 from app.settings import SANDBOX_CLERK_PREFIX, Settings, load_settings
+from billing.ledger_store import LedgerStore
 from billing.metadata import BillingMetadata, decode_metadata, encode_metadata
-from billing.metering import Metering
 from inference.protocol import UsageReport
 from inference.usage_reporter import encode_usage_report
+from sandbox.clerk_emulator import ClerkEmulator
 from tests.live_server import free_port, serve
 
 CSRF_COOKIE = "stylecast_csrf"
@@ -96,9 +97,9 @@ def running_stack(
     app = create_app(settings)
     emulator = app.state.clerk_emulator
     with serve(app, port) as url:
-        # The app's own Metering, writing a running stream's reports within half a second instead of
+        # The app's own ledger store, writing a running stream's reports within half a second instead of
         # 20 s, so that tests see them reach Clerk without waiting.
-        app.state.metering = Metering(app.state.accounts, app.state.catalogue, deferred_write_seconds=0.5)
+        app.state.ledger = LedgerStore(app.state.accounts, app.state.catalogue, deferred_write_seconds=0.5)
         clerk = Clerk(
             bearer_auth=settings.clerk_secret_key, server_url=f"{settings.internal_url}{SANDBOX_CLERK_PREFIX}"
         )

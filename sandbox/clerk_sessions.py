@@ -39,7 +39,7 @@ import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from app.sandbox.files import write_private_file
+from sandbox.files import write_private_file
 
 STORE_FILE = "clerk-sessions.json"
 STORE_FORMAT = "stylecast-clerk-sessions/1"
@@ -48,8 +48,6 @@ STORE_FORMAT = "stylecast-clerk-sessions/1"
 SESSION_TOKEN_SECONDS = 60
 # Clerk's default maximum session lifetime (Dashboard > Sessions), after which the user signs in again.
 SESSION_LIFETIME_SECONDS = 7 * 24 * 3600
-# How long a sign-in token handed from the sign-in form to the Frontend API stays redeemable.
-SIGN_IN_TOKEN_SECONDS = 60
 # Ended sessions, used sign-in tokens and clients without sessions are forgotten after this long. Their
 # session tokens died within a minute of the end, so nothing can still present them.
 FORGET_AFTER_SECONDS = 24 * 3600

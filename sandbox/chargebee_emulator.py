@@ -5,11 +5,11 @@ site, so the API speaks ChargeBee's wire format: form-encoded requests with brac
 (`subscription_items[item_price_id][0]`), JSON responses wrapped by resource name, HTTP Basic auth with
 the API key as user name, and errors carrying `api_error_code`, `type`, `message`, `http_status_code`.
 
-Besides the API (`/sandbox/chargebee/api/v2/...`) it serves what ChargeBee hosts for real sites: the
-checkout page a hosted page's `url` points at, and the self-service portal a portal session's
-`access_url` opens. Every change is announced as a ChargeBee-shaped event POSTed to the app's webhook
-URL with Basic auth, from a background task that retries failures with exponential backoff, the way
-ChargeBee does; a request never waits on a delivery.
+Besides the API (`{mount_path}/api/v2/...`; the web app mounts it at `/sandbox/chargebee`) it serves what
+ChargeBee hosts for real sites: the checkout page a hosted page's `url` points at, and the self-service portal
+a portal session's `access_url` opens. Every change is announced as a ChargeBee-shaped event POSTed to the
+app's webhook URL with Basic auth, from a background task that retries failures with exponential backoff, the
+way ChargeBee does; a request never waits on a delivery.
 
 Not real ChargeBee, on purpose: `POST /subscriptions/{id}/advance_term` ends the current term now
 (renewing, or cancelling a non-renewing subscription) so renewals can be tried without waiting a month.
@@ -54,8 +54,8 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import FromPath
 from litestar.response import Redirect, Template
 
-from app.sandbox.files import write_private_file
-from app.settings import SANDBOX_CHARGEBEE_PREFIX
+from billing.statuses import ENDED_STATUSES
+from sandbox.files import write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,6 @@ DELIVERY_MAX_ATTEMPTS = 8
 DELIVERY_MAX_DELAY_S = 60.0
 DELIVERY_TIMEOUT_S = 10.0
 
-_ENDED = ("cancelled", "transferred")
 API_LOG_SIZE = 1000
 # ChargeBee's subscription list sorts by these only.
 _SORTABLE = ("created_at", "updated_at")
@@ -265,12 +264,14 @@ def _http_url(value: str | None, param: str) -> str | None:
 
 
 class ChargebeeEmulator:
-    """Mount `.router` under the app; call `start()` inside the running loop and `aclose()` on shutdown."""
+    """Mount `.router` in the app, where it serves everything under `mount_path`; call `start()` inside the
+    running loop and `aclose()` on shutdown."""
 
     def __init__(
         self,
         store_path: Path,
         *,
+        mount_path: str,
         api_key: str,
         public_url: str,
         webhook_url: str,
@@ -282,8 +283,9 @@ class ChargebeeEmulator:
     ) -> None:
         self._store_path = store_path
         self._api_key = api_key.encode()
-        # Where browsers reach the hosted pages (the app's public origin plus our prefix).
-        self._pages_url = public_url.rstrip("/") + SANDBOX_CHARGEBEE_PREFIX
+        self._mount_path = mount_path.rstrip("/")
+        # Where browsers reach the hosted pages (the app's public origin plus our mount path).
+        self._pages_url = public_url.rstrip("/") + self._mount_path
         self._webhook_url = webhook_url
         self._webhook_auth = (webhook_username, webhook_password)
         self.item_prices = {price.id: price for price in item_prices}
@@ -764,7 +766,7 @@ class ChargebeeEmulator:
         status = subscription["status"]
         now = self._now()
         if action == "cancel_backdated":
-            if status in _ENDED:
+            if status in ENDED_STATUSES:
                 raise _invalid_state("The subscription is already cancelled.")
             assert at is not None
             if at > now:
@@ -797,7 +799,7 @@ class ChargebeeEmulator:
             subscription.pop("next_billing_at", None)
             return ("subscription_cancellation_scheduled",), "portal"
         if action == "cancel_now":
-            if status in _ENDED:
+            if status in ENDED_STATUSES:
                 raise _invalid_state("The subscription is already cancelled.")
             self._cancel(subscription, now)
             return ("subscription_cancelled",), "portal"
@@ -846,7 +848,7 @@ class ChargebeeEmulator:
     def _build_router(self) -> Router:
         emulator = self
 
-        api_root = SANDBOX_CHARGEBEE_PREFIX + API_PATH
+        api_root = self._mount_path + API_PATH
 
         async def authenticate(request: Request[Any, Any, Any]) -> Response[bytes] | None:
             emulator.api_log.append(
@@ -1082,7 +1084,7 @@ class ChargebeeEmulator:
             path="/",
             route_handlers=[checkout_page, pay, portal, portal_action],
         )
-        return Router(path=SANDBOX_CHARGEBEE_PREFIX, route_handlers=[api, pages], include_in_schema=False)
+        return Router(path=self._mount_path or "/", route_handlers=[api, pages], include_in_schema=False)
 
 
 _PORTAL_NOTICES = {

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from litestar import Controller, Request, Response, post
-from litestar.di import NamedDependency, Provide
+from litestar.di import NamedDependency
 from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_400_BAD_REQUEST,
@@ -40,10 +40,11 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
-from app.routes.billing import BillingServices, provide_billing
-from billing.accounts import Account, AccountStoreError, ClerkUnavailable, UnknownUser
+from app.settings import Settings
+from billing.accounts import Account, AccountStore, AccountStoreError, ClerkUnavailable, UnknownUser
 from billing.ids import is_clerk_user_id
 from billing.metadata import BillingMetadata, MetadataError
+from billing.plans import PlanCatalogue
 from billing.webhooks import ChargebeeEvent, MalformedEvent, Outcome, apply_event, parse_event, refusal
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,6 @@ def credentials_match(authorization: str | None, username: str, password: str) -
 
 
 class ChargebeeWebhookController(Controller):
-    dependencies = {"billing": Provide(provide_billing, sync_to_thread=False)}
-
     @post(
         WEBHOOK_PATH,
         name="chargebee_webhook",
@@ -98,9 +97,12 @@ class ChargebeeWebhookController(Controller):
         request_max_body_size=WEBHOOK_MAX_BODY_BYTES,
     )
     async def receive(
-        self, request: Request[Any, Any, Any], billing: NamedDependency[BillingServices]
+        self,
+        request: Request[Any, Any, Any],
+        settings: NamedDependency[Settings],
+        catalogue: NamedDependency[PlanCatalogue],
+        accounts: NamedDependency[AccountStore],
     ) -> Response[dict[str, Any]]:
-        settings = billing.settings
         if not credentials_match(
             request.headers.get("authorization"),
             settings.chargebee_webhook_username,
@@ -139,11 +141,11 @@ class ChargebeeWebhookController(Controller):
 
         def change(account: Account) -> BillingMetadata | None:
             nonlocal outcome
-            outcome = apply_event(account.metadata, event, billing.catalogue)
+            outcome = apply_event(account.metadata, event, catalogue)
             return outcome.metadata
 
         try:
-            await billing.accounts.update(user_id, change)
+            await accounts.update(user_id, change)
         except UnknownUser:
             return _not_our_customer(event, user_id)
         except ClerkUnavailable as error:

@@ -17,7 +17,7 @@ from billing.metadata import BillingMetadata
 from billing.plans import PlanCatalogue
 from inference.protocol import StreamClaim
 from inference.tickets import LEEWAY_SECONDS
-from tests.metering.test_ledger_properties import T0, report, subscribe
+from tests.billing.test_ledger_properties import T0, report, subscribe
 
 STALE = DEFAULT_POLICY.ticket_ttl_seconds + DEFAULT_POLICY.stale_after_seconds
 

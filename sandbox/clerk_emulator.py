@@ -6,9 +6,9 @@ codes. It also enforces the limits real Clerk enforces on user metadata (8 KB, a
 so code that would break in production breaks in the sandbox first.
 
 It also plays the part of Clerk's Frontend API that a browser uses to stay signed in (clients, sessions,
-60-second session tokens; see app/sandbox/clerk_sessions.py), on the same origin as the app, the way a
-Frontend API proxy serves it: `/sandbox/clerk/v1/client...`, authenticated by the browser's `__client`
-cookie instead of the secret key.
+60-second session tokens; see sandbox/clerk_sessions.py), on the same origin as the app, the way a
+Frontend API proxy serves it: `{api_path}/client...` (`/sandbox/clerk/v1/client` where the web app mounts
+it), authenticated by the browser's `__client` cookie instead of the secret key.
 
 Users live in one JSON file, replaced atomically after every change, so a restart loses nothing; clients
 and sessions live in a second file that several app processes share.
@@ -37,14 +37,12 @@ from litestar.enums import MediaType
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 
-from app.sandbox import clerk_sessions as sessions
-from app.sandbox.clerk_sessions import FrontendSettings, SessionStore
-from app.sandbox.files import write_private_file
-from app.settings import SANDBOX_CLERK_PREFIX
+from sandbox import clerk_sessions as sessions
+from sandbox.clerk_sessions import FrontendSettings, SessionStore
+from sandbox.files import write_private_file
 
-API_PATH = SANDBOX_CLERK_PREFIX
-# The Frontend API's `/v1/client` resource, served beside the Backend API on the app's origin.
-FRONTEND_PATH = f"{SANDBOX_CLERK_PREFIX}/client"
+# Where Clerk serves its Backend API (api.clerk.com/v1), unless the mounting app says otherwise.
+API_PATH = "/v1"
 CLIENT_COOKIE = "__client"
 CLIENT_UAT_COOKIE = "__client_uat"
 SESSION_COOKIE = "__session"
@@ -367,8 +365,8 @@ def _too_many_requests(retry_in_seconds: float) -> ClerkAPIError:
 
 class ClerkEmulator:
     """The Clerk Backend API endpoints Stylecast uses (users, sessions, sign-in tokens), served by `.router`
-    under `/sandbox/clerk/v1`; given `frontend`, also the Frontend API's client resource under
-    `/sandbox/clerk/v1/client`.
+    under `api_path`; given `frontend`, also the Frontend API's client resource under `{api_path}/client`,
+    beside the Backend API on the app's origin.
 
     `request_count`, `metadata_write_count()` and `reset_counters()` let tests see how hard the app leans
     on Clerk's Backend API (e.g. that usage is batched rather than written per frame).
@@ -380,6 +378,7 @@ class ClerkEmulator:
         secret_key: str,
         *,
         frontend: FrontendSettings | None = None,
+        api_path: str = API_PATH,
         metadata_writes_per_window: int = METADATA_WRITES_PER_WINDOW,
         metadata_write_window_s: float = METADATA_WRITE_WINDOW_S,
         instance_requests_per_window: int = INSTANCE_REQUESTS_PER_WINDOW,
@@ -393,6 +392,8 @@ class ClerkEmulator:
         self._store_path = Path(store_path)
         self._secret_key = secret_key.encode()
         self._frontend = frontend
+        self.api_path = api_path.rstrip("/")
+        self.frontend_path = f"{self.api_path}/client"
         self._writes_per_window = metadata_writes_per_window
         self._window_s = metadata_write_window_s
         self._clock = clock
@@ -835,7 +836,7 @@ class ClerkEmulator:
             ).to_response()
 
         backend = Router(
-            path=API_PATH,
+            path=self.api_path,
             route_handlers=[
                 list_users,
                 count_users,
@@ -857,7 +858,7 @@ class ClerkEmulator:
         if self._frontend is None:
             return backend
         frontend = Router(
-            path=FRONTEND_PATH,
+            path=self.frontend_path,
             route_handlers=self._frontend_handlers(self._frontend),
             exception_handlers={ClerkAPIError: clerk_error, HTTPException: http_error},
             include_in_schema=False,
@@ -879,7 +880,7 @@ class ClerkEmulator:
             return cookie(
                 CLIENT_COOKIE,
                 token,
-                path=FRONTEND_PATH,
+                path=self.frontend_path,
                 max_age=sessions.CLIENT_COOKIE_SECONDS,
                 httponly=True,
             )

@@ -12,7 +12,7 @@ import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from app.sandbox.files import create_private_file
+from sandbox.files import create_private_file
 
 SECRETS_FILE = "sandbox-secrets.json"
 

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from billing.plans import PlanCatalogue
-from tests.metering.stack import Browser, Stack, running_stack, usage
+from app.wiring import plan_catalogue
+from tests.stack import Browser, Stack, running_stack, usage
 
 APP_WRITES_PER_WINDOW = 8  # the app's own budget (docs/metering.md, "Batching")
 CLERK_WRITES_PER_WINDOW = 10
@@ -125,7 +125,7 @@ def stream_once(stack: Stack, browser: Browser, pool: ThreadPoolExecutor) -> lis
 
 def test_a_burst_of_streams_reports_and_webhooks_stays_within_clerks_write_limit(stack: Stack) -> None:
     browser = stack.sign_in("burst@example.com")
-    pro, ultra = (plan.item_price_id or "" for plan in PlanCatalogue.from_settings(stack.settings).paid)
+    pro, ultra = (plan.item_price_id or "" for plan in plan_catalogue(stack.settings).paid)
     version = int(time.time()) * 1000
     webhooks = [
         subscription_event("ev_budget_1", "subscription_created", browser.user_id, pro, version),

@@ -1,4 +1,4 @@
-"""Usage: the worker's usage reports and stream claims, and the usage meter the studio polls.
+"""The GPU worker's requests to the app: usage reports and stream claims, both signed.
 
 `POST /api/usage/report` is machine-to-machine. It is authenticated by the worker's HMAC signature over
 the body (STREAM_SECRET, `inference.signing.verify_signed`) and by nothing else: it is not behind the
@@ -21,10 +21,8 @@ import logging
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from litestar import Controller, Request, Response, get, post
-from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
-from litestar.response import Template
+from litestar import Controller, Request, Response, post
+from litestar.di import NamedDependency
 from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_401_UNAUTHORIZED,
@@ -34,37 +32,19 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
-from app.auth import SessionEnded, SignedInUser, requires_user
-from app.routes.billing import account_view
 from app.settings import Settings
-from billing.accounts import AccountStore, AccountStoreError, ClerkUnavailable, UnknownUser
-from billing.entitlement import entitlement
+from billing.accounts import AccountStoreError, ClerkUnavailable, UnknownUser
 from billing.ledger import LedgerRefused
+from billing.ledger_store import LedgerStore
 from billing.metadata import MetadataError
-from billing.metering import Metering
-from billing.plans import PlanCatalogue
 from inference.protocol import StreamClaim, UsageReport
 from inference.signing import MAX_SIGNED_BODY_BYTES, Purpose, SignedRequestError, verify_signed
 
 log = logging.getLogger(__name__)
 
-# htmx stops polling when a poll is answered with this status (and still swaps the content in).
-HTMX_STOP_POLLING = 286
+# What a 503 tells the worker's reporter to wait before it tries again.
 RETRY_AFTER_SECONDS = "2"
 _T = TypeVar("_T")
-
-
-def provide_metering(state: State) -> Metering:
-    """The app's one Metering, built on first use from the billing services (BillingPlugin's lifespan)."""
-    metering = state.get("metering")
-    if isinstance(metering, Metering):
-        return metering
-    accounts, catalogue = state.get("accounts"), state.get("catalogue")
-    if not isinstance(accounts, AccountStore) or not isinstance(catalogue, PlanCatalogue):
-        raise RuntimeError("billing services are not running: register BillingPlugin in create_app()")
-    metering = Metering(accounts, catalogue)
-    state["metering"] = metering
-    return metering
 
 
 def _error(status_code: int, error: str, message: str, **headers: str) -> Response[dict[str, str]]:
@@ -109,9 +89,7 @@ async def _stored(what: str, stream_id: str, user_id: str, change: Awaitable[_T]
         return _error(HTTP_500_INTERNAL_SERVER_ERROR, "not_stored", f"The {what} could not be stored.")
 
 
-class UsageController(Controller):
-    dependencies = {"metering": Provide(provide_metering, sync_to_thread=False)}
-
+class WorkerRequestsController(Controller):
     # A report is a few hundred bytes; anything larger than a signed request can be is refused with 413
     # before it is read, so unsigned floods cost no memory.
     @post(
@@ -124,12 +102,12 @@ class UsageController(Controller):
         self,
         request: Request[Any, Any, Any],
         settings: NamedDependency[Settings],
-        metering: NamedDependency[Metering],
+        ledger: NamedDependency[LedgerStore],
     ) -> Response[dict[str, Any]]:
         report = await _signed(request, settings, Purpose.USAGE, UsageReport)
         if isinstance(report, Response):
             return report
-        applied = await _stored("usage report", report.stream_id, report.user_id, metering.record(report))
+        applied = await _stored("usage report", report.stream_id, report.user_id, ledger.record(report))
         if isinstance(applied, Response):
             return applied
         return Response(
@@ -153,38 +131,13 @@ class UsageController(Controller):
         self,
         request: Request[Any, Any, Any],
         settings: NamedDependency[Settings],
-        metering: NamedDependency[Metering],
+        ledger: NamedDependency[LedgerStore],
     ) -> Response[dict[str, str]]:
         claim = await _signed(request, settings, Purpose.CLAIM, StreamClaim)
         if isinstance(claim, Response):
             return claim
-        granted = await _stored("stream claim", claim.stream_id, claim.user_id, metering.claim(claim))
+        granted = await _stored("stream claim", claim.stream_id, claim.user_id, ledger.claim(claim))
         if isinstance(granted, Response):
             return granted
         log.info("stream %s of %s claimed by worker %s", claim.stream_id, claim.user_id, claim.worker_id)
         return Response({"status": "claimed", "stream_id": claim.stream_id}, status_code=HTTP_200_OK)
-
-    @get("/partials/usage-meter", name="usage_meter", guards=[requires_user])
-    async def usage_meter(
-        self, user: NamedDependency[SignedInUser], metering: NamedDependency[Metering]
-    ) -> Template:
-        try:
-            account = await metering.view(user.user_id)
-        except UnknownUser:
-            raise SessionEnded from None  # deleted in Clerk: sign the browser out
-        except (AccountStoreError, MetadataError):
-            log.warning("usage meter for %s: account unavailable", user.user_id, exc_info=True)
-            # Keep polling: the next poll may find Clerk back.
-            return Template("partials/usage_meter.html", context={"view": None})
-        view = account_view(account, metering.catalogue)
-        applies = entitlement(account.metadata.public, metering.catalogue)
-        return Template(
-            "partials/usage_meter.html",
-            context={
-                "view": view,
-                "plan_name": applies.plan.name,
-                "seconds_left": applies.remaining_seconds,
-                "exhausted": applies.exhausted,
-            },
-            status_code=HTMX_STOP_POLLING if applies.exhausted else HTTP_200_OK,
-        )
