@@ -66,6 +66,12 @@ def with_import(root: Path, module: str, statement: str) -> None:
         # The worker's runtime importing the tooling, and the web app importing the tests.
         ("inference.protocol", "import bench.loadgen", "inference is not allowed to import bench"),
         ("app.clerk", "import tests.conftest", "app is not allowed to import tests"),
+        # An emulator built somewhere other than where the app mounts it.
+        (
+            "app.routes.session",
+            "import sandbox.clerk_emulator",
+            "app.routes is not allowed to import sandbox.clerk_emulator",
+        ),
         # Wiring below the routes it registers; one route module using another.
         ("app.routes.pages", "import app.wiring", "app.routes is not allowed to import app.wiring"),
         (
