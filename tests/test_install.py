@@ -179,7 +179,14 @@ def fresh_checkout(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
         pytest.skip(f"Python {request.param} is not on this machine")
     root = tmp_path_factory.mktemp(f"fresh-{request.param}")
     tracked = subprocess.run(
-        ["git", "ls-files", "pyproject.toml", "uv.lock", "README.md", "app", "billing", "inference"],
+        [
+            "git",
+            "ls-files",
+            "pyproject.toml",
+            "uv.lock",
+            "README.md",
+            *("app", "billing", "inference", "sandbox"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
