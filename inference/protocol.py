@@ -3,7 +3,8 @@ render modes and the usage report the worker posts to the app. docs/protocol.md 
 for humans and JS; everything else (engines, the worker, the app, the tools) takes it from here.
 
 Text messages are JSON objects tagged by their "type" field. Binary messages are video frames: an 8-byte
-little-endian header followed by JPEG bytes.
+little-endian header followed by JPEG bytes. A client's binary message whose header says
+``BinaryKind.STYLE_IMAGE`` carries the session's style image (JPEG, PNG or WebP bytes) instead.
 """
 
 from __future__ import annotations
@@ -26,8 +27,20 @@ MAX_TEXT_MESSAGE_BYTES: Final = 16 * 1024  # a 500-char prompt is at most ~3 KiB
 MAX_UNACKED: Final = 2
 # Output frames are OUTPUT_SIZE x OUTPUT_SIZE JPEGs; input frames are center-cropped and resized to it.
 OUTPUT_SIZE: Final = 512
+# Style images (client -> worker, a binary message of kind STYLE_IMAGE): the file's bytes, which a browser
+# resizes before sending; a WebSocket message on Modal is at most 2 MiB, header included.
+MAX_STYLE_IMAGE_BYTES: Final = 2 * 1024 * 1024 - 64
+MAX_STYLE_IMAGE_SIDE: Final = 4096  # pixels, either dimension, as the image's header declares them
+STYLE_IMAGE_FORMATS: Final = ("JPEG", "PNG", "WEBP")  # Pillow's names
+# The worker center-crops a style image to a square and resizes it to this side before engines see it.
+STYLE_IMAGE_SIZE: Final = 512
 # A render mode's id as it travels in `params` and `ready` messages and worker settings.
 MODE_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,31}$"
+# A LoRA adapter's name as FLUX2_LORAS gives it and `params.adapter` chooses it, and the range of its scale
+# (0: no effect, 1: as trained, 2: twice as strong).
+ADAPTER_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+MIN_ADAPTER_SCALE: Final = 0.0
+MAX_ADAPTER_SCALE: Final = 2.0
 
 # Binary frame header, both directions, little-endian: uint32 frame id, uint16 render milliseconds, int16
 # waited milliseconds. Input frames: the client picks the id (the worker echoes it) and sends zeros.
@@ -39,12 +52,25 @@ FRAME_HEADER_BYTES: Final = FRAME_HEADER.size
 MAX_FRAME_ID: Final = 2**32 - 1
 MAX_RENDER_MS: Final = 2**16 - 1  # longer renders are reported as this
 MAX_WAITED_MS: Final = 2**15 - 1  # longer waits (and idle times) are reported as this (and its negative)
+# Byte offset of the uint16 that says what a client's binary message is (BinaryKind); in output frames the
+# same field is the render time.
+BINARY_KIND_AT: Final = 4
+
+
+class BinaryKind(IntEnum):
+    """What a client's binary message carries, from its header's uint16 at BINARY_KIND_AT."""
+
+    FRAME = 0  # a video frame (JPEG)
+    STYLE_IMAGE = 1  # the session's style image (JPEG/PNG/WebP file bytes); the frame id field is ignored
+
 
 Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
 Steps = Annotated[int, msgspec.Meta(ge=MIN_STEPS, le=MAX_STEPS)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 ModeId = Annotated[str, msgspec.Meta(pattern=MODE_ID_PATTERN)]
+AdapterId = Annotated[str, msgspec.Meta(pattern=ADAPTER_ID_PATTERN)]
+AdapterScale = Annotated[float, msgspec.Meta(ge=MIN_ADAPTER_SCALE, le=MAX_ADAPTER_SCALE)]
 
 
 class CloseCode(IntEnum):
@@ -71,6 +97,9 @@ class ErrorCode(StrEnum):
     NOT_JPEG = "not_jpeg"  # the frame's payload is not a baseline/progressive JPEG
     FRAME_TOO_LARGE = "frame_too_large"  # over MAX_FRAME_JPEG_BYTES, or pixel dimensions too large
     RENDER_FAILED = "render_failed"  # the engine could not render this frame; later frames may work
+    BAD_STYLE_IMAGE = "bad_style_image"  # empty, not a JPEG/PNG/WebP picture, or corrupt; the old one stays
+    STYLE_IMAGE_TOO_LARGE = "style_image_too_large"  # over MAX_STYLE_IMAGE_BYTES or MAX_STYLE_IMAGE_SIDE
+    BAD_BINARY_KIND = "bad_binary_kind"  # a binary message of a kind this worker does not know
 
 
 class RenderMode(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,6 +111,14 @@ class RenderMode(msgspec.Struct, frozen=True, kw_only=True):
     label: str  # short, for a select box: "Exact", "Fast"
     approximate: bool  # True: output differs from the reference pipeline by more than rounding
     detail: str  # one sentence for a tooltip/help text: what it changes and what it costs
+
+
+class AdapterInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A LoRA style adapter the worker serves, offered in `ready`."""
+
+    name: str  # what `params.adapter` chooses
+    scale: float  # the default strength, used until the session sets `adapter_scale`
+    trigger: str = ""  # words appended to the prompt (after ", ") while the adapter is active
 
 
 # ---- client -> worker (text) ----
@@ -100,9 +137,19 @@ class Params(msgspec.Struct, tag="params", tag_field="type", frozen=True):
     steps: Steps | None = None
     seed: Seed | None = None
     mode: ModeId | None = None  # one of the `modes` ids in `ready`; an unknown id is a bad_params error
+    # One of the `adapters` names in `ready` (an unknown one is a bad_params error), or null for none.
+    # Unlike the other fields, null is a value here: only an omitted `adapter` keeps the current one.
+    adapter: AdapterId | msgspec.UnsetType | None = msgspec.UNSET
+    # The adapter's strength; null or omitted keeps the current one. Choosing another adapter without a
+    # scale resets it to that adapter's default.
+    adapter_scale: AdapterScale | None = None
 
 
-ClientMessage = Hello | Params
+class ClearStyle(msgspec.Struct, tag="clear_style", tag_field="type", frozen=True):
+    """Drop the session's style image: frames sent after it are styled by the prompt alone."""
+
+
+ClientMessage = Hello | Params | ClearStyle
 
 
 # ---- worker -> client (text) ----
@@ -131,6 +178,9 @@ class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True):
     # just before its turn (docs/protocol.md, "Pacing"). False: it batches sessions, and a client should
     # send at camera rate so that a frame of every session waits at each batch boundary.
     pace: bool = False
+    adapters: list[AdapterInfo] = msgspec.field(default_factory=list)  # what `params.adapter` may choose
+    adapter: str | None = None  # the session's current adapter
+    adapter_scale: float | None = None  # its current scale
 
 
 class Ack(msgspec.Struct, tag="ack", tag_field="type", frozen=True):
@@ -152,7 +202,16 @@ class Error(msgspec.Struct, tag="error", tag_field="type", frozen=True):
     frame: int | None = None  # the input frame this answers, when it is about one (it gets no output)
 
 
-ServerMessage = Admitted | Warming | Ready | Ack | Usage | Error
+class StyleImageState(msgspec.Struct, tag="style_image", tag_field="type", frozen=True):
+    """The session's style image changed: set (from a STYLE_IMAGE message) or cleared. Frames sent after the
+    message that changed it are rendered with the new state."""
+
+    active: bool
+    width: int = 0  # of the picture as sent, when active
+    height: int = 0
+
+
+ServerMessage = Admitted | Warming | Ready | Ack | Usage | Error | StyleImageState
 
 
 # ---- worker -> app (HTTP) ----
@@ -187,7 +246,7 @@ class StreamClaim(msgspec.Struct, frozen=True, kw_only=True):
 
 _client_decoder: Final = msgspec.json.Decoder(ClientMessage)
 _encoder: Final = msgspec.json.Encoder()
-_CLIENT_TYPES: Final = frozenset({"hello", "params"})
+_CLIENT_TYPES: Final = frozenset({"hello", "params", "clear_style"})
 
 
 class ProtocolError(Exception):
@@ -199,7 +258,7 @@ class ProtocolError(Exception):
         self.message = message
 
 
-def decode_client_message(data: str | bytes) -> Hello | Params:
+def decode_client_message(data: str | bytes) -> Hello | Params | ClearStyle:
     """Parse one text message, classifying failures into the stable error codes."""
     raw = data.encode() if isinstance(data, str) else data
     if len(raw) > MAX_TEXT_MESSAGE_BYTES:
@@ -229,7 +288,9 @@ def encode_message(message: ServerMessage | ClientMessage) -> str:
     return _encoder.encode(message).decode()
 
 
-def decode_server_message(data: str | bytes) -> Admitted | Warming | Ready | Ack | Usage | Error:
+def decode_server_message(
+    data: str | bytes,
+) -> Admitted | Warming | Ready | Ack | Usage | Error | StyleImageState:
     """For clients written in Python (tests, load generators)."""
     return msgspec.json.decode(data, type=ServerMessage)
 
@@ -254,3 +315,14 @@ def unpack_frame(data: bytes) -> Frame:
             ErrorCode.BAD_FRAME, f"binary messages start with a {FRAME_HEADER_BYTES}-byte frame header"
         )
     return Frame(*FRAME_HEADER.unpack_from(data), data[FRAME_HEADER_BYTES:])
+
+
+def binary_kind(data: bytes) -> int:
+    """The BinaryKind value of a client's binary message (any uint16; unknown ones are the caller's error).
+    Raises ProtocolError(BAD_FRAME) when there is no header."""
+    return unpack_frame(data).render_ms
+
+
+def pack_style_image(image: bytes) -> bytes:
+    """A client's style image message: the frame header with kind STYLE_IMAGE, then the file's bytes."""
+    return FRAME_HEADER.pack(0, BinaryKind.STYLE_IMAGE, 0) + image

@@ -15,18 +15,34 @@ from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DMo
 
 from inference.engines.flux2.fp8 import quantized_copy
 from inference.engines.flux2.kv_reuse import use_kv_attention
+from inference.engines.flux2.lora import LoraBank, LoraSelection, apply_lora
 from inference.engines.flux2.recipes import ModeRecipe
 
 
 class Transformers:
-    """The transformer copies an engine's modes run on: ``exact`` always, ``fp8`` when a mode needs it."""
+    """The transformer copies an engine's modes run on: ``exact`` always, ``fp8`` when a mode needs it.
+    With a ``lora`` bank, both carry every adapter's low-rank branches (lora.py), and ``lora`` is where the
+    engine says which adapter each row of the next batch applies."""
 
-    def __init__(self, exact: Flux2Transformer2DModel, recipes: Iterable[ModeRecipe]) -> None:
+    def __init__(
+        self,
+        exact: Flux2Transformer2DModel,
+        recipes: Iterable[ModeRecipe],
+        *,
+        lora: LoraBank | None = None,
+        max_batch: int = 1,
+    ) -> None:
         recipes = list(recipes)
         self.exact = exact
         self.fp8: Flux2Transformer2DModel | None = (
             quantized_copy(exact) if any(recipe.fp8 for recipe in recipes) else None
         )
+        self.lora: LoraSelection | None = None
+        if lora is not None and lora.targets:
+            # After the FP8 copy is made: it quantizes the base layers, the branches stay in the model dtype.
+            self.lora = LoraSelection(lora, max_batch, exact.device)
+            for transformer in [exact] if self.fp8 is None else [exact, self.fp8]:
+                apply_lora(transformer, self.lora)
         for recipe in recipes:
             if recipe.reference_kv_reuse:
                 use_kv_attention(self.for_recipe(recipe))
