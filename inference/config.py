@@ -85,6 +85,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # "pretrained": the checkpoint; "random": klein-4B's architecture with random weights (benchmarks
     # without the download); "tiny": a tiny random model that runs on a CPU (tests).
     weights: Literal["pretrained", "random", "tiny"] = "pretrained"
+    # Repo id or local path of the smaller decoders a mode may use ("flash" uses the tiny one), fetched into
+    # cache_dir once such a mode is offered; None: the published repos (FLUX.2-small-decoder, taef2).
+    small_decoder: str | None = None
+    tiny_decoder: str | None = None
 
     # Preview engine: sleep this long per render call and during warm-up, so browser tests can simulate a
     # slow engine and a slow model load.
@@ -143,6 +147,8 @@ _OPTIONAL_ENV: Final = {
     "FLUX2_COMPILE": "compile",
     "FLUX2_MODES": "modes",
     "FLUX2_WEIGHTS": "weights",
+    "FLUX2_SMALL_DECODER": "small_decoder",
+    "FLUX2_TINY_DECODER": "tiny_decoder",
 }
 
 

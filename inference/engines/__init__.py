@@ -30,7 +30,13 @@ def flux2_options(config: WorkerConfig) -> dict[str, Any]:
         "random_weights": config.weights == "random",
         "tiny": config.weights == "tiny",
     }
-    optional = {"cache_dir": config.cache_dir, "device": config.device, "dtype": config.dtype}
+    optional = {
+        "cache_dir": config.cache_dir,
+        "device": config.device,
+        "dtype": config.dtype,
+        "small_decoder": config.small_decoder,
+        "tiny_decoder": config.tiny_decoder,
+    }
     options.update({name: value for name, value in optional.items() if value is not None})
     return options
 

@@ -24,6 +24,7 @@ from inference.engines.flux2.decoders import (
 )
 from inference.engines.flux2.klein_config import TINY
 from inference.protocol import OUTPUT_SIZE
+from tests.inference.helpers import SECRET
 
 LATENT_CHANNELS = TINY.vae["latent_channels"]
 CPU = torch.device("cpu")
@@ -311,3 +312,31 @@ def test_a_recipe_names_a_known_decoder() -> None:
     assert ModeRecipe(decoder="full") == ModeRecipe()
     assert not ModeRecipe(decoder="full").approximate
     assert ModeRecipe(fp8=True, decoder="tiny").describe() == "fp8, tiny decoder"
+
+
+def test_the_workers_settings_name_the_decoders_weights(
+    taef2_file: tuple[nn.Sequential, Path], small_folder: tuple[AutoencoderKLFlux2, Path]
+) -> None:
+    from inference.config import load_worker_config
+    from inference.engines import create_engine
+
+    reference, path = taef2_file
+    environ = {
+        "STREAM_SECRET": SECRET,
+        "INFERENCE_ENGINE": "flux2",
+        "FLUX2_WEIGHTS": "tiny",
+        "FLUX2_DEVICE": "cpu",
+        "FLUX2_MODES": "exact,flash",
+        "FLUX2_TINY_DECODER": str(path),
+        "FLUX2_SMALL_DECODER": str(small_folder[1]),
+    }
+    engine = create_engine(load_worker_config(environ))
+    assert isinstance(engine, Flux2Engine)
+    assert engine.config.small_decoder == str(small_folder[1])
+    engine.load()
+    tiny = engine.decoders["tiny"]
+    assert isinstance(tiny, TinyDecoder)
+    # The file's weights, not a random build: the first convolution after the clamp is taesd.py's index 1.
+    assert torch.equal(tiny.autoencoder.decoder.layers[0].weight, reference[1].weight)
+    unset = {key: value for key, value in environ.items() if not key.endswith("_DECODER")}
+    assert create_engine(load_worker_config(unset)).config.tiny_decoder is None  # the published repo
