@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from inference.protocol import RenderMode
+from inference.protocol import AdapterInfo, RenderMode
+from inference.style_image import StyleImage
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,13 @@ class FrameJob:
     steps: int
     seed: int
     mode: str = ""  # a RenderMode id of the engine; "" means the engine's default (its first mode)
+    # The session's style image, the same object for all its jobs until the session changes it; None: the
+    # prompt alone. Engines key what they derive from it (latents) by this object.
+    style: StyleImage | None = None
+    # The session's LoRA adapter (a name of the engine's `adapters`; None: none) and its scale (None: the
+    # adapter's default). Jobs with different adapters share one batch.
+    adapter: str | None = None
+    adapter_scale: float | None = None
 
 
 @runtime_checkable
@@ -54,3 +62,9 @@ def deferred_warm_ups(engine: Engine) -> list[Callable[[], None]]:
 
 def mode_ids(engine: Engine) -> frozenset[str]:
     return frozenset(mode.id for mode in engine.modes)
+
+
+def served_adapters(engine: Engine) -> tuple[AdapterInfo, ...]:
+    """The LoRA adapters a session may choose. Optional: an engine without an ``adapters`` attribute (the
+    preview engine) serves none."""
+    return tuple(getattr(engine, "adapters", ()))

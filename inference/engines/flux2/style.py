@@ -1,0 +1,64 @@
+"""A session's style image as FLUX.2 [klein] reads it: a second reference image after the webcam frame.
+
+``Flux2KleinPipeline(image=[frame, style])`` VAE-encodes each reference image on its own, packs each to
+tokens and appends them after the noise tokens in the order given; their position ids differ in the time
+coordinate only (``_prepare_image_ids``: 10 for the first image, 20 for the second). The engine does the
+same, except that the style image does not change between a session's frames: its latent tokens are
+encoded once, on the first frame that carries it, and kept for as long as the session holds that
+``StyleImage`` (a weak key: the entry goes with the session's image).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers import Flux2KleinPipeline
+
+from inference.style_image import StyleImage
+
+# Encodes uint8 RGB images (B, 3, S, S) at size² as packed reference latents (B, tokens, C).
+EncodeReference = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def style_reference_ids(
+    frame_side: int, style_side: int, channels: int, device: torch.device
+) -> torch.Tensor:
+    """Position ids (1, style tokens, 4) of a style image whose packed latent is ``style_side`` tokens a
+    side, after a frame of ``frame_side``: the ids Flux2KleinPipeline gives the second of two reference
+    images."""
+    frame = torch.empty((1, channels, frame_side, frame_side), device="meta")
+    style = torch.empty((1, channels, style_side, style_side), device="meta")
+    ids = Flux2KleinPipeline._prepare_image_ids([frame, style])
+    return ids[:, frame_side * frame_side :].to(device)
+
+
+class StyleLatents:
+    """The encoded style images of one engine, by (StyleImage, size): each encoded once."""
+
+    def __init__(self, encode: EncodeReference, device: torch.device) -> None:
+        self._encode = encode
+        self._device = device
+        self._latents: weakref.WeakKeyDictionary[StyleImage, dict[int, torch.Tensor]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.encoded = 0  # how many encodings have run (a test and the bench read it)
+
+    def __len__(self) -> int:
+        return len(self._latents)
+
+    def latents(self, style: StyleImage, size: int) -> torch.Tensor:
+        """(1, tokens, C) reference latents of ``style`` read at size², encoded on first use."""
+        by_size = self._latents.setdefault(style, {})
+        latents = by_size.get(size)
+        if latents is None:
+            pixels = torch.from_numpy(style.pixels.copy()).permute(2, 0, 1)[None].to(self._device)
+            latents = self._encode(pixels, size)
+            by_size[size] = latents
+            self.encoded += 1
+        return latents
+
+    def batch(self, styles: Sequence[StyleImage], size: int) -> torch.Tensor:
+        """(B, tokens, C): one row per job, in order."""
+        return torch.cat([self.latents(style, size) for style in styles])
