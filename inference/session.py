@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
+import msgspec
 from litestar.connection import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
@@ -31,13 +32,16 @@ from inference.billable_time import BillingMeter, Clock
 from inference.claims import ClaimOutcome
 from inference.config import WorkerConfig
 from inference.engines import is_preview
-from inference.engines.base import Engine, FrameJob, mode_ids
+from inference.engines.base import Engine, FrameJob, mode_ids, served_adapters
 from inference.imaging import ImageTooLarge, InvalidJpeg, inspect_jpeg
 from inference.metrics import WorkerMetrics
 from inference.protocol import (
+    FRAME_HEADER_BYTES,
     MAX_FRAME_JPEG_BYTES,
     MODE_ID_PATTERN,
     Ack,
+    BinaryKind,
+    ClearStyle,
     CloseCode,
     Error,
     ErrorCode,
@@ -46,14 +50,17 @@ from inference.protocol import (
     ProtocolError,
     Ready,
     ServerMessage,
+    StyleImageState,
     Usage,
     Warming,
+    binary_kind,
     decode_client_message,
     encode_message,
     pack_frame,
     unpack_frame,
 )
 from inference.scheduler import RenderResult, Scheduler
+from inference.style_image import StyleImage, decode_style_image
 from inference.tickets import Ticket, TicketError, verify_ticket
 from inference.usage_reporter import ReportedStream, UsageReporter
 
@@ -94,6 +101,11 @@ class _Close:
 def _unknown_mode(mode: str, engine: Engine) -> str:
     offered = ", ".join(repr(option.id) for option in engine.modes)
     return f"unknown mode {mode!r}; the {engine.name} engine offers {offered}"
+
+
+def _unknown_adapter(adapter: str, engine: Engine) -> str:
+    offered = ", ".join(repr(info.name) for info in served_adapters(engine)) or "none"
+    return f"unknown adapter {adapter!r}; this worker serves {offered}"
 
 
 def requested_mode(socket: WebSocket) -> str | None:
@@ -164,6 +176,12 @@ class StreamSession:
         self.steps = services.config.default_steps
         self.seed = 0
         self.mode = ""  # a mode id of the engine, validated; "" is the engine's default (its first mode)
+        # The LoRA adapter (validated against the engine's; None: none) and its scale (None: its default).
+        self.adapter: str | None = None
+        self.adapter_scale: float | None = None
+        # The session's own style image, in every job it submits; the engine's encoding of it lives as long
+        # as this reference (and the jobs holding it) does, so it goes when the session ends.
+        self.style: StyleImage | None = None
         self.engine: Engine | None = None  # None while the worker is warming
         # Asked for at connect or while warming; validated once the engine is ready (at once if it is).
         self._requested_mode: str | None = mode
@@ -224,6 +242,9 @@ class StreamSession:
                 modes=list(engine.modes),
                 mode=self.mode or engine.modes[0].id,
                 pace=engine.max_batch == 1,
+                adapters=list(served_adapters(engine)),
+                adapter=self.adapter,
+                adapter_scale=self.adapter_scale,
             )
         )
         self._queue(self._usage_message())
@@ -245,7 +266,11 @@ class StreamSession:
                 return
             data = event.get("bytes")
             if data is not None:
-                self._on_frame(data)
+                if len(data) >= FRAME_HEADER_BYTES and binary_kind(data) == BinaryKind.STYLE_IMAGE:
+                    # Decoded before the next message is read, so the frames sent after it carry it.
+                    await self._on_style_image(data[FRAME_HEADER_BYTES:])
+                else:
+                    self._on_frame(data)
                 continue
             text = event.get("text")
             if text is not None:
@@ -259,6 +284,9 @@ class StreamSession:
             return
         if isinstance(message, Params):
             self._apply_params(message)
+        elif isinstance(message, ClearStyle):
+            self.style = None
+            self._queue(StyleImageState(active=False))
         else:
             self._error(ErrorCode.UNEXPECTED_HELLO, "this session is already authenticated")
 
@@ -268,6 +296,21 @@ class StreamSession:
         if params.mode is not None and engine is not None and params.mode not in mode_ids(engine):
             self._error(ErrorCode.BAD_PARAMS, _unknown_mode(params.mode, engine))
             return
+        adapter = params.adapter
+        if isinstance(adapter, str):
+            # Adapters are known once the engine is: none can be chosen while the worker is warming.
+            served = {info.name for info in served_adapters(engine)} if engine is not None else set()
+            if adapter not in served:
+                self._error(
+                    ErrorCode.BAD_PARAMS,
+                    _unknown_adapter(adapter, engine) if engine is not None else "adapters: wait for ready",
+                )
+                return
+        if adapter is not msgspec.UNSET and adapter != self.adapter:
+            self.adapter = adapter  # type: ignore[assignment]
+            self.adapter_scale = None  # the new adapter's default, unless this message sets one
+        if params.adapter_scale is not None:
+            self.adapter_scale = params.adapter_scale
         if params.prompt is not None:
             self.prompt = params.prompt
         if params.steps is not None:
@@ -281,12 +324,28 @@ class StreamSession:
             else:
                 self.mode = params.mode
 
+    async def _on_style_image(self, image: bytes) -> None:
+        """Set the session's style image; a bad one is refused with an error and the old one stays."""
+        try:
+            style = await asyncio.to_thread(decode_style_image, image)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message)
+            return
+        self.style = style
+        width, height = style.source_size
+        self._queue(StyleImageState(active=True, width=width, height=height))
+
     def _on_frame(self, data: bytes) -> None:
         metrics = self.services.metrics
         metrics.frames_in.inc()
         frame_id: int | None = None
         try:
-            frame_id, _, _, jpeg = unpack_frame(data)
+            frame_id, kind, _, jpeg = unpack_frame(data)
+            if kind != BinaryKind.FRAME:
+                raise ProtocolError(
+                    ErrorCode.BAD_BINARY_KIND,
+                    f"binary message kind {kind} is not one of {', '.join(str(k.value) for k in BinaryKind)}",
+                )
             if len(jpeg) > MAX_FRAME_JPEG_BYTES:
                 raise ProtocolError(
                     ErrorCode.FRAME_TOO_LARGE,
@@ -302,7 +361,18 @@ class StreamSession:
             self._error(exc.code, exc.message, frame=frame_id)
             return
         self._last_frame_at = time.monotonic()
-        job = FrameJob(self.session_id, frame_id, jpeg, self.prompt, self.steps, self.seed, self.mode)
+        job = FrameJob(
+            self.session_id,
+            frame_id,
+            jpeg,
+            self.prompt,
+            self.steps,
+            self.seed,
+            self.mode,
+            style=self.style,
+            adapter=self.adapter,
+            adapter_scale=self.adapter_scale,
+        )
         if self.services.scheduler.submit(job, self._on_rendered):
             metrics.frames_dropped.labels("input").inc()
         self._queue_droppable(Ack(frame=frame_id))

@@ -83,7 +83,12 @@ def decode_style_image(data: bytes) -> StyleImage:
                 rgb = ImageOps.exif_transpose(image).convert("RGB")
     except ProtocolError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ProtocolError(
+            ErrorCode.STYLE_IMAGE_TOO_LARGE,
+            f"the style image declares too many pixels; at most {MAX_STYLE_IMAGE_SIDE} a side ({exc})",
+        ) from exc
+    except UnidentifiedImageError as exc:
         raise ProtocolError(
             ErrorCode.BAD_STYLE_IMAGE,
             f"the style image is not a JPEG, PNG or WebP picture Stylecast can read ({exc})",

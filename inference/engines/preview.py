@@ -4,7 +4,9 @@ with a badge in the frame, so nobody mistakes it for the model.
 
 The style is chosen from the prompt by keywords covering the studio's presets; a prompt matching none of
 them gets a duotone poster whose two colours come from colour words in the prompt or, failing that, from a
-hash of it, so that every prompt change is visible. `steps` and `seed` do not affect the filters.
+hash of it, so that every prompt change is visible. `steps` and `seed` do not affect the filters. A
+session's style image recolours the result with the style image's palette (its colour statistics, per
+channel), a stand-in for what the model does with a style image, labelled as a preview like the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from inference.engines.base import FrameJob
 from inference.imaging import decode_square, encode_jpeg
 from inference.protocol import OUTPUT_SIZE, RenderMode
+from inference.style_image import StyleImage
 
 if TYPE_CHECKING:
     from inference.config import WorkerConfig
@@ -396,13 +399,25 @@ class PreviewEngine:
                 raise ValueError(f"unknown mode {job.mode!r}; the preview engine has only 'preview'")
         if self.delay_seconds:
             time.sleep(self.delay_seconds)
-        return [self.render_one(job.jpeg, job.prompt) for job in jobs]
+        return [self.render_one(job.jpeg, job.prompt, job.style) for job in jobs]
 
-    def render_one(self, jpeg: bytes, prompt: str) -> bytes:
+    def render_one(self, jpeg: bytes, prompt: str, style: StyleImage | None = None) -> bytes:
         styled = STYLES[style_for_prompt(prompt)](decode_square(jpeg), prompt)
+        if style is not None:
+            styled = transfer_palette(styled, style)
         badge = _badge()
         styled.paste(badge, (OUTPUT_SIZE - badge.width - 8, OUTPUT_SIZE - badge.height - 8), badge)
         return encode_jpeg(styled)
+
+
+def transfer_palette(image: Image.Image, style: StyleImage, strength: float = 0.85) -> Image.Image:
+    """``image`` recoloured towards ``style``'s palette: each channel's mean and spread moved to the style
+    image's (a colour transfer in RGB), ``strength`` of the way."""
+    source = _array(image).astype(np.float32)
+    target = style.pixels.reshape(-1, 3).astype(np.float32)
+    mean, std = source.reshape(-1, 3).mean(axis=0), source.reshape(-1, 3).std(axis=0) + 1.0
+    transferred = (source - mean) / std * (target.std(axis=0) + 1.0) + target.mean(axis=0)
+    return _image(np.clip(source + strength * (transferred - source), 0, 255).astype(np.uint8))
 
 
 def create_preview_engine(config: WorkerConfig) -> PreviewEngine:
