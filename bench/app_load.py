@@ -85,7 +85,7 @@ WORKER_ID: Final = "bench-app-load"
 # A refused start is tried again this much later (a person pressing Start again), not at once: retrying
 # at once would turn an overloaded app's refusals into a storm of tickets.
 RETRY_START_SECONDS: Final = 5.0
-# The p99 budget for the stream load (issue 14, item 6): reports, meter polls and tickets.
+# The p99 budget for the stream load a single app process must carry: reports, meter polls and tickets.
 TARGET_P99_MS: Final = 100.0
 
 # Endpoints in the order the table shows them; the last column of each row is what it stands for.
