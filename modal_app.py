@@ -32,6 +32,16 @@ SESSIONS_PER_GPU = {mode: max(1, int(fps // MIN_SESSION_FPS)) for mode, fps in E
 TARGET_INPUTS = SESSIONS_PER_GPU["exact"]
 MAX_INPUTS = max(SESSIONS_PER_GPU.values()) + 2
 CACHE_DIR = "/cache"  # Hugging Face downloads land on the Volume, so only the first cold start downloads
+# MODAL_SNAPSHOT=1 (read at deploy time, and baked into the image so the container defines the same class):
+# a CPU memory snapshot of each container after the imports and the weights read into host memory, restored
+# by later cold starts instead of redoing both; the move to the GPU and the warm-up run after the restore
+# (no GPU is attached while a CPU snapshot is taken). MODAL_SNAPSHOT=gpu: Modal's GPU memory snapshot
+# (alpha), which also captures the weights on the GPU and the warmed, compiled engine. docs/deployment.md.
+SNAPSHOT = os.environ.get("MODAL_SNAPSHOT", "").strip().lower()
+if SNAPSHOT not in ("", "0", "1", "gpu"):
+    raise ValueError(f"MODAL_SNAPSHOT must be 0, 1 or gpu, got {SNAPSHOT!r}")
+MEMORY_SNAPSHOT = SNAPSHOT in ("1", "gpu")
+GPU_SNAPSHOT = SNAPSHOT == "gpu"
 SECRET_NAME = "stylecast-worker"  # noqa: S105 (the name of a Modal Secret, not a secret)
 
 
@@ -55,6 +65,7 @@ image = (
             "INFERENCE_ENGINE": "flux2",
             "MIN_SESSION_FPS": str(MIN_SESSION_FPS),
             "MODEL_CACHE_DIR": CACHE_DIR,
+            "MODAL_SNAPSHOT": SNAPSHOT,
             # torch.compile's caches on the Volume too: only the first container ever compiles from
             # scratch; later cold starts load the compiled kernels (docs/performance.md, cold start).
             "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_DIR}/torch-compile/inductor",
@@ -69,28 +80,63 @@ worker_secret = modal.Secret.from_name(SECRET_NAME, required_keys=["STREAM_SECRE
 app = modal.App(APP_NAME, image=image)
 
 
+def _plain_method(method: Any) -> Any:
+    return method
+
+
 @app.cls(
     gpu="H100",
     scaledown_window=120,  # two idle minutes before scaling to zero: short gaps between streams stay warm
     timeout=60 * 60,  # a stream is one long WebSocket request; an Ultra period is 60 minutes
     volumes={CACHE_DIR: model_cache},
     secrets=[worker_secret],
+    enable_memory_snapshot=MEMORY_SNAPSHOT,
+    experimental_options={"enable_gpu_snapshot": True} if GPU_SNAPSHOT else None,
 )
 @modal.concurrent(max_inputs=MAX_INPUTS, target_inputs=TARGET_INPUTS)
 class Inference:
-    @modal.enter()
+    # snap=True is refused on a class without memory snapshots: without them `load` calls this itself.
+    @(modal.enter(snap=True) if MEMORY_SNAPSHOT else _plain_method)
+    def prepare(self) -> None:
+        """With a memory snapshot, what it captures: the imports, the engine built and (CPU snapshot) its
+        weights read into host memory, or (GPU snapshot) everything ``load`` does. Without one, the first
+        half of the container's start."""
+        from inference.config import load_worker_config
+        from inference.engines import create_engine
+
+        self.config = load_worker_config(worker_id=os.environ.get("MODAL_TASK_ID", "modal"))
+        if MEMORY_SNAPSHOT and self.config.device is None:
+            import msgspec
+
+            # Chosen now, not found: no GPU is attached while a CPU snapshot is taken, and the engine's
+            # dtype follows its device (bfloat16 on CUDA).
+            self.config = msgspec.structs.replace(self.config, device="cuda")
+        self.engine = create_engine(self.config)
+        self.loaded_on_cpu = False
+        if MEMORY_SNAPSHOT and not GPU_SNAPSHOT and hasattr(self.engine, "load_on_cpu"):
+            self.engine.load_on_cpu()
+            self.loaded_on_cpu = True
+        elif GPU_SNAPSHOT:
+            self._warm()
+
+    @modal.enter(snap=False)
     def load(self) -> None:
         """Load the engine and warm its default mode once per container, before it takes any connection;
         the render loop warms the other modes while it is idle. Modal hands a socket to the app only after
         this returns: the studio fetches its ticket once the worker has admitted it, so however long this
         takes, no ticket expires while the socket waits."""
-        from inference.config import load_worker_config
-        from inference.engines import create_engine
+        if not MEMORY_SNAPSHOT:
+            self.prepare()
+        task_id = os.environ.get("MODAL_TASK_ID")
+        if task_id and task_id != self.config.worker_id:  # restored from a snapshot another task took
+            import msgspec
 
-        worker_id = os.environ.get("MODAL_TASK_ID", "modal")
-        self.config = load_worker_config(worker_id=worker_id)
-        self.engine = create_engine(self.config)
-        self.engine.warm_up()
+            self.config = msgspec.structs.replace(self.config, worker_id=task_id)
+        if not GPU_SNAPSHOT:
+            self._warm()
+
+    def _warm(self) -> None:
+        self.engine.warm_up()  # with load_on_cpu() done: the weights moved to the GPU, then the warm-up
         if modal.is_local():
             return
         model_cache.commit()  # keep the download and the compiled kernels for the next cold start

@@ -91,3 +91,54 @@ def test_modal_concurrency_follows_the_admission_arithmetic() -> None:
     assert modal_app.SESSIONS_PER_GPU == {"exact": 1, "turbo": 2}
     assert modal_app.TARGET_INPUTS == 1
     assert modal_app.MAX_INPUTS == 4
+
+
+@pytest.mark.parametrize("setting", ["1", "gpu"])
+def test_the_snapshot_setting_serves_frames_after_both_enter_stages(
+    monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """MODAL_SNAPSHOT is read when the app is defined, so the module is imported anew with it; `.local()`
+    runs the snapshotted enter hook, then the one after the restore, as a container does."""
+    import importlib
+
+    import modal_app
+
+    monkeypatch.setenv("MODAL_SNAPSHOT", setting)
+    monkeypatch.setenv("STREAM_SECRET", SECRET)
+    monkeypatch.setenv("INFERENCE_ENGINE", "flux2")
+    monkeypatch.setenv("FLUX2_WEIGHTS", "tiny")
+    monkeypatch.setenv("FLUX2_DEVICE", "cpu")
+    monkeypatch.delenv("USAGE_REPORT_URL", raising=False)
+    snapshotting = importlib.reload(modal_app)
+    try:
+        assert snapshotting.MEMORY_SNAPSHOT
+        assert snapshotting.GPU_SNAPSHOT is (setting == "gpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            asgi_app = snapshotting.Inference().web.local()
+        with serve(asgi_app) as url:
+            wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, timeout=120)
+            with StreamClient.connect(url.replace("http://", "ws://") + "/ws") as client:
+                client.send_hello(new_ticket())
+                assert isinstance(client.receive_until(lambda m: isinstance(m, Ready), timeout=60), Ready)
+                client.send_frame(3, webcam_jpeg(320, 240))
+                assert decode(client.frame(3, timeout=60).jpeg).shape == (512, 512, 3)
+    finally:
+        monkeypatch.delenv("MODAL_SNAPSHOT")
+        importlib.reload(modal_app)
+
+
+def test_an_unknown_snapshot_setting_is_refused_when_the_app_is_defined(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    import modal_app
+
+    monkeypatch.setenv("MODAL_SNAPSHOT", "yes")
+    try:
+        with pytest.raises(ValueError, match="MODAL_SNAPSHOT must be 0, 1 or gpu"):
+            importlib.reload(modal_app)
+    finally:
+        monkeypatch.delenv("MODAL_SNAPSHOT")
+        importlib.reload(modal_app)

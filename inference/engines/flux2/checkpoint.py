@@ -41,6 +41,13 @@ def build_pipeline(config: Flux2Config, device: torch.device, dtype: torch.dtype
         revision=config.revision,
         local_files_only=config.local_files_only,
     )
+    if device.type == "cuda":
+        # Read straight into device memory: loaded plainly, every weight is first materialised in host memory
+        # and then copied again by .to(), and how long that takes varies with the host's free memory.
+        with torch.cuda.device(device):
+            return Flux2KleinPipeline.from_pretrained(
+                path, torch_dtype=dtype, is_distilled=True, device_map="cuda"
+            )
     pipe = Flux2KleinPipeline.from_pretrained(path, torch_dtype=dtype, is_distilled=True)
     return pipe.to(device)
 
