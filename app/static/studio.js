@@ -22,6 +22,10 @@ const MAX_FRAME_ID = 0xffffffff;
 const HEADER_BYTES = 8;
 const HEADER_FRAME_ID_AT = 0;
 const HEADER_WAITED_MS_AT = 6;
+// In the client's binary messages the uint16 at 4 says what they carry: 0 a frame, 1 the style image.
+const HEADER_KIND_AT = 4;
+const KIND_STYLE_IMAGE = 1;
+const MAX_STYLE_IMAGE_BYTES = 2097088;
 const CLOSE_BAD_TICKET = 4401;
 const CLOSE_ALLOWANCE_USED = 4402;
 const CLOSE_IDLE = 4410;
@@ -34,6 +38,12 @@ const CAPTURE_SLACK_MS = 4; // display frames are not exactly 1/60 s apart: 2 of
 const JPEG_QUALITY = 0.8;
 const PARAMS_DEBOUNCE_MS = 250;
 const STALE_FRAME_MS = 4000; // an unacknowledged frame older than this no longer counts (a lost ack)
+// Style images: what the picker accepts, and the square the browser scales them to before sending (the
+// worker reads a style image at 512² whatever its size, so a larger one would only cost upload time).
+const STYLE_FILE_MAX_BYTES = 8 * 1024 * 1024;
+const STYLE_FILE_TYPES = ["image/jpeg", "image/png", "image/webp"];
+const STYLE_SEND_SIDE = 512;
+const STYLE_SEND_QUALITY = 0.9;
 
 // When to send the next frame: one per service interval, timed by how long the last rendered frame
 // waited for the engine (the worker says so in the output's header). The algorithm and its parameters
@@ -149,6 +159,12 @@ const ui = {
   empty: $("stage-empty"),
   countdown: $("countdown"),
   paywall: $("paywall"),
+  stage: document.querySelector(".stage-frame"),
+  styleInput: $("style-image-input"),
+  styleActive: $("style-image-active"),
+  styleThumb: $("style-image-thumb"),
+  styleRemove: $("style-image-remove"),
+  styleMessage: $("style-image-help"),
   presets: [...document.querySelectorAll(".preset")],
 };
 
@@ -188,6 +204,9 @@ const session = {
   secondsRemaining: null,
   usageAt: 0,
   recorder: null,
+  // The chosen style image as sent to the worker (header and bytes), kept across reconnects; null: none.
+  styleMessage: null,
+  styleThumbUrl: null,
 };
 
 // ---------------------------------------------------------------- status and HUD
@@ -402,6 +421,7 @@ function onText(data) {
       setStatus("streaming", message.preview ? "(preview engine — no GPU model)" : "");
       showModes(message.modes ?? [], message.mode);
       sendParams();
+      sendStyleImage();
       break;
     case "usage":
       session.secondsRemaining = message.seconds_remaining;
@@ -415,11 +435,113 @@ function onText(data) {
         session.sentAt.delete(message.frame);
       }
       if (message.code === "render_failed") setStatus("streaming", "(a frame failed to render)");
+      if (message.code === "bad_style_image" || message.code === "style_image_too_large") {
+        forgetStyleImage();
+        styleNote("The worker could not use that picture; try another JPEG, PNG or WebP.", true);
+      }
+      break;
+    case "style_image":
+      if (message.active) styleNote("Style image active: you are restyled after it.", false);
       break;
     default:
       break;
   }
 }
+
+// ---------------------------------------------------------------- style image
+
+const STYLE_HELP = ui.styleMessage.textContent;
+
+function styleNote(text, isError) {
+  ui.styleMessage.textContent = text;
+  ui.styleMessage.dataset.state = isError ? "error" : "ok";
+}
+
+function sendStyleImage() {
+  const socket = session.socket;
+  if (!session.styleMessage || !session.ready || !socket || socket.readyState !== WebSocket.OPEN) return;
+  socket.send(session.styleMessage);
+}
+
+function forgetStyleImage() {
+  session.styleMessage = null;
+  if (session.styleThumbUrl) URL.revokeObjectURL(session.styleThumbUrl);
+  session.styleThumbUrl = null;
+  ui.styleThumb.removeAttribute("src");
+  ui.styleActive.hidden = true;
+  ui.styleInput.value = "";
+}
+
+// Any picture, any size: center-cropped to a square and scaled to STYLE_SEND_SIDE² here, so what goes on
+// the wire is small whatever was chosen. A file that is not a picture is refused here, with a message;
+// the stream is not touched.
+async function chooseStyleImage(file) {
+  if (!file) return;
+  if (!STYLE_FILE_TYPES.includes(file.type)) {
+    styleNote(`“${file.name}” is not a JPEG, PNG or WebP picture.`, true);
+    ui.styleInput.value = "";
+    return;
+  }
+  if (file.size > STYLE_FILE_MAX_BYTES) {
+    styleNote(`“${file.name}” is over 8 MB; choose a smaller picture.`, true);
+    ui.styleInput.value = "";
+    return;
+  }
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file);
+  } catch {
+    styleNote(`“${file.name}” could not be read as a picture.`, true);
+    ui.styleInput.value = "";
+    return;
+  }
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = STYLE_SEND_SIDE;
+  const side = Math.min(bitmap.width, bitmap.height);
+  canvas
+    .getContext("2d")
+    .drawImage(bitmap, (bitmap.width - side) / 2, (bitmap.height - side) / 2, side, side, 0, 0, STYLE_SEND_SIDE, STYLE_SEND_SIDE);
+  bitmap.close();
+  const blob = await new Promise((done) => canvas.toBlob(done, "image/jpeg", STYLE_SEND_QUALITY));
+  if (!blob || blob.size > MAX_STYLE_IMAGE_BYTES) {
+    styleNote(`“${file.name}” could not be prepared for sending.`, true);
+    return;
+  }
+  const bytes = new Uint8Array(await blob.arrayBuffer());
+  const message = new Uint8Array(HEADER_BYTES + bytes.byteLength);
+  new DataView(message.buffer).setUint16(HEADER_KIND_AT, KIND_STYLE_IMAGE, true);
+  message.set(bytes, HEADER_BYTES);
+  forgetStyleImage();
+  session.styleMessage = message;
+  session.styleThumbUrl = URL.createObjectURL(blob);
+  ui.styleThumb.src = session.styleThumbUrl;
+  ui.styleActive.hidden = false;
+  styleNote(session.ready ? "Sending the style image…" : "Style image chosen: it applies once you stream.", false);
+  sendStyleImage();
+}
+
+function removeStyleImage() {
+  forgetStyleImage();
+  styleNote(STYLE_HELP, false);
+  const socket = session.socket;
+  if (session.ready && socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({ type: "clear_style" }));
+  }
+}
+
+ui.styleInput.addEventListener("change", () => chooseStyleImage(ui.styleInput.files?.[0]));
+ui.styleRemove.addEventListener("click", removeStyleImage);
+ui.stage.addEventListener("dragover", (event) => {
+  if (![...(event.dataTransfer?.types ?? [])].includes("Files")) return;
+  event.preventDefault();
+  ui.stage.dataset.dropping = "";
+});
+ui.stage.addEventListener("dragleave", () => delete ui.stage.dataset.dropping);
+ui.stage.addEventListener("drop", (event) => {
+  event.preventDefault();
+  delete ui.stage.dataset.dropping;
+  chooseStyleImage(event.dataTransfer?.files?.[0]);
+});
 
 // ---------------------------------------------------------------- connection
 

@@ -34,6 +34,9 @@ PROTOCOL_LIMITS = {
     "MAX_SEED": protocol.MAX_SEED,
     "MAX_FRAME_ID": protocol.MAX_FRAME_ID,
     "HEADER_BYTES": protocol.FRAME_HEADER_BYTES,
+    "MAX_STYLE_IMAGE_BYTES": protocol.MAX_STYLE_IMAGE_BYTES,
+    "HEADER_KIND_AT": protocol.BINARY_KIND_AT,
+    "KIND_STYLE_IMAGE": protocol.BinaryKind.STYLE_IMAGE,
 }
 _DATAVIEW_TYPES = {"I": "Uint32", "H": "Uint16", "h": "Int16", "i": "Int32", "B": "Uint8", "b": "Int8"}
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from inference.protocol import FRAME_HEADER_BYTES, unpack_frame
+from inference.protocol import FRAME_HEADER_BYTES, BinaryKind, binary_kind, unpack_frame
 from tests.conftest import AppProcess, sign_in
 
 
@@ -34,6 +34,7 @@ class WireLog:
     jpeg_in: dict[int, bytes] = field(default_factory=dict)
     # For each text message sent, the highest frame id sent before it: later frames follow it on the wire.
     text_out_after_frame: list[int] = field(default_factory=list)
+    style_images: list[bytes] = field(default_factory=list)  # the bytes of each style image sent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def attach(self, page: Any) -> None:
@@ -49,6 +50,8 @@ class WireLog:
             if isinstance(payload, str):
                 self.text_out.append(payload)
                 self.text_out_after_frame.append(max(self.sent, default=0))
+            elif len(payload) > FRAME_HEADER_BYTES and binary_kind(payload) == BinaryKind.STYLE_IMAGE:
+                self.style_images.append(payload[FRAME_HEADER_BYTES:])
             elif len(payload) > FRAME_HEADER_BYTES:
                 frame = unpack_frame(payload)
                 self.sent[frame.frame_id] = time.monotonic()
