@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from inference.adapters import AdapterSpec, AdapterSpecError, parse_adapters
 from inference.protocol import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS, MODE_ID_PATTERN
 
 ENGINE_NAMES: Final = ("preview", "flux2")
@@ -85,6 +86,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # "pretrained": the checkpoint; "random": klein-4B's architecture with random weights (benchmarks
     # without the download); "tiny": a tiny random model that runs on a CPU (tests).
     weights: Literal["pretrained", "random", "tiny"] = "pretrained"
+    # LoRA style adapters loaded at start, which each session may choose (inference/adapters.py has the
+    # format): "clay=owner/repo:clay.safetensors;scale=0.8;trigger=claymation,ink=/models/ink.safetensors".
+    # Hub files are downloaded into cache_dir; one that fails to load stops the worker from starting.
+    loras: str = ""
     # Repo id or local path of the smaller decoders a mode may use ("flash" uses the tiny one), fetched into
     # cache_dir once such a mode is offered; None: the published repos (FLUX.2-small-decoder, taef2).
     small_decoder: str | None = None
@@ -111,6 +116,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise WorkerConfigError("PREVIEW_DELAY_MS and PREVIEW_WARMUP_MS must be >= 0")
         if self.usage_final_attempts < 1:
             raise WorkerConfigError("usage_final_attempts must be at least 1")
+        try:
+            parse_adapters(self.loras)
+        except AdapterSpecError as exc:
+            raise WorkerConfigError(f"FLUX2_LORAS: {exc}") from None
         if not self.mode_ids or any(not _MODE_ID.match(mode) for mode in self.mode_ids):
             raise WorkerConfigError("FLUX2_MODES must be a comma-separated list of mode ids, e.g. exact,fast")
 
@@ -122,6 +131,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
             return None
         origin = urlsplit(self.usage_report_url)
         return urlunsplit((origin.scheme, origin.netloc, STREAM_CLAIM_PATH, "", ""))
+
+    @property
+    def adapter_specs(self) -> tuple[AdapterSpec, ...]:
+        return parse_adapters(self.loras)
 
     @property
     def mode_ids(self) -> tuple[str, ...]:
@@ -147,6 +160,7 @@ _OPTIONAL_ENV: Final = {
     "FLUX2_COMPILE": "compile",
     "FLUX2_MODES": "modes",
     "FLUX2_WEIGHTS": "weights",
+    "FLUX2_LORAS": "loras",
     "FLUX2_SMALL_DECODER": "small_decoder",
     "FLUX2_TINY_DECODER": "tiny_decoder",
 }

@@ -38,6 +38,8 @@ def flux2_options(config: WorkerConfig) -> dict[str, Any]:
         "tiny_decoder": config.tiny_decoder,
     }
     options.update({name: value for name, value in optional.items() if value is not None})
+    if config.loras:
+        options["loras"] = config.adapter_specs
     return options
 
 

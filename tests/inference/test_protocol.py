@@ -95,6 +95,9 @@ def test_server_messages_are_json_tagged_by_type() -> None:
         "modes": [{"id": "preview", "label": "Preview", "approximate": False, "detail": "filters"}],
         "mode": "preview",
         "pace": False,
+        "adapters": [],  # a worker without LoRA adapters serves none
+        "adapter": None,
+        "adapter_scale": None,
     }
     assert encode_message(Warming()) == '{"type":"warming"}'
     assert msgspec.json.decode(encode_message(Error(code=ErrorCode.NOT_JPEG, message="m"))) == {

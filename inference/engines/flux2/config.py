@@ -13,8 +13,9 @@ from typing import Final
 
 import torch
 
+from inference.adapters import AdapterSpec
 from inference.engines.flux2.compiled import COMPILE_SCOPES
-from inference.engines.flux2.recipes import MODE_RECIPES, ModeRecipe, offered_modes
+from inference.engines.flux2.recipes import DEFAULT_MODES, ModeRecipe, offered_modes
 
 DEFAULT_MODEL: Final = "black-forest-labs/FLUX.2-klein-4B"
 _DTYPES: Final = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -46,7 +47,12 @@ class Flux2Config:
     weights_seed: int = 0  # seed of the random weights
     # Ids of the built-in modes offered (MODE_RECIPES), the first being the default: warm_up() prepares it,
     # and each other one is a deferred_warm_ups() task the scheduler runs while idle.
-    modes: Sequence[str] = tuple(MODE_RECIPES)
+    modes: Sequence[str] = DEFAULT_MODES
+    # Repo id or local path of the decoders a mode's recipe may name (decoders.py), fetched into cache_dir
+    # once a mode uses one. None: the published repo (decoders.SMALL_DECODER_REPO, TINY_DECODER_REPO), or
+    # with `random_weights` or `tiny` the decoder's architecture with random weights.
+    small_decoder: str | None = None
+    tiny_decoder: str | None = None
     # More modes, offered after those, as {id: recipe} (the bench measures one approximation at a time so).
     custom_modes: Mapping[str, ModeRecipe] = field(default_factory=dict)
     # torch.compile the transformer and the VAE's encoder and decoder (compiled.py); None: on CUDA, not on
@@ -58,6 +64,8 @@ class Flux2Config:
     cuda_graphs: bool | None = None
     # Fuse the exact transformer's q/k/v projections (the FP8 copy's always are).
     fuse_qkv: bool = False
+    # LoRA adapters loaded at start (inference.adapters, FLUX2_LORAS), each a session may choose per frame.
+    loras: Sequence[AdapterSpec] = ()
     prompt_cache_size: int = 32  # prompts whose embeddings are kept (about 8 MB each at klein-4B in bf16)
     jpeg_quality: int = 90  # of the output JPEGs
 

@@ -35,12 +35,16 @@ from inference.engines.flux2.checkpoint import build_pipeline
 from inference.engines.flux2.compiled import compile_transformers, compile_vae
 from inference.engines.flux2.config import Flux2Config
 from inference.engines.flux2.cuda_graphs import FrameGraphs
+from inference.engines.flux2.decoders import build_decoders, compile_decoder
 from inference.engines.flux2.frames import decode_jpegs, encode_jpegs, gradient_frame, resize
 from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
 from inference.engines.flux2.kv_reuse import ReferenceKV
+from inference.engines.flux2.lora import load_adapters, prompt_with_trigger
 from inference.engines.flux2.recipes import ModeRecipe, offered_modes
+from inference.engines.flux2.style import StyleLatents, style_reference_ids
 from inference.engines.flux2.transformer import Transformers, predict
 from inference.protocol import MAX_STEPS, MIN_STEPS, OUTPUT_SIZE, RenderMode
+from inference.style_image import StyleImage
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +81,19 @@ class Flux2Engine:
         self.cuda_graphs = self.compile if config.cuda_graphs is None else config.cuda_graphs
 
         self.pipe: Flux2KleinPipeline | None = None
+        self._staged: Flux2KleinPipeline | None = None  # weights read by load_on_cpu(), not yet moved
         self.transformers: Transformers | None = None
+        # The LoRA adapters sessions may choose (loaded with the weights; the worker's `ready` lists them).
+        self.adapters = tuple(spec.info() for spec in config.loras)
+        self.decoders: dict[str, torch.nn.Module] = {}  # the small/tiny decoders the modes use, by name
         self._load_lock = threading.Lock()
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._noise_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_ids: dict[tuple[int, ...], torch.Tensor] = {}
         self._reference_ids: dict[int, torch.Tensor] = {}
+        self._style_ids: dict[tuple[int, int], torch.Tensor] = {}
+        self.styles = StyleLatents(self._encode_style, self.device)
         self._warm_modes: set[str] = set()
         self._frame_graphs = FrameGraphs()
         if pipeline is not None:
@@ -92,18 +102,32 @@ class Flux2Engine:
     # ------------------------------------------------------------------ loading
 
     def load(self) -> Flux2KleinPipeline:
-        """Build or load the pipeline's components on the device (once)."""
+        """Build or load the pipeline's components on the device (once); after ``load_on_cpu()``, the
+        weights already in host memory are moved there instead."""
         with self._load_lock:
             if self.pipe is None:
-                self._attach(build_pipeline(self.config, self.device, self.dtype))
+                staged, self._staged = self._staged, None
+                if staged is not None:
+                    self._attach(staged.to(self.device))
+                else:
+                    self._attach(build_pipeline(self.config, self.device, self.dtype))
             assert self.pipe is not None
             return self.pipe
+
+    def load_on_cpu(self) -> None:
+        """Read the weights into host memory without touching the device, for ``load()`` to move later: what
+        a memory snapshot (modal_app.py, MODAL_SNAPSHOT) captures, since no GPU is attached while one is
+        taken."""
+        with self._load_lock:
+            if self.pipe is None and self._staged is None:
+                self._staged = build_pipeline(self.config, torch.device("cpu"), self.dtype)
 
     def _attach(self, pipe: Flux2KleinPipeline) -> None:
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
+        self.styles = StyleLatents(self._encode_style, self.device)
         vae = pipe.vae
         # Patched-latent geometry of an OUTPUT_SIZE² frame: VAE downsampling x 2x2 patches.
         self._latent_size = OUTPUT_SIZE // (pipe.vae_scale_factor * 2)
@@ -124,8 +148,32 @@ class Flux2Engine:
         self._pixel_values = (2.0 * levels - 1.0).to(vae.dtype).to(self.device)
         if self.config.fuse_qkv:
             pipe.transformer.fuse_qkv_projections()
-        self.transformers = Transformers(pipe.transformer, self._recipes.values())
+        lora = None
+        if self.config.loras:
+            lora = load_adapters(
+                pipe,
+                self.config.loras,
+                cache_dir=self.config.cache_dir,
+                local_files_only=self.config.local_files_only,
+            )
+        self.transformers = Transformers(
+            pipe.transformer, self._recipes.values(), lora=lora, max_batch=self.config.max_batch
+        )
+        config = self.config
+        self.decoders = build_decoders(
+            [recipe.decoder for recipe in self._recipes.values()],
+            model_vae=vae,
+            bn_mean=self._bn_mean,
+            bn_std=self._bn_std,
+            sources={"small": config.small_decoder, "tiny": config.tiny_decoder},
+            random_weights=config.random_weights or config.tiny,
+            seed=config.weights_seed,
+            cache_dir=config.cache_dir,
+            local_files_only=config.local_files_only,
+        )
         if self.compile:
+            for decoder in self.decoders.values():
+                compile_decoder(decoder)
             compile_transformers(
                 self.transformers.exact, self.transformers.fp8, scope=self.config.compile_scope
             )
@@ -138,9 +186,11 @@ class Flux2Engine:
         are ``deferred_warm_ups()``. Warming renders throw-away frames through ``render()`` (JPEG codecs
         included): the first call allocates workspaces, and with ``compile`` each mode's transformer calls
         compile on first use (seconds from a warm compile cache, tens of seconds from an empty one), once
-        for batch size 1 and once for a symbolic batch size that serves the rest."""
+        for batch size 1 and once for a symbolic batch size that serves the rest. The first frame comes
+        alone, so only batch size 1 is warmed here; the larger batches of the default mode are a deferred
+        task too."""
         self.load()
-        self.warm_up_mode(self.modes[0].id)
+        self.warm_up_mode(self.modes[0].id, batch_sizes=(1,))
 
     def deferred_warm_ups(self) -> list[Callable[[], None]]:
         """Tasks for the scheduler to run while no frame is waiting: one per mode not warmed yet (a mode
@@ -156,18 +206,22 @@ class Flux2Engine:
             ]
         return tasks
 
-    def warm_up_mode(self, mode: str) -> None:
+    def warm_up_mode(self, mode: str, batch_sizes: Sequence[int] | None = None) -> None:
+        """Render throw-away frames of ``mode`` at each batch size that compiles a graph of its own (those
+        of ``batch_sizes`` only, when given); the mode counts as warm once all of them ran."""
         if mode in self._warm_modes:
             return
         jpeg = self._warm_up_jpeg()
-        sizes = sorted({1, min(2, self.max_batch), self.max_batch}) if self.compile else [1]
+        every = sorted({1, min(2, self.max_batch), self.max_batch}) if self.compile else [1]
+        sizes = [size for size in every if batch_sizes is None or size in batch_sizes]
         # At least 2 steps: reference K/V reuse runs a different transformer call from the second step on.
         steps = max(2, self.config.steps)
         for size in sizes:
             self.render([FrameJob("warm-up", 0, jpeg, "warm-up", steps, seed, mode) for seed in range(size)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self._warm_modes.add(mode)
+        if sizes == every:
+            self._warm_modes.add(mode)
 
     def _capture_graph(self, mode: str, steps: int) -> None:
         if (mode, steps, 1) not in self._frame_graphs:
@@ -178,24 +232,27 @@ class Flux2Engine:
 
     def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
         """One OUTPUT_SIZE² JPEG per job, in order: the frames decoded, rendered in one batch per (mode,
-        steps), encoded."""
+        steps, with or without a style image), encoded."""
         if len(jobs) > self.max_batch:
             raise ValueError(f"render() accepts at most {self.max_batch} jobs, got {len(jobs)}")
         if not jobs:
             return []
         self.load()
         groups = _group_jobs(jobs, self.modes[0].id, self.config.steps)
-        for mode, _ in groups:
+        for mode, _, _ in groups:
             self._recipe(mode)
         frames = self.decode_frames([job.jpeg for job in jobs])
         images: list[torch.Tensor | None] = [None] * len(jobs)
-        for (mode, steps), indices in groups.items():
+        for (mode, steps, styled), indices in groups.items():
             rendered = self.render_frames(
                 frames[indices],
-                [jobs[i].prompt for i in indices],
+                [self._job_prompt(jobs[i]) for i in indices],
                 steps=steps,
                 seeds=[jobs[i].seed for i in indices],
                 mode=mode,
+                styles=[jobs[i].style for i in indices] if styled else None,  # type: ignore[misc]
+                adapters=[jobs[i].adapter for i in indices],
+                adapter_scales=[jobs[i].adapter_scale for i in indices],
             )
             for row, index in enumerate(indices):
                 images[index] = rendered[row]
@@ -212,11 +269,15 @@ class Flux2Engine:
         steps: int,
         seeds: Sequence[int],
         mode: str = "",
+        styles: Sequence[StyleImage] | None = None,
+        adapters: Sequence[str | None] | None = None,
+        adapter_scales: Sequence[float | None] | None = None,
     ) -> torch.Tensor:
         """Restyle uint8 RGB frames (B, 3, 512, 512): one prompt and noise seed per frame, ``steps``
-        denoising steps and one mode for all. Returns float images in [0, 1], (B, 3, 512, 512), on the
-        device; in the exact mode these are what Flux2KleinPipeline(..., output_type="pt") returns for the
-        same inputs."""
+        denoising steps and one mode for all; ``styles``: one style image per frame, or None for none.
+        Returns float images in [0, 1], (B, 3, 512, 512), on the device; in the exact mode these are what
+        Flux2KleinPipeline(image=[frame] or [frame, style], ..., output_type="pt") returns for the same
+        inputs."""
         self.load()
         mode = mode or self.modes[0].id
         recipe = self._recipe(mode)
@@ -225,18 +286,25 @@ class Flux2Engine:
             raise ValueError(
                 f"{batch_size} frames need as many prompts and seeds, got {len(prompts)}/{len(seeds)}"
             )
+        if styles is not None and len(styles) != batch_size:
+            raise ValueError(f"{batch_size} frames need as many style images, got {len(styles)}")
         if tuple(frames.shape[1:]) != (3, OUTPUT_SIZE, OUTPUT_SIZE):
             raise ValueError(
                 f"frames must be (B, 3, {OUTPUT_SIZE}, {OUTPUT_SIZE}), got {tuple(frames.shape)}"
             )
         # Everything looked up per job (and cached) comes first: what follows is the frame's GPU work alone,
         # the part a CUDA graph can capture.
-        conditioning = self._conditioning(prompts, seeds, recipe)
+        conditioning: tuple[torch.Tensor, ...] = self._conditioning(prompts, seeds, recipe)
+        if styles is not None:
+            # Encoded once per style image (and size), on the first frame that carries it.
+            conditioning = (*conditioning, self.styles.batch(styles, recipe.style_size))
         frames = frames.to(self.device)
+        self._select_adapters(batch_size, adapters, adapter_scales)
         if not (self.cuda_graphs and self.device.type == "cuda"):
             return self._denoise(frames, *conditioning, recipe=recipe, steps=steps)
         denoise = partial(self._denoise, recipe=recipe, steps=steps)
-        return self._frame_graphs.replay((mode, steps, batch_size), denoise, (frames, *conditioning))
+        graph_mode = mode if styles is None else f"{mode}+style"
+        return self._frame_graphs.replay((graph_mode, steps, batch_size), denoise, (frames, *conditioning))
 
     def _conditioning(self, prompts: Sequence[str], seeds: Sequence[int], recipe: ModeRecipe) -> Conditioning:
         # 1. The prompts' embeddings (cached per prompt), cut to the tokens the recipe attends to
@@ -252,11 +320,13 @@ class Flux2Engine:
         frames: torch.Tensor,
         prompt_embeds: torch.Tensor,
         noise: torch.Tensor,
+        style: torch.Tensor | None = None,
         *,
         recipe: ModeRecipe,
         steps: int,
     ) -> torch.Tensor:
-        """The GPU work of a frame: encode the reference, ``steps`` transformer steps, decode. Nothing here
+        """The GPU work of a frame: encode the reference, ``steps`` transformer steps, decode. ``style``:
+        the rows' style image latents (B, tokens, C), the second reference image. Nothing here
         reads a tensor's values on the host, so it can be captured as a CUDA graph (the caches it reads
         from are filled by a first, uncaptured call)."""
         assert self.transformers is not None
@@ -266,6 +336,12 @@ class Flux2Engine:
 
         # 3. The frames, encoded as the reference image
         reference, reference_ids = self._encode_reference(frames, recipe.reference_size)
+        if style is not None:
+            # The pipeline's order: noise tokens, then the frame's, then the style image's. Under reference
+            # K/V reuse both references' keys and values are computed once per frame, for all steps.
+            style_ids = self._style_reference_ids(recipe.reference_size, recipe.style_size)
+            reference = torch.cat([reference, style.to(reference.dtype)], dim=1)
+            reference_ids = torch.cat([reference_ids, style_ids.expand(batch_size, -1, -1)], dim=1)
         latents = noise
         latent_ids = self._latent_ids.expand(batch_size, -1, -1)
 
@@ -296,7 +372,7 @@ class Flux2Engine:
             latents = (latents.to(torch.float32) + dt * noise_pred).to(noise_pred.dtype)
 
         # 5. Decode
-        return self._decode(latents, latent_ids)
+        return self._decode(latents, latent_ids, recipe.decoder)
 
     def _encode_reference(self, frames: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 frames (B, 3, 512, 512) as reference-image latent tokens (B, tokens, C), encoded at size²,
@@ -314,12 +390,31 @@ class Flux2Engine:
         latents = Flux2KleinPipeline._pack_latents(latents)  # (B, 1024, C) at 512²
         return latents, self._reference_latent_ids(size).expand(frames.shape[0], -1, -1)
 
-    def _decode(self, latents: torch.Tensor, latent_ids: torch.Tensor) -> torch.Tensor:
-        """Denoised latent tokens as float images in [0, 1], (B, 3, 512, 512)."""
+    def _encode_style(self, pixels: torch.Tensor, size: int) -> torch.Tensor:
+        """A style image's uint8 pixels (1, 3, S, S) as reference latent tokens, encoded at size² exactly as
+        a frame is (the pipeline encodes every reference image alike)."""
+        with torch.no_grad():
+            return self._encode_reference(pixels, size)[0]
+
+    def _style_reference_ids(self, reference_size: int, style_size: int) -> torch.Tensor:
+        key = (reference_size, style_size)
+        if key not in self._style_ids:
+            patch = self.pipe.vae_scale_factor * 2  # type: ignore[union-attr]
+            self._style_ids[key] = style_reference_ids(
+                reference_size // patch, style_size // patch, self._latent_channels, self.device
+            )
+        return self._style_ids[key]
+
+    def _decode(self, latents: torch.Tensor, latent_ids: torch.Tensor, decoder: str = "full") -> torch.Tensor:
+        """Denoised latent tokens as float images in [0, 1], (B, 3, 512, 512), through ``decoder``."""
         assert self.pipe is not None
         latents = Flux2KleinPipeline._unpack_latents_with_ids(
             latents, latent_ids, self._latent_size, self._latent_size
         )
+        if decoder != "full":
+            # A small or tiny decoder takes the normalised patchified latent (decoders.py).
+            image = self.decoders[decoder](latents)
+            return self.pipe.image_processor.postprocess(image, output_type="pt")
         latents = latents * self._bn_std + self._bn_mean
         latents = Flux2KleinPipeline._unpatchify_latents(latents)
         image = self.pipe.vae.decode(latents, return_dict=False)[0]
@@ -393,6 +488,38 @@ class Flux2Engine:
             self._reference_ids[size] = ids.to(self.device)
         return self._reference_ids[size]
 
+    def _job_prompt(self, job: FrameJob) -> str:
+        """The job's prompt with its adapter's trigger words appended (lora.prompt_with_trigger)."""
+        return prompt_with_trigger(job.prompt, self._adapter_trigger(job.adapter))
+
+    def _adapter_trigger(self, adapter: str | None) -> str:
+        if adapter is None:
+            return ""
+        for info in self.adapters:
+            if info.name == adapter:
+                return info.trigger
+        raise ValueError(f"unknown adapter {adapter!r}; this engine has {[a.name for a in self.adapters]}")
+
+    def _select_adapters(
+        self,
+        batch_size: int,
+        adapters: Sequence[str | None] | None,
+        scales: Sequence[float | None] | None,
+    ) -> None:
+        """Each row's LoRA adapter (None: none) and scale (None: its default), written into the buffers the
+        transformers' low-rank branches read: values only, so no graph is compiled or captured again."""
+        assert self.transformers is not None
+        adapters = list(adapters) if adapters is not None else [None] * batch_size
+        scales = list(scales) if scales is not None else [None] * batch_size
+        if not (len(adapters) == len(scales) == batch_size):
+            raise ValueError(f"{batch_size} frames need as many adapters and scales")
+        selection = self.transformers.lora
+        if selection is None:
+            if any(adapter is not None for adapter in adapters):
+                raise ValueError("this engine serves no LoRA adapters")
+            return
+        selection.select(adapters, scales)
+
     def _recipe(self, mode: str) -> ModeRecipe:
         try:
             return self._recipes[mode]
@@ -412,10 +539,11 @@ class Flux2Engine:
 
 def _group_jobs(
     jobs: Sequence[FrameJob], default_mode: str, default_steps: int
-) -> dict[tuple[str, int], list[int]]:
-    """Job indices by (mode, steps): one transformer batch each, since their schedules and graphs differ."""
-    groups: dict[tuple[str, int], list[int]] = {}
+) -> dict[tuple[str, int, bool], list[int]]:
+    """Job indices by (mode, steps, whether a style image comes with it): one transformer batch each, since
+    their schedules, token counts and graphs differ."""
+    groups: dict[tuple[str, int, bool], list[int]] = {}
     for index, job in enumerate(jobs):
-        key = (job.mode or default_mode, job.steps if job.steps > 0 else default_steps)
+        key = (job.mode or default_mode, job.steps if job.steps > 0 else default_steps, job.style is not None)
         groups.setdefault(key, []).append(index)
     return groups

@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from inference.engines.flux2.decoders import DECODERS
 from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH
-from inference.protocol import OUTPUT_SIZE, RenderMode
+from inference.protocol import OUTPUT_SIZE, STYLE_IMAGE_SIZE, RenderMode
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,12 +33,21 @@ class ModeRecipe:
     reference_kv_reuse: bool = False
     # Side of the square the webcam frame is encoded at as the reference image (512: 1024 tokens).
     reference_size: int = OUTPUT_SIZE
+    # Side of the square a session's style image is encoded at as the second reference image.
+    style_size: int = STYLE_IMAGE_SIZE
+    # What turns the denoised latents into pixels (decoders.py): "full" (the model's own VAE decoder),
+    # "small" (FLUX.2-small-decoder) or "tiny" (TAEF2). The frame is always encoded by the model's encoder.
+    decoder: str = "full"
 
     def __post_init__(self) -> None:
         if not 1 <= self.text_tokens <= MAX_SEQUENCE_LENGTH:
             raise ValueError(f"text_tokens must be in 1..{MAX_SEQUENCE_LENGTH}, got {self.text_tokens}")
         if self.reference_size % 16 or not 64 <= self.reference_size <= OUTPUT_SIZE:
             raise ValueError(f"reference_size must be a multiple of 16 in 64..{OUTPUT_SIZE}")
+        if self.style_size % 16 or not 64 <= self.style_size <= STYLE_IMAGE_SIZE:
+            raise ValueError(f"style_size must be a multiple of 16 in 64..{STYLE_IMAGE_SIZE}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
 
     @property
     def approximate(self) -> bool:
@@ -52,6 +62,10 @@ class ModeRecipe:
             parts.append("reference K/V reuse")
         if self.reference_size != OUTPUT_SIZE:
             parts.append(f"reference {self.reference_size}x{self.reference_size}")
+        if self.style_size != STYLE_IMAGE_SIZE:
+            parts.append(f"style image {self.style_size}x{self.style_size}")
+        if self.decoder != "full":
+            parts.append(f"{self.decoder} decoder")
         return ", ".join(parts) or "exact"
 
 
@@ -65,8 +79,8 @@ FAST: Final = RenderMode(
     id="fast",
     label="Fast",
     approximate=True,
-    detail="Approximate: FP8 matrix products, a 128-token prompt, and the webcam frame's attention keys "
-    "and values computed once per frame instead of at every step.",
+    detail="Approximate: FP8 matrix products, a 128-token prompt, and the webcam frame's (and style "
+    "image's) attention keys and values computed once per frame instead of at every step.",
 )
 TURBO: Final = RenderMode(
     id="turbo",
@@ -75,12 +89,25 @@ TURBO: Final = RenderMode(
     detail="Approximate: as Fast, with the webcam frame read at 256x256 instead of 512x512 "
     "(the output stays 512x512).",
 )
+FLASH: Final = RenderMode(
+    id="flash",
+    label="Flash",
+    approximate=True,
+    detail="Approximate: as Turbo, with the output decoded by a tiny decoder (TAEF2) instead of the "
+    "model's own, which softens fine detail.",
+)
 # The built-in modes, fastest last; the worker's FLUX2_MODES picks from these ids.
 MODE_RECIPES: Final[dict[str, tuple[RenderMode, ModeRecipe]]] = {
     "exact": (EXACT, ModeRecipe()),
     "fast": (FAST, ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True)),
     "turbo": (TURBO, ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True, reference_size=256)),
+    "flash": (
+        FLASH,
+        ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True, reference_size=256, decoder="tiny"),
+    ),
 }
+# What an engine offers unless told otherwise: flash needs the tiny decoder's weights besides the model's.
+DEFAULT_MODES: Final = ("exact", "fast", "turbo")
 
 
 def offered_modes(

@@ -1,0 +1,289 @@
+"""LoRA adapters on the tiny klein model: tiny random adapters written in diffusers' format, loaded through
+diffusers' own loader, served per batch row by the engine and compared with the diffusers pipeline."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline
+from PIL import Image
+from safetensors.torch import save_file
+
+from inference.adapters import AdapterSpec
+from inference.engines.base import FrameJob
+from inference.engines.flux2 import Flux2Engine, create_flux2_engine
+from inference.engines.flux2.klein_config import TINY, build_random_components
+from inference.engines.flux2.lora import LoraLoadError, MultiLoraLinear, load_adapters
+from inference.protocol import OUTPUT_SIZE
+
+BATCH_TOLERANCE = 1e-3  # as test_engine.py: batched products sum in another order
+# Every linear layer of the blocks (attention and MLP), as the LoRAs people train for klein target them.
+BLOCK_LINEARS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+)
+SINGLE_LINEARS = ("attn.to_qkv_mlp_proj", "attn.to_out")
+
+
+def write_lora(directory: Path, name: str, *, seed: int, rank: int = 4, alpha: float = 8.0) -> Path:
+    """A random LoRA for the tiny transformer's block linears, saved as diffusers saves one."""
+    transformer = build_random_components(TINY, device="cpu", dtype=torch.float32, seed=0)["transformer"]
+    generator = torch.Generator().manual_seed(seed)
+    layers: dict[str, torch.Tensor] = {}
+    targets = [f"transformer_blocks.0.{n}" for n in BLOCK_LINEARS]
+    targets += [f"single_transformer_blocks.0.{n}" for n in SINGLE_LINEARS]
+    modules = dict(transformer.named_modules())
+    for target in targets:
+        linear = modules[target]
+        layers[f"{target}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=generator) * 0.3
+        layers[f"{target}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=generator) * 0.3
+    Flux2KleinPipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=layers,
+        weight_name=f"{name}.safetensors",
+        transformer_lora_adapter_metadata={"r": rank, "lora_alpha": alpha, "target_modules": targets},
+    )
+    return directory / f"{name}.safetensors"
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("loras")
+    return {
+        "clay": write_lora(directory, "clay", seed=1),
+        "ink": write_lora(directory, "ink", seed=2, rank=8, alpha=4.0),
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(lora_files: dict[str, Path]) -> Flux2Engine:
+    specs = (
+        AdapterSpec("clay", str(lora_files["clay"]), trigger="claymation"),
+        AdapterSpec("ink", str(lora_files["ink"]), scale=0.5),
+    )
+    engine = create_flux2_engine(tiny=True, device="cpu", max_batch=4, loras=specs)
+    engine.load()
+    return engine
+
+
+def _frame(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(OUTPUT_SIZE // 32 + 1, OUTPUT_SIZE // 32 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((OUTPUT_SIZE, OUTPUT_SIZE), Image.Resampling.BILINEAR))
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _diffusers_pipeline(lora_files: dict[str, Path]) -> Flux2KleinPipeline:
+    """The same tiny weights (same seed) with both adapters loaded by diffusers itself."""
+    components = build_random_components(TINY, device="cpu", dtype=torch.float32, seed=0)
+    pipe = Flux2KleinPipeline(**components, is_distilled=True)
+    pipe.set_progress_bar_config(disable=True)
+    for name, path in lora_files.items():
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    return pipe
+
+
+def _pipeline_output(pipe: Flux2KleinPipeline, frame: np.ndarray, prompt: str, seed: int) -> torch.Tensor:
+    return pipe(
+        image=Image.fromarray(frame),
+        prompt=prompt,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=torch.Generator(device="cpu").manual_seed(seed),
+        output_type="pt",
+    ).images
+
+
+def test_adapter_at_a_scale_matches_diffusers_set_adapters(
+    engine: Flux2Engine, lora_files: dict[str, Path]
+) -> None:
+    """The exactness gate: bit-identical to load_lora_weights + set_adapters, for each adapter and scale."""
+    pipe = _diffusers_pipeline(lora_files)
+    frame = _frame(5)
+    plain = engine.render_frames(_as_tensor(frame), ["a portrait"], steps=2, seeds=[11])
+    for name, scale in [("clay", 1.0), ("clay", 0.35), ("ink", 1.7)]:
+        pipe.set_adapters([name], [scale])
+        reference = _pipeline_output(pipe, frame, "a portrait", 11)
+        ours = engine.render_frames(
+            _as_tensor(frame), ["a portrait"], steps=2, seeds=[11], adapters=[name], adapter_scales=[scale]
+        )
+        assert torch.equal(ours, reference), (name, scale, (ours - reference).abs().max())
+        assert (ours - plain).abs().max() > 0.02  # the adapter changed the picture
+    # No adapter (or scale 0) is the engine without LoRA, exactly.
+    pipe.disable_lora()
+    assert torch.equal(plain, _pipeline_output(pipe, frame, "a portrait", 11))
+    zero = engine.render_frames(
+        _as_tensor(frame), ["a portrait"], steps=2, seeds=[11], adapters=["clay"], adapter_scales=[0.0]
+    )
+    assert torch.equal(zero, plain)
+
+
+def test_two_sessions_with_different_adapters_share_one_batch(engine: Flux2Engine) -> None:
+    frame = _as_tensor(_frame(9))
+    choices: list[tuple[str | None, float | None]] = [("clay", None), ("ink", None), (None, None)]
+    calls: list[int] = []
+    hook = engine.pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        batch = engine.render_frames(
+            frame.expand(3, -1, -1, -1),
+            ["x"] * 3,
+            steps=2,
+            seeds=[5] * 3,
+            adapters=[a for a, _ in choices],
+            adapter_scales=[s for _, s in choices],
+        )
+    finally:
+        hook.remove()
+    assert calls == [3, 3]  # one batch of three rows per step
+    singles = [
+        engine.render_frames(frame, ["x"], steps=2, seeds=[5], adapters=[a], adapter_scales=[s])[0]
+        for a, s in choices
+    ]
+    for row, single in enumerate(singles):
+        own = (batch[row] - single).abs().max()
+        assert own < BATCH_TOLERANCE
+        for other_row, other in enumerate(singles):
+            if other_row != row:  # no cross-talk: each row is its own adapter's picture
+                assert (batch[row] - other).abs().max() > 5 * own + 1e-3
+    # The adapter's default scale (ink: 0.5) is what a row without a scale gets.
+    half = engine.render_frames(frame, ["x"], steps=2, seeds=[5], adapters=["ink"], adapter_scales=[0.5])
+    assert torch.equal(half[0], singles[1])
+
+
+def test_render_appends_trigger_words_and_rejects_unknown_adapters(engine: Flux2Engine) -> None:
+    jpeg = _jpeg(_frame(3))
+    job = FrameJob("s", 0, jpeg, "a portrait", 2, 1, adapter="clay")
+    expected = engine.encode_jpegs(
+        engine.render_frames(
+            engine.decode_frames([jpeg]), ["a portrait, claymation"], steps=2, seeds=[1], adapters=["clay"]
+        )
+    )
+    assert engine.render([job]) == expected
+    assert [info.name for info in engine.adapters] == ["clay", "ink"]
+    assert engine.adapters[0].trigger == "claymation"
+    with pytest.raises(ValueError, match="unknown adapter 'watercolour'"):
+        engine.render([FrameJob("s", 0, jpeg, "x", 2, 1, adapter="watercolour")])
+
+
+def test_fast_modes_carry_the_adapter_too(engine: Flux2Engine) -> None:
+    frame = _as_tensor(_frame(4))
+    exact = engine.render_frames(frame, ["x"], steps=2, seeds=[2], adapters=["clay"])
+    fast = engine.render_frames(frame, ["x"], steps=2, seeds=[2], mode="fast", adapters=["clay"])
+    fast_plain = engine.render_frames(frame, ["x"], steps=2, seeds=[2], mode="fast")
+    assert isinstance(engine.transformers.fp8.transformer_blocks[0].attn.to_qkv, MultiLoraLinear)
+    assert (fast - exact).abs().mean() < (fast_plain - exact).abs().mean()
+
+
+def test_a_file_that_is_not_a_lora_for_this_transformer_refuses_to_load(
+    tmp_path: Path, lora_files: dict[str, Path]
+) -> None:
+    not_lora = tmp_path / "weights.safetensors"
+    save_file({"transformer.proj_out.weight": torch.zeros(4, 4)}, not_lora)
+    text_only = tmp_path / "text.safetensors"
+    save_file(
+        {
+            "text_encoder.layer.lora_A.weight": torch.zeros(2, 4),
+            "text_encoder.layer.lora_B.weight": torch.zeros(4, 2),
+        },
+        text_only,
+    )
+    wrong_shape = tmp_path / "big.safetensors"
+    save_file(
+        {
+            "transformer.proj_out.lora_A.weight": torch.zeros(4, 999),
+            "transformer.proj_out.lora_B.weight": torch.zeros(64, 4),
+        },
+        wrong_shape,
+    )
+    components = build_random_components(TINY, device="cpu", dtype=torch.float32, seed=0)
+    pipe = Flux2KleinPipeline(**components, is_distilled=True)
+    for bad in (not_lora, text_only, wrong_shape, tmp_path / "missing.safetensors"):
+        specs = [AdapterSpec("clay", str(lora_files["clay"])), AdapterSpec("bad", str(bad))]
+        with pytest.raises(LoraLoadError, match=f"'bad'.*{re.escape(bad.name)}"):
+            load_adapters(pipe, specs)
+        # All or nothing: the transformer is left without any adapter, the good one included.
+        assert not getattr(pipe.transformer, "peft_config", None)
+        assert not any("lora" in name for name, _ in pipe.transformer.named_modules())
+
+
+def test_an_engine_with_a_bad_adapter_does_not_load(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    save_file({"transformer.proj_out.weight": torch.zeros(4, 4)}, bad)
+    engine = create_flux2_engine(tiny=True, device="cpu", loras=(AdapterSpec("bad", str(bad)),))
+    with pytest.raises(LoraLoadError, match=r"bad\.safetensors"):
+        engine.load()
+    assert engine.transformers is None
+
+
+def test_switching_adapters_mid_stream_on_one_socket(engine: Flux2Engine) -> None:
+    from inference.protocol import Error, ErrorCode
+    from tests.inference.helpers import StreamClient, new_ticket, running_worker, webcam_jpeg
+
+    jpeg = webcam_jpeg()
+
+    def expected(adapter: str | None, scale: float | None = None, prompt: str = "") -> bytes:
+        return engine.render([FrameJob("x", 0, jpeg, prompt, 2, 0, adapter=adapter, adapter_scale=scale)])[0]
+
+    with (
+        running_worker(engine_factory=lambda: engine) as running,
+        StreamClient.connect(running.ws_url) as client,
+    ):
+        ready = client.start(new_ticket())
+        assert [(a.name, a.scale, a.trigger) for a in ready.adapters] == [
+            ("clay", 1.0, "claymation"),
+            ("ink", 0.5, ""),
+        ]
+        assert ready.adapter is None
+        client.send_frame(1, jpeg)
+        plain = client.frame(1).jpeg
+        assert plain == expected(None)
+
+        client.send_json('{"type": "params", "adapter": "clay"}')
+        client.send_frame(2, jpeg)
+        assert client.frame(2).jpeg == expected("clay")
+
+        # A bad adapter or scale is refused as a whole; the session goes on with what it had.
+        client.send_json('{"type": "params", "adapter": "watercolour", "prompt": "lost"}')
+        assert client.error().code is ErrorCode.BAD_PARAMS
+        client.send_json('{"type": "params", "adapter_scale": 2.5}')
+        assert client.error().code is ErrorCode.BAD_PARAMS
+        client.send_frame(3, jpeg)
+        assert client.frame(3).jpeg == expected("clay")
+
+        client.send_json('{"type": "params", "adapter": "ink", "adapter_scale": 1.5}')
+        client.send_frame(4, jpeg)
+        assert client.frame(4).jpeg == expected("ink", 1.5)
+        # Omitting `adapter` keeps it; null turns it off.
+        client.send_json('{"type": "params", "prompt": "sketch"}')
+        client.send_frame(5, jpeg)
+        assert client.frame(5).jpeg == expected("ink", 1.5, "sketch")
+        client.send_json('{"type": "params", "adapter": null, "prompt": ""}')
+        client.send_frame(6, jpeg)
+        assert client.frame(6).jpeg == plain
+        assert len(client.messages(Error)) == 2
