@@ -14,6 +14,10 @@ Sections (``--sections``, all by default), on one set of weights:
   then each mode: ``render`` (JPEG bytes in and out, the cost the scheduler sees) at each step count and
   batch size, and ``render_frames``'s deviation from the eager pipeline (exact) on the same frame, prompt
   and seed. ``--levers`` adds single-approximation modes so each lever's effect is measured alone.
+* ``style``: each mode with and without a style image (a second reference image of STYLE_IMAGE_SIZE²:
+  1,024 more tokens at 512²), at the first step count, batch 1: ``render``'s ms/frame both ways, and
+  ``render_frames``' deviation from the eager pipeline given ``image=[frame, style]``; plus the approximate
+  modes with the style image read at 256² (``<mode>-style256``), the lever that makes it cheaper.
 * ``sessions``: 1, 2 and 4 concurrent sessions through the real scheduler (different prompts), each
   keeping its waiting frame fresh at 30 fps: aggregate and per-session FPS, fairness, latency.
 * ``websocket``: the worker's real ``/ws`` on loopback, driven like the studio drives it (paced, as the
@@ -42,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -58,6 +62,7 @@ from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Config, Fl
 from inference.engines.flux2.compiled import COMPILE_SCOPES
 from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
 from inference.protocol import OUTPUT_SIZE
+from inference.style_image import StyleImage, style_image_from_pixels
 
 # Modes measured one approximation at a time (--levers), next to the production modes they make up.
 LEVER_MODES: dict[str, ModeRecipe] = {
@@ -65,7 +70,9 @@ LEVER_MODES: dict[str, ModeRecipe] = {
     "lever-fp8": ModeRecipe(fp8=True),
     "lever-fp8-text128": ModeRecipe(fp8=True, text_tokens=128),
 }
-SECTIONS = ("baseline", "modes", "sessions", "websocket", "cold-start")
+SECTIONS = ("baseline", "modes", "style", "sessions", "websocket", "cold-start")
+# The style section's lever: an approximate mode with its style image read at 256² (256 tokens, not 1,024).
+STYLE_LEVER_SIZE = 256
 
 
 @dataclass
@@ -170,6 +177,9 @@ class Bench:
         self.seeds = list(range(1, max(args.batch) + 1))
         # The eager pipeline's output per step count: what every row's deviation is measured against.
         self.references: dict[int, torch.Tensor] = {}
+        # The style section's picture, and the eager pipeline's output with it as the second reference.
+        self.style: StyleImage = style_image_from_pixels(webcam_frame(1_000))
+        self.style_references: dict[int, torch.Tensor] = {}
 
     def _run(self, phase: str, case: str, steps: int | None, batch: int, fn: Callable[[], Any]) -> Row:
         warmup = self.args.warmup + (1 if phase != "eager" else 0)
@@ -186,11 +196,14 @@ class Bench:
         """The eager pipeline's output for each step count, before anything is compiled or approximated."""
         for steps in self.args.steps:
             self.references[steps] = self.baseline_call(steps, "pt")
+            if "style" in self.args.sections:
+                self.style_references[steps] = self.baseline_call(steps, "pt", style=self.style)
 
-    def baseline_call(self, steps: int, output_type: str = "pil") -> Any:
-        """The baseline's per-frame call: PIL frame in, cached prompt embeddings, a seeded generator."""
+    def baseline_call(self, steps: int, output_type: str = "pil", style: StyleImage | None = None) -> Any:
+        """The baseline's per-frame call: PIL frame in, cached prompt embeddings, a seeded generator; with
+        ``style``, the style image as the second reference image."""
         return self.pipe(
-            image=self.frame_image,
+            image=self.frame_image if style is None else [self.frame_image, style.image],
             prompt_embeds=self.base.prompt_embeds(self.prompts[0]),
             num_inference_steps=steps,
             guidance_scale=1.0,
@@ -247,7 +260,10 @@ class Bench:
                 compile_scope=self.args.compile_scope,
                 cuda_graphs=self.args.cuda_graphs,
                 modes=tuple(self.args.modes),
-                custom_modes=LEVER_MODES if self.args.levers else {},
+                custom_modes={
+                    **(LEVER_MODES if self.args.levers else {}),
+                    **(self.style_lever_modes() if "style" in self.args.sections else {}),
+                },
             )
             start = time.perf_counter()
             engine = Flux2Engine(config, pipeline=self.pipe)
@@ -270,10 +286,20 @@ class Bench:
             self.engine = engine
         return self.engine
 
+    def style_lever_modes(self) -> dict[str, ModeRecipe]:
+        """The approximate production modes with the style image read at STYLE_LEVER_SIZE²."""
+        return {
+            f"{mode}-style{STYLE_LEVER_SIZE}": replace(MODE_RECIPES[mode][1], style_size=STYLE_LEVER_SIZE)
+            for mode in self.args.modes
+            if MODE_RECIPES[mode][0].approximate
+        }
+
     def measure_modes(self) -> None:
         print("section modes", flush=True)
         engine = self.production_engine()
         for mode in engine.modes:
+            if mode.id in self.style_lever_modes():
+                continue  # the same as its base mode without a style image; the style section has it
             phase = f"mode:{mode.id}"
             for steps in self.args.steps:
                 self.measure_render_frames(engine, phase, mode.id, steps)
@@ -291,6 +317,33 @@ class Bench:
             self.measure_components("compiled")
         if self.args.profile:
             self.profile(engine)
+
+    # ---- section: style
+
+    def measure_style(self) -> None:
+        """Each mode with and without a style image, at the first step count, one session."""
+        print("section style", flush=True)
+        engine = self.production_engine()
+        steps, prompt, seed, style = self.args.steps[0], self.prompts[0], self.seeds[0], self.style
+        levers = self.style_lever_modes()
+        for mode in engine.modes:
+            if mode.id in LEVER_MODES:
+                continue
+            phase = f"style:{mode.id}"
+            plain = FrameJob("session-0", 0, self.jpegs[0], prompt, steps, seed, mode.id)
+            styled = replace(plain, style=style)
+            if mode.id not in levers:
+                self._run(phase, "render", steps, 1, lambda job=plain: engine.render([job]))
+            self._run(phase, "render+style", steps, 1, lambda job=styled: engine.render([job]))
+
+            def call(mode: str = mode.id) -> torch.Tensor:
+                return engine.render_frames(
+                    self.frame_tensor, [prompt], steps=steps, seeds=[seed], mode=mode, styles=[style]
+                )
+
+            row = self._run(phase, "frames+style", steps, 1, call)
+            if row.error is None:
+                row.max_abs, row.psnr_db = deviation(call(), self.style_references[steps])
 
     def measure_launched(self, engine: Flux2Engine) -> None:
         """The CUDA-graph lever and its gate: each mode with its kernels launched one by one instead of
@@ -524,6 +577,20 @@ def format_summary(rows: Sequence[Row], system: dict[str, Any]) -> str:
                     f"  {mode:18s} batch {row.batch}: {row.per_frame_ms:7.2f} ms/frame"
                     f" {1000 / row.per_frame_ms:6.1f} FPS  {ratio:5.2f}x baseline"
                 )
+    style_rows = [row for row in rows if row.phase.startswith("style:") and row.case.startswith("render")]
+    if style_rows:
+        lines.append("")
+        lines.append("style image (render, batch 1): ms/frame and FPS without -> with")
+    for row in style_rows:
+        if row.case != "render+style" or row.error:
+            continue
+        mode = row.phase.removeprefix("style:")
+        plain = _find(rows, row.phase, "render", row.steps or 0)
+        without = f"{plain.per_frame_ms:7.2f} ms {1000 / plain.per_frame_ms:6.1f} FPS -> " if plain else ""
+        lines.append(
+            f"  {mode:18s} {row.steps} steps: {without}{row.per_frame_ms:7.2f} ms"
+            f" {1000 / row.per_frame_ms:6.1f} FPS"
+        )
     for section in ("sessions", "websocket"):
         for result in system.get(section, []):
             lines.append("")
@@ -534,6 +601,7 @@ def format_summary(rows: Sequence[Row], system: dict[str, Any]) -> str:
     if "cold_start" in system:
         lines.append("")
         lines.extend(system["cold_start"].get("table", []))
+        lines.extend(system["cold_start"].get("notes", []))
     return "\n".join(lines)
 
 
@@ -620,6 +688,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bench.measure_baseline()
         elif section == "modes":
             bench.measure_modes()
+        elif section == "style":
+            bench.measure_style()
         else:
             bench.measure_system(section)
         # Rewritten after every section, so a run cut short still leaves what it measured.

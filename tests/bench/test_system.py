@@ -110,6 +110,14 @@ def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
     assert run["wall_s"] >= run["total_s"]
     assert run["meets_target"] is None  # the target is for a warm compile cache
     assert len(result["table"]) == 2
+    # The child wrote its bytecode beside the compile caches (whatever this process's environment says),
+    # so a warm run imports compiled modules instead of compiling torch, diffusers and transformers anew.
+    pycache = tmp_path / "compile-cache" / "pycache"
+    assert run["bytecode_cache"] == str(pycache)
+    assert any(pycache.rglob("diffusers/**/*.pyc"))
+    assert list(run["imports"]) == ["torch", "transformers", "diffusers", "engine"]
+    assert sum(run["imports"].values()) == pytest.approx(run["stages"]["imports"], abs=0.01)
+    assert result["notes"][0].startswith("empty  imports: torch")
 
 
 def test_cold_start_refuses_options_that_would_not_load_the_checkpoint(engine: Flux2Engine, tmp_path) -> None:
