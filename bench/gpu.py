@@ -69,6 +69,8 @@ LEVER_MODES: dict[str, ModeRecipe] = {
     "lever-text128": ModeRecipe(text_tokens=128),
     "lever-fp8": ModeRecipe(fp8=True),
     "lever-fp8-text128": ModeRecipe(fp8=True, text_tokens=128),
+    "lever-small-decoder": ModeRecipe(decoder="small"),
+    "lever-tiny-decoder": ModeRecipe(decoder="tiny"),
 }
 SECTIONS = ("baseline", "modes", "style", "sessions", "websocket", "cold-start")
 # The style section's lever: an approximate mode with its style image read at 256² (256 tokens, not 1,024).
@@ -264,6 +266,13 @@ class Bench:
                     **(LEVER_MODES if self.args.levers else {}),
                     **(self.style_lever_modes() if "style" in self.args.sections else {}),
                 },
+                # The pipeline is given; these say where the modes' smaller decoders come from: random
+                # weights for random model weights, else the published repos or the paths given.
+                random_weights=self.base.config.random_weights,
+                tiny=self.base.config.tiny,
+                small_decoder=self.args.small_decoder,
+                tiny_decoder=self.args.tiny_decoder,
+                cache_dir=self.args.cache_dir,
             )
             start = time.perf_counter()
             engine = Flux2Engine(config, pipeline=self.pipe)
@@ -408,6 +417,12 @@ class Bench:
                 phase, "vae.encode", None, 1, lambda: pipe._encode_vae_image(image=image, generator=None)
             )
             self._run(phase, "vae.decode", None, 1, lambda: vae.decode(latents, return_dict=False))
+            # The smaller decoders of the production engine's modes, on the latent form they take (the
+            # normalised, patchified one): what each saves against vae.decode above.
+            decoders = self.engine.decoders if self.engine is not None and phase == "compiled" else {}
+            patched = randn(1, 4 * vae.config.latent_channels, latent_size // 2, latent_size // 2)
+            for name, decoder in decoders.items():
+                self._run(phase, f"decoder:{name}", None, 1, lambda decoder=decoder: decoder(patched))
             if phase == "eager":
                 self._run(
                     phase,
@@ -611,6 +626,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--model", default=None, help=f"checkpoint to load (default: random weights; {DEFAULT_MODEL})"
     )
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--small-decoder", default=None, help="FLUX.2-small-decoder repo id or path")
+    parser.add_argument("--tiny-decoder", default=None, help="TAEF2 repo id or path")
     parser.add_argument("--tiny", action="store_true", help="the tiny test configuration")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)

@@ -44,7 +44,7 @@ from inference.engines.flux2.recipes import ModeRecipe, offered_modes
 from inference.engines.flux2.style import StyleLatents, style_reference_ids
 from inference.engines.flux2.transformer import Transformers, predict
 from inference.protocol import MAX_STEPS, MIN_STEPS, OUTPUT_SIZE, RenderMode
-from inference.style_image import StyleImage
+from inference.style_image import StyleImage, style_image_from_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,17 @@ class Flux2Engine:
                 for mode in self.modes
                 for steps in range(MIN_STEPS, MAX_STEPS + 1)
             ]
+        if self.compile:
+            # A style image adds reference tokens: another shape for the compiled transformer, compiled
+            # here rather than on the first styled frame, which would stall every session meanwhile.
+            tasks += [partial(self._warm_up_style, mode.id) for mode in self.modes]
         return tasks
+
+    def _warm_up_style(self, mode: str) -> None:
+        # The warm-up frame's gradient, flipped, as a throw-away style image (OUTPUT_SIZE == its size).
+        style = style_image_from_pixels(gradient_frame(torch.device("cpu"))[0].permute(2, 1, 0).numpy())
+        steps = max(2, self.config.steps)
+        self.render([FrameJob("warm-up", 0, self._warm_up_jpeg(), "warm-up", steps, 0, mode, style=style)])
 
     def warm_up_mode(self, mode: str, batch_sizes: Sequence[int] | None = None) -> None:
         """Render throw-away frames of ``mode`` at each batch size that compiles a graph of its own (those
