@@ -9,7 +9,15 @@ from litestar.response import Template
 from app.auth import SignedInUser, requires_user
 from app.presets import DEFAULT_PRESET, STYLE_PRESETS
 from app.settings import Settings
-from inference.protocol import DEFAULT_STEPS, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, OUTPUT_SIZE
+from inference.protocol import (
+    DEFAULT_STEPS,
+    MAX_ADAPTER_SCALE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STEPS,
+    MIN_ADAPTER_SCALE,
+    OUTPUT_SIZE,
+)
 
 # What the studio's controls offer, from the worker's protocol: anything else it would refuse.
 STUDIO_LIMITS = {
@@ -19,6 +27,8 @@ STUDIO_LIMITS = {
     # From the default (the fastest the studio offers) up to the most the worker takes.
     "steps": tuple(range(DEFAULT_STEPS, MAX_STEPS + 1)),
     "default_steps": DEFAULT_STEPS,
+    "min_adapter_scale": MIN_ADAPTER_SCALE,
+    "max_adapter_scale": MAX_ADAPTER_SCALE,
 }
 
 

@@ -166,6 +166,9 @@ const ui = {
   styleRemove: $("style-image-remove"),
   styleMessage: $("style-image-help"),
   presets: [...document.querySelectorAll(".preset")],
+  adapterScale: $("adapter-scale"),
+  adapterScaleField: $("adapter-scale-field"),
+  adapterScaleValue: $("adapter-scale-value"),
 };
 
 const STATUS_TEXT = {
@@ -190,6 +193,8 @@ const session = {
   unacked: new Map(), // frame id -> performance.now() when sent, until the worker acks it (or refuses it)
   sentAt: new Map(), // frame id -> performance.now() when sent, until its output (or a newer one) arrives
   modes: [], // the engine's render modes, from `ready`; the first is the default
+  adapters: [], // the LoRA adapters the worker serves, from `ready` (name, scale, trigger)
+  adapter: null, // the adapter the chosen preset names, while the worker serves it; null: none
   lastCaptureAt: 0,
   capturing: false,
   pace: false, // the worker's `ready` asked for paced frames
@@ -420,6 +425,7 @@ function onText(data) {
       ui.engine.textContent = message.preview ? "PREVIEW · CPU filters" : message.model;
       setStatus("streaming", message.preview ? "(preview engine — no GPU model)" : "");
       showModes(message.modes ?? [], message.mode);
+      showAdapters(message.adapters ?? []);
       sendParams();
       sendStyleImage();
       break;
@@ -672,7 +678,36 @@ function currentParams() {
     seed: Number.isFinite(seed) && seed >= 0 ? Math.min(seed, MAX_SEED) : 0,
   };
   if (selectedMode()) params.mode = ui.mode.value;
+  // Only to a worker that serves adapters: one that serves none has nothing to turn off.
+  if (session.adapters.length > 0) {
+    params.adapter = session.adapter;
+    if (session.adapter !== null) params.adapter_scale = Number.parseFloat(ui.adapterScale.value);
+  }
   return params;
+}
+
+// ---------------------------------------------------------------- LoRA adapters
+
+function servedAdapter(name) {
+  return session.adapters.find((adapter) => adapter.name === name) ?? null;
+}
+
+// Show the adapter presets whose adapter this worker serves (a reconnect may reach one that serves others);
+// an active adapter the worker no longer has is dropped, with its preset's pressed state.
+function showAdapters(adapters) {
+  session.adapters = adapters;
+  for (const preset of ui.presets) {
+    if (preset.dataset.adapter === undefined) continue;
+    preset.hidden = servedAdapter(preset.dataset.adapter) === null;
+    if (preset.hidden) preset.setAttribute("aria-pressed", "false");
+  }
+  if (session.adapter !== null && servedAdapter(session.adapter) === null) session.adapter = null;
+  showAdapterScale();
+}
+
+function showAdapterScale() {
+  ui.adapterScaleField.hidden = session.adapter === null;
+  ui.adapterScaleValue.textContent = Number.parseFloat(ui.adapterScale.value).toFixed(2);
 }
 
 function sendParams() {
@@ -691,6 +726,10 @@ function sendParamsSoon() {
 function choosePreset(button) {
   for (const other of ui.presets) other.setAttribute("aria-pressed", String(other === button));
   ui.prompt.value = button.dataset.prompt;
+  const adapter = button.dataset.adapter === undefined ? null : servedAdapter(button.dataset.adapter);
+  session.adapter = adapter?.name ?? null;
+  if (adapter) ui.adapterScale.value = String(button.dataset.adapterScale ?? adapter.scale);
+  showAdapterScale();
   clearTimeout(paramsTimer);
   sendParams(); // a click is deliberate: no need to wait
 }
@@ -811,6 +850,10 @@ ui.reseed.addEventListener("click", () => {
   sendParams();
 });
 for (const button of ui.presets) button.addEventListener("click", () => choosePreset(button));
+ui.adapterScale.addEventListener("input", () => {
+  showAdapterScale();
+  sendParamsSoon(); // a drag sends its last value, like typing a prompt
+});
 window.addEventListener("pagehide", () => session.wanted && stop());
 // A stream paused because the tab was hidden (the worker closed it as idle) resumes when it is seen again.
 document.addEventListener("visibilitychange", () => {

@@ -7,6 +7,11 @@ them gets a duotone poster whose two colours come from colour words in the promp
 hash of it, so that every prompt change is visible. `steps` and `seed` do not affect the filters. A
 session's style image recolours the result with the style image's palette (its colour statistics, per
 channel), a stand-in for what the model does with a style image, labelled as a preview like the rest.
+
+LoRA adapters cannot run here, but the preview serves the names ``FLUX2_LORAS`` configures (nothing is
+read from their sources) so the studio's adapter presets and strength slider can be tried without a GPU:
+each adapter stands in as a colour cast of its own (from a hash of its name), laid over the styled frame
+``scale / MAX_ADAPTER_SCALE`` of the way.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from inference.engines.base import FrameJob
 from inference.imaging import decode_square, encode_jpeg
-from inference.protocol import OUTPUT_SIZE, RenderMode
+from inference.protocol import MAX_ADAPTER_SCALE, OUTPUT_SIZE, AdapterInfo, RenderMode
 from inference.style_image import StyleImage
 
 if TYPE_CHECKING:
@@ -371,9 +376,16 @@ class PreviewEngine:
     )
 
     def __init__(
-        self, *, max_batch: int = 8, delay_seconds: float = 0.0, warmup_seconds: float = 0.0
+        self,
+        *,
+        max_batch: int = 8,
+        delay_seconds: float = 0.0,
+        warmup_seconds: float = 0.0,
+        adapters: Sequence[AdapterInfo] = (),
     ) -> None:
         self.max_batch = max_batch
+        self.adapters = tuple(adapters)
+        self._adapter_defaults = {info.name: info.scale for info in self.adapters}
         self.delay_seconds = delay_seconds
         self._warm = False
         self.warmup_seconds = warmup_seconds
@@ -397,14 +409,32 @@ class PreviewEngine:
         for job in jobs:
             if job.mode not in ("", "preview"):
                 raise ValueError(f"unknown mode {job.mode!r}; the preview engine has only 'preview'")
+            if job.adapter is not None and job.adapter not in self._adapter_defaults:
+                raise ValueError(f"unknown adapter {job.adapter!r}")
         if self.delay_seconds:
             time.sleep(self.delay_seconds)
-        return [self.render_one(job.jpeg, job.prompt, job.style) for job in jobs]
+        return [
+            self.render_one(job.jpeg, job.prompt, job.style, job.adapter, self._scale(job)) for job in jobs
+        ]
 
-    def render_one(self, jpeg: bytes, prompt: str, style: StyleImage | None = None) -> bytes:
+    def _scale(self, job: FrameJob) -> float:
+        if job.adapter is None:
+            return 0.0
+        return job.adapter_scale if job.adapter_scale is not None else self._adapter_defaults[job.adapter]
+
+    def render_one(
+        self,
+        jpeg: bytes,
+        prompt: str,
+        style: StyleImage | None = None,
+        adapter: str | None = None,
+        adapter_scale: float = 0.0,
+    ) -> bytes:
         styled = STYLES[style_for_prompt(prompt)](decode_square(jpeg), prompt)
         if style is not None:
             styled = transfer_palette(styled, style)
+        if adapter is not None and adapter_scale > 0:
+            styled = adapter_cast(styled, adapter, adapter_scale)
         badge = _badge()
         styled.paste(badge, (OUTPUT_SIZE - badge.width - 8, OUTPUT_SIZE - badge.height - 8), badge)
         return encode_jpeg(styled)
@@ -420,9 +450,27 @@ def transfer_palette(image: Image.Image, style: StyleImage, strength: float = 0.
     return _image(np.clip(source + strength * (transferred - source), 0, 255).astype(np.uint8))
 
 
+def adapter_colour(name: str) -> tuple[int, int, int]:
+    """The preview's stand-in colour for adapter ``name``: saturated, and the same on every worker."""
+    hue = zlib.crc32(name.encode()) % 256
+    swatch = Image.new("HSV", (1, 1), (hue, 230, 235)).convert("RGB")
+    red, green, blue = swatch.getpixel((0, 0))  # type: ignore[misc]
+    return int(red), int(green), int(blue)
+
+
+def adapter_cast(image: Image.Image, adapter: str, scale: float) -> Image.Image:
+    """``image`` multiplied by the adapter's colour, ``scale / MAX_ADAPTER_SCALE`` of the way: the
+    strength slider visibly moves it, from no cast at 0 to a full one at the maximum."""
+    source = _array(image).astype(np.float32)
+    tinted = source * (np.array(adapter_colour(adapter), dtype=np.float32) / 255)
+    mix = min(max(scale / MAX_ADAPTER_SCALE, 0.0), 1.0)
+    return _image(np.clip(source + mix * (tinted - source), 0, 255))
+
+
 def create_preview_engine(config: WorkerConfig) -> PreviewEngine:
     return PreviewEngine(
         max_batch=config.max_batch,
         delay_seconds=config.preview_delay_seconds,
         warmup_seconds=config.preview_warmup_seconds,
+        adapters=[spec.info() for spec in config.adapter_specs],
     )
