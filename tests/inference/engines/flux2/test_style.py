@@ -72,6 +72,7 @@ def test_exact_mode_with_a_style_image_matches_flux2klein_pipeline_with_two_imag
 
 def test_the_style_image_is_encoded_once_not_per_frame(engine: Flux2Engine) -> None:
     style = _style(2)
+    encoded = engine.styles.encoded
     calls, hook = _encoder_calls(engine)
     try:
         for frame_id in range(3):
@@ -80,6 +81,7 @@ def test_the_style_image_is_encoded_once_not_per_frame(engine: Flux2Engine) -> N
         hook.remove()
     # One encoder pass per frame, and one for the style image, on its first frame only.
     assert sorted(calls) == [1, 1, 1, 1]
+    assert engine.styles.encoded == encoded + 1
     assert engine.styles.latents(style, STYLE_IMAGE_SIZE) is engine.styles.latents(style, STYLE_IMAGE_SIZE)
 
 
