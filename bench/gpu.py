@@ -18,6 +18,9 @@ Sections (``--sections``, all by default), on one set of weights:
   1,024 more tokens at 512²), at the first step count, batch 1: ``render``'s ms/frame both ways, and
   ``render_frames``' deviation from the eager pipeline given ``image=[frame, style]``; plus the approximate
   modes with the style image read at 256² (``<mode>-style256``), the lever that makes it cheaper.
+* ``lora``: exact and turbo with 0 (no LoRA support), 1 and 4 random rank-16 LoRA adapters loaded through
+  the worker's path (``Flux2Config.loras``), ``render`` with none and with one active; overhead per frame
+  against the engine without LoRA support (bench/lora.py).
 * ``sessions``: 1, 2 and 4 concurrent sessions through the real scheduler (different prompts), each
   keeping its waiting frame fresh at 30 fps: aggregate and per-session FPS, fairness, latency.
 * ``websocket``: the worker's real ``/ws`` on loopback, driven like the studio drives it (paced, as the
@@ -36,6 +39,7 @@ are those of the real architecture and sizes, the images are noise.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import math
@@ -57,6 +61,7 @@ import torch
 from PIL import Image
 
 from bench.loadgen import PROMPTS
+from bench.lora import format_lora_summary, measure_lora
 from inference.engines.base import FrameJob
 from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Config, Flux2Engine, ModeRecipe
 from inference.engines.flux2.compiled import COMPILE_SCOPES
@@ -72,7 +77,7 @@ LEVER_MODES: dict[str, ModeRecipe] = {
     "lever-small-decoder": ModeRecipe(decoder="small"),
     "lever-tiny-decoder": ModeRecipe(decoder="tiny"),
 }
-SECTIONS = ("baseline", "modes", "style", "sessions", "websocket", "cold-start")
+SECTIONS = ("baseline", "modes", "style", "lora", "sessions", "websocket", "cold-start")
 # The style section's lever: an approximate mode with its style image read at 256² (256 tokens, not 1,024).
 STYLE_LEVER_SIZE = 256
 
@@ -182,6 +187,11 @@ class Bench:
         # The style section's picture, and the eager pipeline's output with it as the second reference.
         self.style: StyleImage = style_image_from_pixels(webcam_frame(1_000))
         self.style_references: dict[int, torch.Tensor] = {}
+        # The lora section's engines each adapt their own copy of the transformer, taken before any other
+        # engine compiles or quantizes the shared one (kept in host memory until then).
+        self.lora_transformer: torch.nn.Module | None = (
+            copy.deepcopy(self.pipe.transformer).to("cpu") if "lora" in args.sections else None
+        )
 
     def _run(self, phase: str, case: str, steps: int | None, batch: int, fn: Callable[[], Any]) -> Row:
         warmup = self.args.warmup + (1 if phase != "eager" else 0)
@@ -606,6 +616,7 @@ def format_summary(rows: Sequence[Row], system: dict[str, Any]) -> str:
             f"  {mode:18s} {row.steps} steps: {without}{row.per_frame_ms:7.2f} ms"
             f" {1000 / row.per_frame_ms:6.1f} FPS"
         )
+    lines.extend(format_lora_summary(rows))
     for section in ("sessions", "websocket"):
         for result in system.get(section, []):
             lines.append("")
@@ -707,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bench.measure_modes()
         elif section == "style":
             bench.measure_style()
+        elif section == "lora":
+            measure_lora(bench)
         else:
             bench.measure_system(section)
         # Rewritten after every section, so a run cut short still leaves what it measured.
