@@ -1,0 +1,173 @@
+"""The bench's ``lora`` section: what serving LoRA adapters costs a frame.
+
+Random rank-16 adapters on every attention and MLP linear of the transformer's blocks (what the LoRAs
+people train for klein target) are written in diffusers' format (``Flux2KleinPipeline.save_lora_weights``)
+to a temporary folder and loaded as the worker loads ``FLUX2_LORAS``: ``AdapterSpec``s in
+``Flux2Config.loras``, read by the engine through diffusers' ``load_lora_weights``. Then, for exact and
+turbo, one engine per adapter count (0: the engine without LoRA support, which wraps no layer; 1 and 4
+loaded), each built as the production engine is (compiled, CUDA graphs where they are on) on its own copy
+of the same transformer weights, and ``render`` (JPEG in and out, batch 1) timed with no adapter active and
+with one active at scale 1. The summary gives ms/frame and the overhead against the engine without LoRA
+support, in the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import Flux2KleinPipeline
+
+from inference.adapters import AdapterSpec
+from inference.engines.base import FrameJob
+from inference.engines.flux2 import Flux2Config, Flux2Engine
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from bench.gpu import Bench, Row
+
+RANK = 16
+ALPHA = 16.0
+ADAPTER_COUNTS = (0, 1, 4)
+LORA_MODES = ("exact", "turbo")
+# The linears an adapter targets: in the double-stream blocks every attention projection and both MLPs,
+# in the single-stream blocks the fused QKV+MLP input projection and the output projection.
+BLOCK_LINEARS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+)
+SINGLE_LINEARS = ("attn.to_qkv_mlp_proj", "attn.to_out")
+
+
+def adapter_targets(transformer: torch.nn.Module) -> list[str]:
+    """The names of the linears of ``transformer``'s blocks that the bench's adapters adapt."""
+    targets = []
+    for name, module in transformer.named_modules():
+        block, _, rest = name.partition(".")
+        index, _, layer = rest.partition(".")
+        linears = {"transformer_blocks": BLOCK_LINEARS, "single_transformer_blocks": SINGLE_LINEARS}.get(
+            block
+        )
+        if linears and index.isdigit() and layer in linears and isinstance(module, torch.nn.Linear):
+            targets.append(name)
+    return targets
+
+
+def write_random_adapters(
+    transformer: torch.nn.Module, directory: Path, count: int, *, rank: int = RANK, seed: int = 0
+) -> list[Path]:
+    """``count`` random LoRAs for ``transformer``, saved as diffusers saves a trained one (bf16)."""
+    modules = dict(transformer.named_modules())
+    targets = adapter_targets(transformer)
+    paths = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(seed + index)
+        layers: dict[str, torch.Tensor] = {}
+        for target in targets:
+            linear = modules[target]
+            assert isinstance(linear, torch.nn.Linear)
+            # Small, as trained LoRA deltas are: the frame changes, the numbers stay in range.
+            down = torch.randn(rank, linear.in_features, generator=generator) / linear.in_features**0.5
+            up = torch.randn(linear.out_features, rank, generator=generator) * 0.02
+            layers[f"{target}.lora_A.weight"] = down.to(torch.bfloat16)
+            layers[f"{target}.lora_B.weight"] = up.to(torch.bfloat16)
+        weight_name = f"bench{index}.safetensors"
+        Flux2KleinPipeline.save_lora_weights(
+            directory,
+            transformer_lora_layers=layers,
+            weight_name=weight_name,
+            transformer_lora_adapter_metadata={"r": rank, "lora_alpha": ALPHA, "target_modules": targets},
+        )
+        paths.append(directory / weight_name)
+    return paths
+
+
+def measure_lora(bench: Bench) -> None:
+    """Exact and turbo with 0, 1 and 4 adapters loaded, none and one active (see the module's docstring)."""
+    print("section lora", flush=True)
+    args = bench.args
+    pristine = bench.lora_transformer
+    assert pristine is not None, "the Bench keeps a copy of the transformer when the lora section runs"
+    modes = tuple(mode for mode in LORA_MODES if mode in args.modes) or (args.modes[0],)
+    steps = args.steps[0]
+    with tempfile.TemporaryDirectory(prefix="stylecast-bench-lora-") as folder:
+        paths = write_random_adapters(pristine, Path(folder), max(ADAPTER_COUNTS))
+        specs = [AdapterSpec(f"lora{i}", str(path)) for i, path in enumerate(paths)]
+        for count in ADAPTER_COUNTS:
+            transformer = copy.deepcopy(pristine).to(bench.device)
+            pipe = Flux2KleinPipeline(**{**bench.pipe.components, "transformer": transformer})
+            config = Flux2Config(
+                max_batch=1,
+                steps=steps,
+                compile=args.compile,
+                compile_scope=args.compile_scope,
+                cuda_graphs=args.cuda_graphs,
+                modes=modes,
+                loras=tuple(specs[:count]),
+                random_weights=bench.base.config.random_weights,
+                tiny=bench.base.config.tiny,
+                small_decoder=args.small_decoder,
+                tiny_decoder=args.tiny_decoder,
+                cache_dir=args.cache_dir,
+            )
+            _measure_engine(bench, Flux2Engine(config, pipeline=pipe), count, modes)
+            del pipe, transformer
+            gc.collect()
+            if bench.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _measure_engine(bench: Bench, engine: Flux2Engine, count: int, modes: Sequence[str]) -> None:
+    """Warm ``engine`` up as the worker does (its deferred warm-ups included), then time each mode."""
+    engine.warm_up()
+    for task in engine.deferred_warm_ups():
+        task()
+    steps, prompt, seed = bench.args.steps[0], bench.prompts[0], bench.seeds[0]
+    for mode in modes:
+        phase = f"lora{count}:{mode}"
+        plain = FrameJob("session-0", 0, bench.jpegs[0], prompt, steps, seed, mode)
+        bench._run(phase, "render", steps, 1, lambda job=plain: engine.render([job]))
+        if count:
+            active = replace(plain, adapter="lora0", adapter_scale=1.0)
+            bench._run(phase, "render+lora", steps, 1, lambda job=active: engine.render([job]))
+
+
+def format_lora_summary(rows: Sequence[Row]) -> list[str]:
+    """ms/frame of each case and its overhead against the same mode without LoRA support."""
+    by_key: dict[tuple[str, str], Any] = {
+        (row.phase, row.case): row for row in rows if row.phase.startswith("lora") and not row.error
+    }
+    if not by_key:
+        return []
+    lines = ["", "LoRA adapters (render, batch 1): ms/frame, overhead vs the same mode without LoRA support"]
+    for mode in LORA_MODES:
+        reference = by_key.get((f"lora0:{mode}", "render"))
+        if reference is None:
+            continue
+        lines.append(f"  {mode:6s} no LoRA support        {reference.per_frame_ms:8.2f} ms")
+        for count in ADAPTER_COUNTS[1:]:
+            for case, label in (("render", "none active"), ("render+lora", "one active")):
+                row = by_key.get((f"lora{count}:{mode}", case))
+                if row is None:
+                    continue
+                overhead = 100 * (row.per_frame_ms / reference.per_frame_ms - 1)
+                lines.append(
+                    f"  {mode:6s} {count} loaded, {label:11s} {row.per_frame_ms:8.2f} ms {overhead:+6.1f} %"
+                )
+    return lines
