@@ -18,7 +18,7 @@ import gc
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from diffusers import Flux2KleinPipeline
@@ -28,9 +28,35 @@ from inference.engines.base import FrameJob
 from inference.engines.flux2 import Flux2Config, Flux2Engine
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from argparse import Namespace
+    from collections.abc import Callable, Sequence
 
-    from bench.gpu import Bench, Row
+
+class Row(Protocol):
+    """What the summary reads of one of bench.gpu's rows."""
+
+    phase: str
+    case: str
+    error: str | None
+
+    @property
+    def per_frame_ms(self) -> float: ...
+
+
+class Bench(Protocol):
+    """What this section uses of bench.gpu's Bench (a Protocol: bench.gpu imports this module)."""
+
+    args: Namespace
+    base: Flux2Engine
+    pipe: Flux2KleinPipeline
+    device: torch.device
+    prompts: list[str]
+    seeds: list[int]
+    jpegs: list[bytes]
+    lora_transformer: torch.nn.Module | None
+
+    def _run(self, phase: str, case: str, steps: int | None, batch: int, fn: Callable[[], Any]) -> Any: ...
+
 
 RANK = 16
 ALPHA = 16.0
