@@ -65,6 +65,7 @@ from bench.lora import format_lora_summary, measure_lora
 from inference.engines.base import FrameJob
 from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Config, Flux2Engine, ModeRecipe
 from inference.engines.flux2.compiled import COMPILE_SCOPES
+from inference.engines.flux2.decoders import random_decoder, save_decoder
 from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
 from inference.protocol import OUTPUT_SIZE
 from inference.style_image import StyleImage, style_image_from_pixels
@@ -486,6 +487,16 @@ class Bench:
             if args.device:
                 options["device"] = args.device
             workdir = Path(args.cold_start_dir)
+            # The child loads a saved checkpoint, not random weights: the smaller decoders its modes use are
+            # saved beside it (random weights, the published formats) unless paths were given.
+            used = {MODE_RECIPES[mode][1].decoder for mode in args.modes} - {"full"}
+            base = self.base
+            for name in sorted(used):
+                given = args.small_decoder if name == "small" else args.tiny_decoder
+                if given is None:
+                    module = random_decoder(name, self.pipe.vae, base._bn_mean, base._bn_std, seed=0)
+                    given = str(save_decoder(module, workdir / f"{name}-decoder"))
+                options[f"{name}_decoder"] = given
             self.system["cold_start"] = system_bench.measure_cold_start(
                 self.pipe, workdir=workdir, engine_options=options
             )

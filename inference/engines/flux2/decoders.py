@@ -319,3 +319,23 @@ def compile_decoder(module: nn.Module) -> None:
         module.vae.decoder.compile(fullgraph=True, dynamic=False)
     elif isinstance(module, TinyDecoder):
         module.autoencoder.decoder.compile(fullgraph=True, dynamic=False)
+
+
+def save_decoder(module: nn.Module, folder: str | Path) -> Path:
+    """Write a small or tiny decoder in its published format (a diffusers folder; ``taef2.safetensors``),
+    so that a process loading a saved checkpoint can load it too; returns the path to name it by."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(module, TinyDecoder):
+        path = folder / "taef2.safetensors"
+        state = {key: value.contiguous() for key, value in module.autoencoder.state_dict().items()}
+        save_file(state, str(path))
+        return path
+    if isinstance(module, SmallDecoder):
+        (folder / "config.json").write_text(json.dumps(dict(module.vae.config)))
+        state = {key: value.contiguous() for key, value in module.vae.state_dict().items()}
+        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+        return folder
+    raise TypeError(f"not a small or tiny decoder: {type(module).__name__}")

@@ -340,3 +340,22 @@ def test_the_workers_settings_name_the_decoders_weights(
     assert torch.equal(tiny.autoencoder.decoder.layers[0].weight, reference[1].weight)
     unset = {key: value for key, value in environ.items() if not key.endswith("_DECODER")}
     assert create_engine(load_worker_config(unset)).config.tiny_decoder is None  # the published repo
+
+
+def test_a_random_decoder_saved_in_its_published_format_loads_back_the_same(
+    engine: Flux2Engine, tmp_path: Path
+) -> None:
+    """What the bench's cold start hands its child process, which loads from disk, not random weights."""
+    from inference.engines.flux2.decoders import build_decoders, random_decoder, save_decoder
+
+    assert engine.pipe is not None
+    vae, mean, std = engine.pipe.vae, engine._bn_mean, engine._bn_std
+    latents = torch.randn(1, 4 * LATENT_CHANNELS, 4, 4, generator=torch.Generator().manual_seed(9))
+    for name in ("tiny", "small"):
+        built = random_decoder(name, vae, mean, std, seed=3)
+        path = save_decoder(built, tmp_path / name)
+        (loaded,) = build_decoders(
+            [name], model_vae=vae, bn_mean=mean, bn_std=std, sources={name: str(path)}, random_weights=True
+        ).values()
+        with torch.no_grad():
+            assert torch.equal(loaded(latents), built(latents)), name
