@@ -591,6 +591,35 @@ def _find(rows: Sequence[Row], phase: str, case: str, steps: int, batch: int = 1
     return None
 
 
+# Issue #18's per-frame targets: 512², 2 steps, batch 1, JPEG in and out (the modes section's render rows).
+TARGET_FASTEST_FPS = 40.0
+TARGET_EXACT_FPS = 15.0
+
+
+def format_frame_targets(rows: Sequence[Row], steps: int = 2) -> list[str]:
+    """The fastest labelled (built-in, approximate) mode and exact against their targets."""
+    renders = {
+        row.phase.removeprefix("mode:"): row
+        for row in rows
+        if row.phase.startswith("mode:") and row.case == "render" and row.steps == steps and row.batch == 1
+        if not row.error
+    }
+    labelled = [mode for mode in renders if mode in MODE_RECIPES and MODE_RECIPES[mode][1].approximate]
+    lines = []
+    if labelled:
+        fastest = min(labelled, key=lambda mode: renders[mode].per_frame_ms)
+        fps = 1000 / renders[fastest].per_frame_ms
+        verdict = "meets" if fps >= TARGET_FASTEST_FPS else "misses"
+        lines.append(
+            f"target: fastest labelled mode {fastest} {fps:.1f} FPS, {verdict} >= {TARGET_FASTEST_FPS:g}"
+        )
+    if "exact" in renders:
+        fps = 1000 / renders["exact"].per_frame_ms
+        verdict = "meets" if fps >= TARGET_EXACT_FPS else "misses"
+        lines.append(f"target: exact {fps:.1f} FPS, {verdict} >= {TARGET_EXACT_FPS:g}")
+    return lines
+
+
 def format_summary(rows: Sequence[Row], system: dict[str, Any]) -> str:
     """The per-frame targets (docs/performance.md, "Targets") as measured in this run, then the system
     sections' own tables."""
@@ -613,6 +642,7 @@ def format_summary(rows: Sequence[Row], system: dict[str, Any]) -> str:
                     f"  {mode:18s} batch {row.batch}: {row.per_frame_ms:7.2f} ms/frame"
                     f" {1000 / row.per_frame_ms:6.1f} FPS  {ratio:5.2f}x baseline"
                 )
+    lines.extend(format_frame_targets(rows))
     style_rows = [row for row in rows if row.phase.startswith("style:") and row.case.startswith("render")]
     if style_rows:
         lines.append("")
