@@ -29,13 +29,10 @@ def test_the_first_frame_waits_for_batch_size_one_of_the_default_mode_only() -> 
     try:
         engine.warm_up()
         assert set(seen) == {1}
-        tasks = engine.deferred_warm_ups()
-        assert len(tasks) == 1  # the default mode's larger batches
         seen.clear()
-        for task in tasks:
+        for task in engine.deferred_warm_ups():  # what the scheduler runs while idle
             task()
-        assert 2 in seen
-        assert engine.deferred_warm_ups() == []
+        assert 2 in seen  # the default mode's larger batch, warmed after the first frame could go
     finally:
         hook.remove()  # type: ignore[attr-defined]
 
