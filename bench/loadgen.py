@@ -43,6 +43,7 @@ from websockets.exceptions import ConnectionClosed
 
 from inference.pacing import FramePacer
 from inference.protocol import (
+    MAX_CLIENT_FPS,
     MAX_UNACKED,
     Ack,
     Admitted,
@@ -355,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="ws://127.0.0.1:8001/ws")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1])
     parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--fps", type=float, default=30.0, help="camera rate: frames a second at most")
+    parser.add_argument(
+        "--fps", type=float, default=float(MAX_CLIENT_FPS), help="camera rate: frames a second at most"
+    )
     parser.add_argument(
         "--pacing",
         action=argparse.BooleanOptionalAction,

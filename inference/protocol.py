@@ -25,6 +25,8 @@ MAX_FRAME_JPEG_BYTES: Final = 1024 * 1024
 MAX_TEXT_MESSAGE_BYTES: Final = 16 * 1024  # a 500-char prompt is at most ~3 KiB of escaped JSON
 # Flow control: a client keeps at most this many of its frames unacknowledged (`Ack`).
 MAX_UNACKED: Final = 2
+# A client never sends more input frames a second than this (docs/protocol.md, "Flow control").
+MAX_CLIENT_FPS: Final = 30
 # Output frames are OUTPUT_SIZE x OUTPUT_SIZE JPEGs; input frames are center-cropped and resized to it.
 OUTPUT_SIZE: Final = 512
 # Style images (client -> worker, a binary message of kind STYLE_IMAGE): the file's bytes, which a browser

@@ -30,6 +30,7 @@ STUDIO_JS = ROOT / "app" / "static" / "studio.js"
 PROTOCOL_LIMITS = {
     "SIZE": protocol.OUTPUT_SIZE,
     "MAX_UNACKED": protocol.MAX_UNACKED,
+    "MAX_CAPTURE_FPS": protocol.MAX_CLIENT_FPS,
     "MAX_PROMPT_CHARS": protocol.MAX_PROMPT_CHARS,
     "MAX_SEED": protocol.MAX_SEED,
     "MAX_FRAME_ID": protocol.MAX_FRAME_ID,
