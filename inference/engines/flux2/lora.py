@@ -176,6 +176,9 @@ class LoraSelection:
         self.index = torch.zeros(rows, dtype=torch.long, device=device)
         self.scales = torch.zeros(len(self.layers), rows, dtype=torch.float32, device=device)
         self._columns: OrderedDict[tuple[int, float], torch.Tensor] = OrderedDict()
+        # What the buffers hold now: a render loop mostly repeats the last batch's choice, which then
+        # costs no copy to the device.
+        self._selected: tuple[tuple[str | None, ...], tuple[float | None, ...]] | None = None
 
     def layer(self, name: str) -> int:
         return self.layers.index(name)
@@ -185,6 +188,9 @@ class LoraSelection:
         rows = len(adapters)
         if rows > self.index.shape[0]:
             raise ValueError(f"at most {self.index.shape[0]} rows, got {rows}")
+        selected = (tuple(adapters), tuple(scales))
+        if selected == self._selected:
+            return
         indices: list[int] = []
         columns: list[torch.Tensor] = []
         for name, scale in zip(adapters, scales, strict=True):
@@ -198,6 +204,7 @@ class LoraSelection:
             columns.append(self._column(index, self.bank.specs[index].scale if scale is None else scale))
         self.index[:rows].copy_(torch.tensor(indices, dtype=torch.long), non_blocking=False)
         self.scales[:, :rows].copy_(torch.stack(columns, dim=1))
+        self._selected = selected
 
     def _column(self, index: int, scale: float) -> torch.Tensor:
         key = (index, float(scale))
