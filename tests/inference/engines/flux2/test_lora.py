@@ -14,6 +14,7 @@ from diffusers import Flux2KleinPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
+from bench.lora import BLOCK_LINEARS, SINGLE_LINEARS
 from inference.adapters import AdapterSpec
 from inference.engines.base import FrameJob
 from inference.engines.flux2 import Flux2Engine, create_flux2_engine
@@ -22,22 +23,6 @@ from inference.engines.flux2.lora import LoraLoadError, MultiLoraLinear, load_ad
 from inference.protocol import OUTPUT_SIZE
 
 BATCH_TOLERANCE = 1e-3  # as test_engine.py: batched products sum in another order
-# Every linear layer of the blocks (attention and MLP), as the LoRAs people train for klein target them.
-BLOCK_LINEARS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.linear_in",
-    "ff.linear_out",
-    "ff_context.linear_in",
-    "ff_context.linear_out",
-)
-SINGLE_LINEARS = ("attn.to_qkv_mlp_proj", "attn.to_out")
 
 
 def write_lora(directory: Path, name: str, *, seed: int, rank: int = 4, alpha: float = 8.0) -> Path:
