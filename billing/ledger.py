@@ -296,6 +296,24 @@ def reserve_stream(
     )
 
 
+def restore_reservation(
+    current: BillingMetadata,
+    stream_id: str,
+    entry: LedgerEntry,
+    *,
+    now: int,
+    policy: LedgerPolicy = DEFAULT_POLICY,
+) -> BillingMetadata:
+    """The metadata with a reservation that `reserve_stream` made against it (or against an earlier state
+    of it) put back: the entry as it was granted, unless the ledger already holds the stream. A reservation
+    whose ticket can no longer be presented holds nothing and is left out."""
+    if stream_id in current.private.streams or not is_live(stream_id, entry, now, policy):
+        return current
+    streams = {**current.private.streams, stream_id: entry}
+    private = prune(msgspec.structs.replace(current.private, streams=streams), now, policy)
+    return msgspec.structs.replace(current, private=private)
+
+
 def _pruned(current: BillingMetadata, now: int, policy: LedgerPolicy) -> BillingMetadata:
     private = prune(current.private, now, policy)
     return current if private is current.private else msgspec.structs.replace(current, private=private)
@@ -324,5 +342,6 @@ __all__ = [
     "new_stream_id",
     "prune",
     "reserve_stream",
+    "restore_reservation",
     "stream_issued_at",
 ]

@@ -5,7 +5,7 @@ Clerk allows 1,000 Backend API requests per 10 s per instance and 10 metadata wr
 Clerk traffic per stream is budgeted (docs/metering.md, "A Clerk budget"):
 
 * What decides money or minutes right now is written at once and its caller answered only once the write
-  has succeeded: a reservation (a ticket), a claim, a stream's final report, a webhook. Writes for one user
+  has succeeded: a claim, a stream's final report, a webhook. Writes for one user
   go through one queue: everything that arrives while a write is in flight, or within `min_write_interval`
   of the last one, is folded into the next write, and at most `writes_per_window` writes per
   `window_seconds` leave room for Clerk's per-user limit.
@@ -14,6 +14,11 @@ Clerk traffic per stream is budgeted (docs/metering.md, "A Clerk budget"):
   `deferred_write_seconds` after its first report, or with the user's next urgent write. The meter shows it
   at once. If the app stops before that write, nothing is lost while the worker lives: its next report
   carries the cumulative total again.
+* A reservation (a ticket) is decided against the pending state and answered at once; it is written with
+  the user's next write, which is normally its own claim a moment later. Nothing can stream on a ticket
+  before its claim, and the claim is durable: if the app stops between the two, the claim finds no such
+  stream and is refused, and the studio asks for a new ticket. So an unwritten reservation can cost a
+  reconnect, never a second grant of the same minutes.
 
 The rules themselves (what counts, what is reserved) are billing/ledger.py's. The app is one process
 (docs/deployment.md), so the metadata this process last read or wrote is Clerk's, and a write patches only
@@ -42,9 +47,11 @@ from billing.ledger import (
     Reservation,
     apply_report,
     claim_stream,
+    is_live,
     reserve_stream,
+    restore_reservation,
 )
-from billing.metadata import BillingMetadata, MetadataError
+from billing.metadata import BillingMetadata, LedgerEntry, MetadataError
 from billing.plans import PlanCatalogue
 from inference.protocol import StreamClaim, UsageReport
 
@@ -80,6 +87,11 @@ class _UserQueue:
     writes: deque[float] = field(default_factory=deque)
     # Running streams' latest reports, answered and not yet written (stream id -> report).
     deferred: dict[str, UsageReport] = field(default_factory=dict)
+    # Reservations answered and not yet written (stream id -> the entry granted).
+    reserved: dict[str, LedgerEntry] = field(default_factory=dict)
+    # What the write in flight carries: pending until Clerk has it, so a ticket asked for meanwhile sees it.
+    writing_reports: dict[str, UsageReport] = field(default_factory=dict)
+    writing_reserved: dict[str, LedgerEntry] = field(default_factory=dict)
     flush: asyncio.TimerHandle | None = None
 
 
@@ -145,7 +157,7 @@ class LedgerStore:
             return None
         queue = self._queue(report.user_id)
         now = int(self._clock())
-        pending = self._with_deferred(account.metadata, queue.deferred, now)
+        pending = self._pending_view(account.metadata, queue, now)
         folded = apply_report(pending, report, self.catalogue, now=now, policy=self.policy)  # may refuse
         kept = queue.deferred.get(report.stream_id)
         if kept is None or report.seconds >= kept.seconds:
@@ -176,11 +188,22 @@ class LedgerStore:
         task = asyncio.ensure_future(self._submit(user_id, write_pending))
         task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-    def _with_deferred(
-        self, metadata: BillingMetadata, deferred: dict[str, UsageReport], now: int
+    def _pending_view(self, metadata: BillingMetadata, queue: _UserQueue, now: int) -> BillingMetadata:
+        """The metadata as it will be once everything answered and not yet in Clerk is written."""
+        metadata = self._fold(metadata, queue.writing_reserved, queue.writing_reports, now)
+        return self._fold(metadata, queue.reserved, queue.deferred, now)
+
+    def _fold(
+        self,
+        metadata: BillingMetadata,
+        reserved: dict[str, LedgerEntry],
+        reports: dict[str, UsageReport],
+        now: int,
     ) -> BillingMetadata:
-        """The metadata with the running streams' pending reports folded in."""
-        for report in deferred.values():
+        """The metadata with pending reservations and running streams' pending reports folded in."""
+        for stream_id, entry in reserved.items():
+            metadata = restore_reservation(metadata, stream_id, entry, now=now, policy=self.policy)
+        for report in reports.values():
             try:
                 folded = apply_report(metadata, report, self.catalogue, now=now, policy=self.policy)
                 metadata = folded.metadata
@@ -198,31 +221,45 @@ class LedgerStore:
         await self._submit(claim.user_id, grant)
 
     async def reserve(self, user_id: str) -> Reservation:
-        """A new stream id with the seconds reserved for it. Raises LedgerRefused (OUT_OF_MINUTES,
-        MINUTES_IN_USE), AccountStoreError or MetadataError."""
-
-        def reserve(metadata: BillingMetadata, now: int) -> tuple[BillingMetadata, Reservation]:
-            reservation = reserve_stream(metadata, self.catalogue, now=now, policy=self.policy)
-            return reservation.metadata, reservation
-
-        return await self._submit(user_id, reserve)
+        """A new stream id with the seconds reserved for it, decided against the pending state and written
+        with the user's next write (its claim). Raises LedgerRefused (OUT_OF_MINUTES, MINUTES_IN_USE),
+        AccountStoreError or MetadataError."""
+        account = await self._account(user_id)
+        # From here to the end no await: two tickets asked for at once are decided one after the other.
+        account = self.accounts.cached(user_id) or account
+        queue = self._queue(user_id)
+        now = int(self._clock())
+        for stream_id, entry in list(queue.reserved.items()):
+            if not is_live(stream_id, entry, now, self.policy):
+                del queue.reserved[stream_id]  # its ticket can no longer be presented: it holds nothing
+        pending = self._pending_view(account.metadata, queue, now)
+        reservation = reserve_stream(pending, self.catalogue, now=now, policy=self.policy)
+        queue.reserved[reservation.stream_id] = reservation.metadata.private.streams[reservation.stream_id]
+        return reservation
 
     async def view(self, user_id: str) -> Account:
         """The account as the meter shows it: the store's cached view, which every write refreshes, with
-        the reports not yet written folded in. Only when it has expired is Clerk asked, once, however many
+        what is not yet written folded in. Only when it has expired is Clerk asked, once, however many
         polls are waiting for it."""
-        account = self.accounts.cached(user_id)
-        if account is None:
-            lock = self._view_locks.get(user_id)
-            if lock is None:
-                lock = self._view_locks[user_id] = asyncio.Lock()
-            async with lock:
-                account = self.accounts.cached(user_id) or await self.accounts.get(user_id)
+        account = await self._account(user_id)
         queue = self._queues.get(user_id)
-        if queue is None or not queue.deferred:
+        if queue is None or not (
+            queue.deferred or queue.reserved or queue.writing_reports or queue.writing_reserved
+        ):
             return account
-        pending = self._with_deferred(account.metadata, queue.deferred, int(self._clock()))
+        pending = self._pending_view(account.metadata, queue, int(self._clock()))
         return msgspec.structs.replace(account, metadata=pending)
+
+    async def _account(self, user_id: str) -> Account:
+        """The cached account, or Clerk's, read once however many callers are waiting for it."""
+        account = self.accounts.cached(user_id)
+        if account is not None:
+            return account
+        lock = self._view_locks.get(user_id)
+        if lock is None:
+            lock = self._view_locks[user_id] = asyncio.Lock()
+        async with lock:
+            return self.accounts.cached(user_id) or await self.accounts.get(user_id)
 
     # ---- the per-user write queue --------------------------------------------------------------------------
 
@@ -265,8 +302,10 @@ class LedgerStore:
     async def _write_batch(self, user_id: str, queue: _UserQueue, batch: list[_Pending[Any]]) -> None:
         outcomes: list[object] = [None] * len(batch)
         wrote = False
-        # The running streams' pending reports ride along with every write.
+        # The running streams' pending reports and the pending reservations ride along with every write.
         deferred, queue.deferred = queue.deferred, {}
+        reserved, queue.reserved = queue.reserved, {}
+        queue.writing_reports, queue.writing_reserved = deferred, reserved
         if queue.flush is not None:
             queue.flush.cancel()
             queue.flush = None
@@ -275,7 +314,7 @@ class LedgerStore:
             nonlocal wrote
             # Called with the account's current metadata; the whole batch becomes one write.
             now = int(self._clock())
-            metadata = self._with_deferred(account.metadata, deferred, now)
+            metadata = self._fold(account.metadata, reserved, deferred, now)
             for index, pending in enumerate(batch):
                 try:
                     metadata, outcomes[index] = pending.operation(metadata, now)
@@ -290,22 +329,32 @@ class LedgerStore:
             await self.accounts.update(user_id, change, trust_own_write_seconds=self._trust_own_writes)
         except (AccountStoreError, MetadataError) as error:
             log.warning("ledger write for %s failed (%d waiting): %s", user_id, len(batch), error)
-            self._keep_deferred(user_id, queue, deferred)
+            self._keep_deferred(user_id, queue, deferred, reserved)
             _settle(batch, [error] * len(batch))
             return
         except Exception as error:
             # A bug must not leave callers waiting forever; they answer 500 and the worker retries.
             log.exception("ledger write for %s failed unexpectedly", user_id)
-            self._keep_deferred(user_id, queue, deferred)
+            self._keep_deferred(user_id, queue, deferred, reserved)
             _settle(batch, [error] * len(batch))
             return
         finally:
+            queue.writing_reports, queue.writing_reserved = {}, {}
             if wrote:
                 queue.writes.append(self._monotonic())
         _settle(batch, outcomes)
 
-    def _keep_deferred(self, user_id: str, queue: _UserQueue, deferred: dict[str, UsageReport]) -> None:
-        """A failed write's pending reports wait for the next one (newer reports of a stream win)."""
+    def _keep_deferred(
+        self,
+        user_id: str,
+        queue: _UserQueue,
+        deferred: dict[str, UsageReport],
+        reserved: dict[str, LedgerEntry],
+    ) -> None:
+        """A failed write's pending reports and reservations wait for the next one (newer reports of a
+        stream win)."""
+        for stream_id, entry in reserved.items():
+            queue.reserved.setdefault(stream_id, entry)
         for stream_id, report in deferred.items():
             newer = queue.deferred.get(stream_id)
             if newer is None or report.seconds > newer.seconds:
@@ -320,7 +369,14 @@ class LedgerStore:
             return
         now = self._monotonic()
         for user_id, queue in list(self._queues.items()):
-            idle = not queue.pending and not queue.deferred and (queue.task is None or queue.task.done())
+            now_s = int(self._clock())
+            holds = any(is_live(sid, entry, now_s, self.policy) for sid, entry in queue.reserved.items())
+            idle = (
+                not queue.pending
+                and not queue.deferred
+                and not holds
+                and (queue.task is None or queue.task.done())
+            )
             if idle and (not queue.writes or now - queue.writes[-1] >= self._window):
                 del self._queues[user_id]
 

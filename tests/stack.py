@@ -4,6 +4,8 @@ fail on demand."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ from app.factory import create_app
 from app.settings import SANDBOX_CLERK_PREFIX, Settings, load_settings
 from billing.ledger_store import LedgerStore
 from billing.metadata import BillingMetadata, decode_metadata, encode_metadata
-from inference.protocol import UsageReport
+from inference.protocol import StreamClaim, UsageReport
+from inference.signing import Purpose, encode_signed
 from inference.usage_reporter import encode_usage_report
 from sandbox.clerk_emulator import ClerkEmulator
 from tests.live_server import free_port, serve
@@ -74,6 +77,18 @@ class Stack:
         body, headers = encode_usage_report(secret or self.settings.stream_secret, usage)
         return httpx.post(f"{self.url}/api/usage/report", content=body, headers=headers, timeout=30)
 
+    def claim(self, browser: Browser, stream_id: str, *, ticket_id: str = "t-test") -> httpx.Response:
+        """The worker's signed claim of `stream_id`, as a worker sends it before its first frame."""
+        claim = StreamClaim(
+            stream_id=stream_id,
+            user_id=browser.user_id,
+            worker_id="test-gpu",
+            ticket_id=ticket_id,
+            sent_at=time.time(),
+        )
+        body, headers = encode_signed(self.settings.stream_secret, Purpose.CLAIM, claim)
+        return httpx.post(f"{self.url}/api/stream/claim", content=body, headers=headers, timeout=30)
+
 
 def usage(browser: Browser, stream_id: str, seconds: int, *, final: bool = False) -> UsageReport:
     return UsageReport(
@@ -109,11 +124,13 @@ def running_stack(
 class FlakyProxy:
     """An HTTP proxy in front of Clerk. `mode`: "up" forwards; "down" answers 503 without forwarding (an
     outage); "lost_answer" forwards writes, so Clerk applies them, then answers 503 (a timeout after the
-    write landed, the case that double counts if anything does); reads still get their answer."""
+    write landed, the case that double counts if anything does); reads still get their answer.
+    `write_delay`: seconds every write waits before it is forwarded (a slow Clerk)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.mode = "up"
+        self.write_delay = 0.0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -127,6 +144,8 @@ class FlakyProxy:
         if self.mode == "down":
             await _answer(send, 503, b'{"errors": []}')
             return
+        if self.write_delay and scope["method"] != "GET":
+            await asyncio.sleep(self.write_delay)
         query = scope.get("query_string", b"").decode()
         target = f"{self.upstream}{scope['path']}" + (f"?{query}" if query else "")
         headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k.lower() not in (b"host",)]

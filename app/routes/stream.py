@@ -1,9 +1,10 @@
 """`POST /api/stream/ticket`: where the studio gets the worker's URL and a ticket to stream with.
 
 The allowance is decided here, on the server, from the account's metadata: what the plan has left, minus
-what the user's other live streams hold (billing/ledger.py). It is recorded as a reservation in Clerk
-before the ticket is handed out, so two tabs asking at once can never be granted more than the account
-has. Answers:
+what the user's other live streams hold (billing/ledger.py). It is reserved in the ledger before the
+ticket is handed out, so two tabs asking at once can never be granted more than the account has; the
+reservation reaches Clerk with the stream's claim, the durable step before the first frame
+(billing/ledger_store.py). Answers:
 
 * 200 `{"url", "ticket", "stream_id", "allowance_seconds"}`;
 * 402 `{"error": "out_of_minutes"}`: nothing left; the studio shows the plans;

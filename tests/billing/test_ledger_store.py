@@ -15,6 +15,7 @@ import pytest
 
 from app.auth import SESSION_COOKIE
 from app.settings import load_settings
+from billing.accounts import AccountStore
 from billing.ledger_store import LedgerStore
 from billing.metadata import BillingMetadata, PublicBilling
 from billing.plans import PRO_SECONDS_PER_PERIOD, PlanId
@@ -243,6 +244,66 @@ def test_two_tabs_never_get_more_than_the_account_has(stack: Stack) -> None:
     assert meter.status_code == 286
     assert 'data-testid="usage-exhausted"' in meter.text
     assert stack.metadata(browser.user_id).public.free_seconds_used == FREE_SECONDS
+
+
+# ---- tickets: decided at once, written with their claim ----------------------------------------------------
+
+
+def test_a_ticket_costs_no_clerk_write_and_its_claim_writes_it(stack: Stack) -> None:
+    browser = stack.sign_in("first-frame@example.com")
+    browser.meter()  # the studio page has read the account
+    stack.emulator.reset_counters()
+    stream_id, allowance = granted_stream(browser, stack.settings.stream_secret)
+    assert allowance == FREE_SECONDS
+    assert stack.emulator.metadata_write_count(browser.user_id) == 0
+    assert stream_id not in stack.metadata(browser.user_id).private.streams
+
+    claimed = stack.claim(browser, stream_id)
+    assert claimed.status_code == 200, claimed.text
+    # One write carries the reservation and the claim, and the claim was not held back behind a ticket's.
+    assert stack.emulator.metadata_write_count(browser.user_id) == 1
+    entry = stack.metadata(browser.user_id).private.streams[stream_id]
+    assert entry.claimed
+    assert entry.allowance == FREE_SECONDS
+    assert stack.claim(browser, stream_id).json()["error"] == "already_claimed"
+
+
+def test_a_second_tab_asking_while_the_first_claim_is_written_gets_only_what_is_left(tmp_path: Path) -> None:
+    with stack_behind_flaky_clerk(tmp_path) as (stack, proxy):
+        browser = stack.sign_in("slow-clerk@example.com")
+        stream_id, _ = granted_stream(browser, stack.settings.stream_secret)
+        proxy.write_delay = 1.5
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            claiming = pool.submit(stack.claim, browser, stream_id)
+            time.sleep(0.5)  # the claim's write, carrying the reservation, is on its way to Clerk
+            second = browser.ticket()
+            assert claiming.result().status_code == 200
+        assert second.status_code == 409, second.text
+        assert second.json()["error"] == "minutes_in_use"
+        proxy.write_delay = 0.0
+        # Once the first stream ends, the second tab gets what it left.
+        assert stack.report(usage(browser, stream_id, 20, final=True)).status_code == 200
+        assert granted_stream(browser, stack.settings.stream_secret)[1] == FREE_SECONDS - 20
+
+
+def test_a_ticket_not_yet_written_when_the_app_restarts_cannot_be_claimed(stack: Stack) -> None:
+    browser = stack.sign_in("restart@example.com")
+    old_stream, _ = granted_stream(browser, stack.settings.stream_secret)
+    # A new process: nothing of the old one's memory, Clerk as the old one left it.
+    accounts = AccountStore(stack.app.state.clerk)
+    stack.app.state.accounts = accounts
+    stack.app.state.ledger = LedgerStore(accounts, stack.app.state.catalogue)
+
+    refused = stack.claim(browser, old_stream)
+    assert refused.status_code == 409
+    assert refused.json()["error"] == "unknown_stream"
+    assert stack.report(usage(browser, old_stream, 30, final=True)).status_code == 409
+    # The studio's next ticket gets the whole minute, and only that stream is billed.
+    new_stream, allowance = granted_stream(browser, stack.settings.stream_secret)
+    assert allowance == FREE_SECONDS
+    assert stack.claim(browser, new_stream).status_code == 200
+    assert stack.report(usage(browser, new_stream, 40, final=True)).status_code == 200
+    assert stack.metadata(browser.user_id).public.free_seconds_used == 40
 
 
 # ---- the meter ---------------------------------------------------------------------------------------------
