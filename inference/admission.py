@@ -3,7 +3,10 @@
 Sessions take turns on the engine (round-robin, one frame each per turn), so when session i renders in a
 mode that costs c_i seconds of engine time per frame, every session gets the same rate
 
-    fps = 1 / sum(c_i)
+    fps = replicas / sum(c_i)
+
+where `replicas` is how many engine replicas are rendering (one per GPU): a round of every session's frame
+is spread over all of them, and a session alone has a frame on each (inference/scheduler.py).
 
 A new session (which starts in the engine's default mode) is admitted only while that rate, counting it,
 stays at or above MIN_SESSION_FPS. The costs are the engine's measured render times per mode (the median
@@ -23,11 +26,23 @@ WINDOW: Final = 15
 
 
 class Admission:
-    def __init__(self, min_session_fps: float) -> None:
+    def __init__(self, min_session_fps: float, replicas: int = 1) -> None:
         if min_session_fps <= 0:
             raise ValueError("min_session_fps must be positive")
         self.min_session_fps = min_session_fps
+        self.replicas = replicas
         self._samples: dict[str, deque[float]] = {}
+
+    @property
+    def replicas(self) -> int:
+        """The engine replicas rendering now; the worker updates it as they become ready (or fail)."""
+        return self._replicas
+
+    @replicas.setter
+    def replicas(self, count: int) -> None:
+        if count < 1:
+            raise ValueError("admission counts at least one replica")
+        self._replicas = count
 
     def observe(self, mode: str, seconds_per_frame: float) -> None:
         """One rendered frame's share of its engine call (render time / frames in the call)."""
@@ -50,7 +65,7 @@ class Admission:
         if not costs or any(cost is None for cost in costs):
             return None
         total = sum(cost for cost in costs if cost is not None)
-        return float("inf") if total <= 0 else 1.0 / total
+        return float("inf") if total <= 0 else self.replicas / total
 
     def admits(self, modes_in_use: list[str], new_mode: str) -> bool:
         """Whether a session starting in `new_mode` may join sessions rendering in `modes_in_use`."""
@@ -60,10 +75,11 @@ class Admission:
         return fps is None or fps >= self.min_session_fps
 
     def capacity(self, mode: str) -> int | None:
-        """How many sessions in `mode` alone keep the floor (at least 1); None while unmeasured."""
+        """How many sessions in `mode` alone keep the floor on every replica together (at least 1); None
+        while unmeasured."""
         cost = self.frame_seconds(mode)
         if cost is None:
             return None
         if cost <= 0:
             return None
-        return max(1, int(1.0 / (cost * self.min_session_fps) + 1e-9))
+        return max(1, int(self.replicas / (cost * self.min_session_fps) + 1e-9))

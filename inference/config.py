@@ -32,6 +32,7 @@ STREAM_CLAIM_PATH: Final = "/api/stream/claim"
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 _MODE_ID: Final = re.compile(MODE_ID_PATTERN)
+_DEVICE: Final = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 class WorkerConfigError(Exception):
@@ -76,6 +77,11 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # smaller models.
     max_batch: int = 1
     device: str | None = None  # "cuda", "cuda:1", "cpu"; None: CUDA when available
+    # One engine replica per device, comma-separated ("cuda:0,cuda:1"), each with its own render thread;
+    # the scheduler spreads frames over them (one session's consecutive frames render on several at once).
+    # None: FLUX2_DEVICE's one device when set, else every visible CUDA device (one replica when there are
+    # fewer than two). A CPU may be listed more than once (tests); a CUDA device only once.
+    devices: str | None = None
     dtype: str | None = None  # "bfloat16", "float16", "float32"; None: the engine's default for the device
     # torch.compile the transformer and VAE: a longer warm-up, faster frames. None: on CUDA, not on a CPU.
     compile: bool | None = None
@@ -99,6 +105,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # slow engine and a slow model load.
     preview_delay_seconds: float = 0.0
     preview_warmup_seconds: float = 0.0
+    # Preview engine replicas, each with its own render thread, as FLUX2_DEVICES gives the flux2 engine:
+    # for tests and the replicas bench on a CPU.
+    preview_replicas: int = 1
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_NAMES:
@@ -114,6 +123,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise WorkerConfigError("MAX_BATCH must be at least 1")
         if self.preview_delay_seconds < 0 or self.preview_warmup_seconds < 0:
             raise WorkerConfigError("PREVIEW_DELAY_MS and PREVIEW_WARMUP_MS must be >= 0")
+        if self.preview_replicas < 1:
+            raise WorkerConfigError("PREVIEW_REPLICAS must be at least 1")
+        if self.devices is not None:
+            _check_devices(self.devices, self.device)
         if self.usage_final_attempts < 1:
             raise WorkerConfigError("usage_final_attempts must be at least 1")
         try:
@@ -140,6 +153,30 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     def mode_ids(self) -> tuple[str, ...]:
         return tuple(mode.strip() for mode in self.modes.split(",") if mode.strip())
 
+    @property
+    def device_list(self) -> tuple[str, ...]:
+        """FLUX2_DEVICES as a tuple; empty when it is not set."""
+        return _split_devices(self.devices) if self.devices is not None else ()
+
+
+def _split_devices(devices: str) -> tuple[str, ...]:
+    return tuple(device.strip() for device in devices.split(","))
+
+
+def _check_devices(devices: str, device: str | None) -> None:
+    listed = _split_devices(devices)
+    bad = [name for name in listed if not _DEVICE.match(name)]
+    if bad or not listed:
+        raise WorkerConfigError(
+            f"FLUX2_DEVICES must be a comma-separated list of devices such as cuda:0,cuda:1 or cpu; "
+            f"{', '.join(repr(name) for name in bad) or 'it is empty'} is not one"
+        )
+    cuda = [name for name in listed if name.startswith("cuda")]
+    if len(set(cuda)) != len(cuda) or ("cuda" in cuda and len(cuda) > 1):
+        raise WorkerConfigError("FLUX2_DEVICES lists a CUDA device twice: one replica per GPU")
+    if device is not None:
+        raise WorkerConfigError("set FLUX2_DEVICES or FLUX2_DEVICE, not both")
+
 
 # Environment variable -> field, for everything optional.
 _OPTIONAL_ENV: Final = {
@@ -156,6 +193,7 @@ _OPTIONAL_ENV: Final = {
     "DEFAULT_STEPS": "default_steps",
     "MAX_BATCH": "max_batch",
     "FLUX2_DEVICE": "device",
+    "FLUX2_DEVICES": "devices",
     "FLUX2_DTYPE": "dtype",
     "FLUX2_COMPILE": "compile",
     "FLUX2_MODES": "modes",
@@ -163,6 +201,7 @@ _OPTIONAL_ENV: Final = {
     "FLUX2_LORAS": "loras",
     "FLUX2_SMALL_DECODER": "small_decoder",
     "FLUX2_TINY_DECODER": "tiny_decoder",
+    "PREVIEW_REPLICAS": "preview_replicas",
 }
 
 

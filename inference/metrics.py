@@ -31,11 +31,18 @@ class WorkerMetrics:
             "stylecast_worker_sessions_idle", "Sessions closed for sending no frame (4410)", registry=r
         )
         self.engine_ready = Gauge("stylecast_worker_engine_ready", "1 once the engine is warm", registry=r)
+        self.replicas = Gauge(
+            "stylecast_worker_replicas",
+            "Engine replicas (one per device) by state: loading, ready, failed",
+            ["state"],
+            registry=r,
+        )
         self.frames_in = Counter("stylecast_worker_frames_in", "Binary frames received", registry=r)
         self.frames_out = Counter("stylecast_worker_frames_out", "Styled frames delivered", registry=r)
         self.frames_dropped = Counter(
             "stylecast_worker_frames_dropped",
-            "Frames replaced by a newer one: input before rendering, output before sending",
+            "Frames replaced by a newer one: input before rendering, output before sending, late (a newer "
+            "frame of the session finished first on another replica)",
             ["stage"],
             registry=r,
         )

@@ -1,33 +1,50 @@
-"""The render loop: one per process, in one dedicated thread, so the asyncio loop never blocks on the engine
-and a GPU engine sees every call from the same thread.
+"""The render loops: one dedicated thread per engine replica (one replica per GPU), so the asyncio loop never
+blocks on an engine and each GPU engine sees every call from the same thread.
 
 Each session has at most one pending frame. A newer frame replaces an unrendered one (latest frame wins),
 so a slow engine shows the freshest picture with bounded latency instead of working through a backlog.
-Sessions stream at camera rate (the ack flow control in docs/protocol.md), so every streaming session has a
-fresh frame waiting whenever a batch ends, and the next batch starts at once.
+Sessions stream at camera rate or paced (the ack flow control in docs/protocol.md), so every streaming
+session has a fresh frame waiting whenever a replica is free, and the next render starts at once.
 
-Every iteration renders the pending frames of the waiting sessions as one batch (up to engine.max_batch).
+Every free replica renders the pending frames of the waiting sessions as one batch (up to its max_batch).
 When more sessions wait than the batch holds, the ones served least recently go first (never served: whose
 frame has waited longest). Being served is a place at the back of one line, in the order of the batch, not
 a tie with the rest of the batch: otherwise the sessions whose camera happens to tick first after each
 batch would win every tie and be served every time. So a session that was just served never jumps ahead of
 one still waiting, whatever the arrival pattern: round-robin, each session one frame per round.
+
+With several replicas a session's next frame does not wait for its previous one: a session alone on the
+worker has a frame rendering on each replica, so its frame rate is the replicas' together while each
+frame's latency stays one render. The frame that waits is taken by the replica that has been idle longest
+(the waiting threads queue in that order), which spreads one session's frames over every replica. Renders
+can finish out of order; a session's outputs are handed on in the order its frames arrived, and a frame
+that a newer frame of the same session overtook is marked `late` (the session drops it: latest frame wins).
+
+Building and warming up a replica's engine, and its deferred warm-ups, happen one replica at a time:
+torch.compile is not thread-safe. The worker is ready with its first warm replica; the others join as
+they finish. A replica that fails to load is reported (`replicas()`, and `on_replicas`); the rest serve.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 from inference.engines.base import Engine, FrameJob, deferred_warm_ups
 
 log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[], Engine]
+# How long a replica with deferred warm-ups waits before trying again while another replica compiles.
+DEFERRED_RETRY_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +57,8 @@ class RenderResult:
     # long before the frame arrived (it came late for its turn).
     waited_ms: int = 0
     batch_size: int = 1  # frames rendered by that engine call (its render_ms is theirs together)
+    # A newer frame of the same session finished first (on another replica): not to be shown.
+    late: bool = False
 
 
 Deliver = Callable[[RenderResult], None]  # called on the event loop
@@ -50,116 +69,222 @@ class _Pending:
     job: FrameJob
     deliver: Deliver
     submitted_at: float  # time.perf_counter()
+    order: int  # submission order across all sessions: a session's later frame has a larger one
+
+
+class ReplicaState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """What /health and the metrics say about one replica."""
+
+    label: str  # its device ("cuda:1"), or "replica N" when the engine chooses
+    state: ReplicaState
+    error: str | None = None
+    frames: int = 0  # frames it has rendered
+
+
+@dataclass(slots=True)
+class _Replica:
+    label: str
+    factory: EngineFactory
+    thread_name: str
+    state: ReplicaState = ReplicaState.LOADING
+    error: str | None = None
+    engine: Engine | None = None
+    free_since: float = 0.0  # its render thread only: when it last finished a call or a task
+    frames: int = 0  # written by its render thread only
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerHooks:
-    """Called on the event loop when the engine's state changes, and in the render thread per batch."""
+    """Called on the event loop when the engines' state changes, and in a render thread per batch."""
 
-    on_ready: Callable[[Engine], None]
-    on_failed: Callable[[BaseException], None]
+    on_ready: Callable[[Engine], None]  # the first replica is warm
+    on_failed: Callable[[BaseException], None]  # every replica failed to load (the last one's error)
     on_batch: Callable[[int, float], None] = lambda size, seconds: None
+    on_replicas: Callable[[], None] = lambda: None  # a replica became ready or failed: see replicas()
+
+
+@dataclass(slots=True)
+class _Sessions:
+    """Per-session bookkeeping, guarded by the scheduler's lock."""
+
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    # When each waiting session's place in line was taken (kept when a newer frame replaces its frame).
+    waiting_since: dict[str, int] = field(default_factory=dict)
+    # Each session's place in the line of service: larger is served more recently. Forgotten when the
+    # session ends (cancel).
+    last_served: dict[str, int] = field(default_factory=dict)
+    # The submission order of the newest frame handed on per session: an older one finishing later is late.
+    delivered: dict[str, int] = field(default_factory=dict)
 
 
 class Scheduler:
-    def __init__(self, engine_factory: Callable[[], Engine]) -> None:
-        self._engine_factory = engine_factory
+    def __init__(self, *engine_factories: EngineFactory, labels: Sequence[str] | None = None) -> None:
+        """One replica per factory, each called (then warmed up) in that replica's render thread.
+        `labels` name them in /health and the logs (their devices); by default "replica N"."""
+        if not engine_factories:
+            raise ValueError("a scheduler needs at least one engine factory")
+        names = list(labels) if labels is not None else [f"replica {i}" for i in range(len(engine_factories))]
+        if len(names) != len(engine_factories):
+            raise ValueError("one label per engine factory")
+        single = len(engine_factories) == 1
+        self._replicas = [
+            _Replica(label, factory, "render-loop" if single else f"render-loop-{index}")
+            for index, (label, factory) in enumerate(zip(names, engine_factories, strict=True))
+        ]
         self._cond = threading.Condition()
-        self._pending: dict[str, _Pending] = {}
-        # When each waiting session's place in line was taken (kept when a newer frame replaces its frame).
-        self._waiting_since: dict[str, int] = {}
-        # Each session's place in the line of service: larger is served more recently. Forgotten when the
-        # session ends (cancel).
-        self._last_served: dict[str, int] = {}
+        self._sessions = _Sessions()
         self._arrivals = itertools.count()
         self._services = itertools.count()
+        self._orders = itertools.count()
+        # Held while an engine is built, warmed up or runs a deferred warm-up: one compile at a time.
+        self._compile_lock = threading.Lock()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hooks: SchedulerHooks | None = None
-        self._free_since = 0.0  # render thread only: when the engine last finished a call or a task
-        self.engine: Engine | None = None
+        self.engine: Engine | None = None  # the first replica's engine to be ready (modes, adapters, name)
 
     def start(self, loop: asyncio.AbstractEventLoop, hooks: SchedulerHooks) -> None:
-        if self._thread is not None:
+        if self._threads:
             raise RuntimeError("scheduler already started")
         self._loop = loop
         self._hooks = hooks
-        self._thread = threading.Thread(target=self._run, name="render-loop", daemon=True)
-        self._thread.start()
+        for replica in self._replicas:
+            thread = threading.Thread(
+                target=self._run, args=(replica,), name=replica.thread_name, daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
 
     def submit(self, job: FrameJob, deliver: Deliver) -> bool:
         """Make `job` its session's pending frame; True when it replaced one that was never rendered."""
+        sessions = self._sessions
         with self._cond:
-            replaced = job.session_id in self._pending
-            self._pending[job.session_id] = _Pending(job, deliver, time.perf_counter())
+            replaced = job.session_id in sessions.pending
+            sessions.pending[job.session_id] = _Pending(job, deliver, time.perf_counter(), next(self._orders))
             if not replaced:  # replacing a frame keeps its place in line: it does not lose a turn
-                self._waiting_since[job.session_id] = next(self._arrivals)
+                sessions.waiting_since[job.session_id] = next(self._arrivals)
             self._cond.notify()
         return replaced
 
     def cancel(self, session_id: str) -> None:
         """The session has ended: drop its waiting frame and forget it."""
+        sessions = self._sessions
         with self._cond:
-            self._pending.pop(session_id, None)
-            self._waiting_since.pop(session_id, None)
-            self._last_served.pop(session_id, None)
+            sessions.pending.pop(session_id, None)
+            sessions.waiting_since.pop(session_id, None)
+            sessions.last_served.pop(session_id, None)
+            sessions.delivered.pop(session_id, None)
 
     @property
     def pending_count(self) -> int:
         with self._cond:
-            return len(self._pending)
+            return len(self._sessions.pending)
+
+    def replicas(self) -> list[ReplicaStatus]:
+        with self._cond:
+            return [ReplicaStatus(r.label, r.state, r.error, r.frames) for r in self._replicas]
+
+    @property
+    def ready_replicas(self) -> int:
+        with self._cond:
+            return sum(replica.state is ReplicaState.READY for replica in self._replicas)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the batch in flight and end the thread. Blocking: call it via asyncio.to_thread."""
+        """Finish the batches in flight and end the threads. Blocking: call it via asyncio.to_thread."""
         with self._cond:
             self._stopping = True
-            self._pending.clear()
-            self._waiting_since.clear()
+            self._sessions.pending.clear()
+            self._sessions.waiting_since.clear()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
-    # ---- render thread ----
+    # ---- render threads ----
 
-    def _run(self) -> None:
-        assert self._hooks is not None
-        try:
-            engine = self._engine_factory()
-            started = time.perf_counter()
-            engine.warm_up()
-            log.info(
-                "engine %s (%s) ready in %.1f s", engine.name, engine.model, time.perf_counter() - started
-            )
-        except BaseException as exc:
-            log.exception("engine failed to load")
-            self._call_soon(self._hooks.on_failed, exc)
+    def _run(self, replica: _Replica) -> None:
+        engine = self._load(replica)
+        if engine is None:
             return
-        self.engine = engine
-        self._call_soon(self._hooks.on_ready, engine)
         # Ready as soon as the first frame can be rendered; what the engine deferred runs only while no
         # frame waits, one task at a time, so it never delays a frame by more than the task in progress.
         deferred = deferred_warm_ups(engine)
         deferred_count, deferred_seconds = len(deferred), 0.0
-        self._free_since = time.perf_counter()
+        replica.free_since = time.perf_counter()
         while True:
             with self._cond:
-                while not self._pending and not self._stopping and not deferred:
+                while not self._sessions.pending and not self._stopping and not deferred:
                     self._cond.wait()
                 if self._stopping:
                     return
-                if self._pending:
-                    batch = self._take_batch(engine.max_batch)
-                else:
-                    batch, task = [], deferred.pop(0)
+                batch = self._take_batch(engine.max_batch) if self._sessions.pending else []
             if batch:
-                self._render(engine, batch)
-            else:
-                deferred_seconds += self._run_deferred(task)
-                self._free_since = time.perf_counter()
-                if not deferred:
-                    seconds = deferred_seconds
-                    log.info("deferred warm-up done: %d tasks in %.1f s", deferred_count, seconds)
+                self._render(replica, engine, batch)
+                continue
+            if not self._compile_lock.acquire(blocking=False):
+                # Another replica is compiling: render whatever arrives meanwhile, then try again.
+                with self._cond:
+                    if not self._sessions.pending and not self._stopping:
+                        self._cond.wait(DEFERRED_RETRY_SECONDS)
+                continue
+            try:
+                deferred_seconds += self._run_deferred(deferred.pop(0))
+            finally:
+                self._compile_lock.release()
+            replica.free_since = time.perf_counter()
+            if not deferred:
+                log.info(
+                    "%s: deferred warm-up done: %d tasks in %.1f s",
+                    replica.label,
+                    deferred_count,
+                    deferred_seconds,
+                )
+
+    def _load(self, replica: _Replica) -> Engine | None:
+        """Build and warm up the replica's engine; None (reported) when it could not."""
+        assert self._hooks is not None
+        try:
+            with self._compile_lock:
+                if self._stopping:
+                    return None
+                engine = replica.factory()
+                started = time.perf_counter()
+                engine.warm_up()
+            log.info(
+                "%s: engine %s (%s) ready in %.1f s",
+                replica.label,
+                engine.name,
+                engine.model,
+                time.perf_counter() - started,
+            )
+        except BaseException as exc:
+            log.exception("%s: engine failed to load", replica.label)
+            with self._cond:
+                replica.state = ReplicaState.FAILED
+                replica.error = f"{type(exc).__name__}: {exc}"
+                none_left = all(r.state is ReplicaState.FAILED for r in self._replicas)
+            self._call_soon(self._hooks.on_replicas)
+            if none_left:
+                self._call_soon(self._hooks.on_failed, exc)
+            return None
+        with self._cond:
+            replica.engine = engine
+            replica.state = ReplicaState.READY
+            first = self.engine is None
+            if first:
+                self.engine = engine
+        if first:
+            self._call_soon(self._hooks.on_ready, engine)
+        self._call_soon(self._hooks.on_replicas)
+        return engine
 
     def _run_deferred(self, task: Callable[[], None]) -> float:
         """Run one deferred warm-up task; returns the seconds it took."""
@@ -172,18 +297,19 @@ class Scheduler:
 
     def _take_batch(self, size: int) -> list[_Pending]:
         """Up to `size` waiting frames, least recently served sessions first. Call with the lock held."""
+        sessions = self._sessions
         chosen = sorted(
-            self._pending,
-            key=lambda session: (self._last_served.get(session, -1), self._waiting_since[session]),
+            sessions.pending,
+            key=lambda session: (sessions.last_served.get(session, -1), sessions.waiting_since[session]),
         )[:size]
         batch = []
         for session in chosen:
-            batch.append(self._pending.pop(session))
-            del self._waiting_since[session]
-            self._last_served[session] = next(self._services)
+            batch.append(sessions.pending.pop(session))
+            del sessions.waiting_since[session]
+            sessions.last_served[session] = next(self._services)
         return batch
 
-    def _render(self, engine: Engine, batch: list[_Pending]) -> None:
+    def _render(self, replica: _Replica, engine: Engine, batch: list[_Pending]) -> None:
         assert self._hooks is not None
         started = time.perf_counter()
         try:
@@ -194,28 +320,44 @@ class Scheduler:
             if len(batch) > 1:
                 # One bad frame must not cost everyone else theirs: retry one by one to isolate it.
                 for item in batch:
-                    self._render(engine, [item])
+                    self._render(replica, engine, [item])
                 return
             job = batch[0].job
             log.warning("render failed for session %s frame %d: %s", job.session_id, job.frame_id, exc)
-            failed = RenderResult(job, None, 0, error=str(exc) or type(exc).__name__)
-            self._call_soon(batch[0].deliver, failed)
-            self._free_since = time.perf_counter()
+            self._hand_on([(batch[0], RenderResult(job, None, 0, error=str(exc) or type(exc).__name__))])
+            replica.free_since = time.perf_counter()
             return
         finished = time.perf_counter()
         seconds = finished - started
         self._hooks.on_batch(len(batch), seconds)
+        replica.frames += len(batch)
         render_ms = round(seconds * 1000)
+        results = []
         for item, jpeg in zip(batch, outputs, strict=True):
-            if item.submitted_at > self._free_since:  # the engine was idle until this frame came
-                waited = self._free_since - item.submitted_at
+            if item.submitted_at > replica.free_since:  # the replica was idle until this frame came
+                waited = replica.free_since - item.submitted_at
             else:
                 waited = started - item.submitted_at
             result = RenderResult(
                 item.job, jpeg, render_ms, waited_ms=round(waited * 1000), batch_size=len(batch)
             )
-            self._call_soon(item.deliver, result)
-        self._free_since = finished
+            results.append((item, result))
+        self._hand_on(results)
+        replica.free_since = finished
+
+    def _hand_on(self, results: list[tuple[_Pending, RenderResult]]) -> None:
+        """Deliver results on the event loop, marking those a newer frame of their session overtook.
+        Under the lock, so the event loop receives each session's results in the order decided here."""
+        sessions = self._sessions
+        with self._cond:
+            for item, result in results:
+                session = item.job.session_id
+                newest = sessions.delivered.get(session)
+                if newest is not None and item.order < newest:
+                    result = dataclasses.replace(result, late=True)
+                elif session in sessions.last_served:  # not after cancel: an ended session is forgotten
+                    sessions.delivered[session] = item.order
+                self._call_soon(item.deliver, result)
 
     def _call_soon(self, callback: Callable[..., object], *args: object) -> None:
         assert self._loop is not None

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -66,6 +66,9 @@ def worker_ops_router(worker: Worker, *, path: str = "/") -> Router:
             "model": worker.engine.model if worker.engine else None,
             "sessions": len(worker.sessions),
         }
+        replicas = worker.replica_report()
+        if len(replicas) > 1:  # one per device; one that failed to load says why while the rest serve
+            body["replicas"] = replicas
         if worker.failure:
             body["error"] = worker.failure
         # 503 until warm, so a load balancer only routes streams to a worker that can render them.
@@ -82,11 +85,15 @@ def create_inference_app(
     config: WorkerConfig,
     *,
     engine_factory: Callable[[], Engine] | None = None,
+    replicas: Sequence[tuple[str, Callable[[], Engine]]] | None = None,
     clock: Clock = time.time,
     http_client: httpx.AsyncClient | None = None,
 ) -> Litestar:
-    """The standalone worker. The Worker is at `app.state.worker`."""
-    worker = Worker(config, engine_factory=engine_factory, clock=clock, http_client=http_client)
+    """The standalone worker. The Worker is at `app.state.worker`; `engine_factory` and `replicas` as
+    `Worker` takes them."""
+    worker = Worker(
+        config, engine_factory=engine_factory, replicas=replicas, clock=clock, http_client=http_client
+    )
     return Litestar(
         route_handlers=[worker_router(worker), worker_ops_router(worker)],
         lifespan=[worker.lifespan],

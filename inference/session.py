@@ -382,6 +382,9 @@ class StreamSession:
             seconds_per_frame = result.render_ms / 1000 / max(result.batch_size, 1)
             default = self.engine.modes[0].id if self.engine is not None else ""
             self.services.admission.observe(result.job.mode or default, seconds_per_frame)
+        if result.late:  # a newer frame of this session, rendered on another replica, was handed on first
+            self.services.metrics.frames_dropped.labels("late").inc()
+            return
         if self._finished:
             return
         if self._result is not None:

@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from enum import StrEnum
 
@@ -18,11 +19,11 @@ from inference.admission import Admission
 from inference.billable_time import Clock
 from inference.claims import ClaimOutcome, LocalClaims, StreamClaimer
 from inference.config import WorkerConfig
-from inference.engines import create_engine
+from inference.engines import create_engine, replica_devices
 from inference.engines.base import Engine
 from inference.metrics import WorkerMetrics
 from inference.protocol import Admitted, CloseCode, encode_message
-from inference.scheduler import Scheduler, SchedulerHooks
+from inference.scheduler import EngineFactory, ReplicaState, Scheduler, SchedulerHooks
 from inference.session import (
     SOCKET_ERRORS,
     SessionServices,
@@ -50,17 +51,28 @@ class Worker:
         config: WorkerConfig,
         *,
         engine_factory: Callable[[], Engine] | None = None,
+        replicas: Sequence[tuple[str, EngineFactory]] | None = None,
         clock: Clock = time.time,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        """`engine_factory` defaults to the engine named in the config; `clock` is the billing clock;
-        `http_client` is what usage reports are posted with (one of the worker's own by default)."""
+        """The engine: `engine_factory` (one replica), or `replicas` (a label, e.g. the device, and a
+        factory each), by default the engine named in the config on each of its devices (FLUX2_DEVICES,
+        inference.engines.replica_devices); `clock` is the billing clock; `http_client` is what usage
+        reports are posted with (one of the worker's own by default)."""
+        if engine_factory is not None and replicas is not None:
+            raise ValueError("pass engine_factory or replicas, not both")
         self.config = config
         self.worker_id = config.worker_id
         self.clock = clock
         self.metrics = WorkerMetrics()
-        self._engine_factory = engine_factory or (lambda: create_engine(config))
-        self.scheduler = Scheduler(self._engine_factory)
+        self._replicas: list[tuple[str, EngineFactory]] | None = (
+            [("replica 0", engine_factory)] if engine_factory is not None else None
+        )
+        if replicas is not None:
+            if not replicas:
+                raise ValueError("a worker needs at least one replica")
+            self._replicas = list(replicas)
+        self.scheduler = self._new_scheduler(self._replicas or [("replica 0", lambda: create_engine(config))])
         self.reporter: UsageReporter | None = None
         self._http_client = http_client
         self.sessions: set[StreamSession] = set()
@@ -100,11 +112,38 @@ class Worker:
             )
         self.status = WorkerStatus.WARMING
         self.engine = None
-        self.scheduler = Scheduler(self._engine_factory)  # a render thread runs once; restart gets a new one
+        replicas = self._replicas
+        if replicas is None:
+            replicas = await self._configured_replicas()
+        self.scheduler = self._new_scheduler(replicas)  # a render thread runs once; restart gets new ones
         hooks = SchedulerHooks(
-            on_ready=self._engine_ready, on_failed=self._engine_failed, on_batch=self.metrics.observe_batch
+            on_ready=self._engine_ready,
+            on_failed=self._engine_failed,
+            on_batch=self.metrics.observe_batch,
+            on_replicas=self._replicas_changed,
         )
         self.scheduler.start(asyncio.get_running_loop(), hooks)
+        self._replicas_changed()
+
+    async def _configured_replicas(self) -> list[tuple[str, EngineFactory]]:
+        """The config's engine on each of its devices."""
+        config = self.config
+        if config.engine == "flux2" and not config.device_list and config.device is None:
+            devices = await asyncio.to_thread(replica_devices, config)  # counts CUDA devices: imports torch
+        else:
+            devices = replica_devices(config)
+        # Labelled by device where one is named (logs, /health), else by position.
+        return [
+            (
+                device or config.device or f"replica {index}",
+                lambda device=device: create_engine(config, device),
+            )
+            for index, device in enumerate(devices)
+        ]
+
+    @staticmethod
+    def _new_scheduler(replicas: Sequence[tuple[str, EngineFactory]]) -> Scheduler:
+        return Scheduler(*(factory for _, factory in replicas), labels=[label for label, _ in replicas])
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """Close every session (1001), stop the render loop, then flush final usage reports."""
@@ -125,6 +164,7 @@ class Worker:
             self._claims_client = None
         self.status = WorkerStatus.STOPPED
         self.metrics.engine_ready.set(0)
+        self.metrics.replicas.clear()
 
     @asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[Worker]:
@@ -216,6 +256,28 @@ class Worker:
         self.metrics.engine_ready.set(1)
         for session in list(self.sessions):
             session.engine_ready(engine)
+
+    def _replicas_changed(self) -> None:
+        """A replica became ready or failed: admission counts the ready ones, the metrics show all."""
+        counts = Counter(replica.state for replica in self.scheduler.replicas())
+        for state in ReplicaState:
+            self.metrics.replicas.labels(state.value).set(counts[state])
+        if counts[ReplicaState.READY]:
+            self.admission.replicas = counts[ReplicaState.READY]
+
+    def replica_report(self) -> list[dict[str, str | int]]:
+        """Each replica's label (its device), state, frames rendered and (failed) error, for /health."""
+        report = []
+        for replica in self.scheduler.replicas():
+            entry: dict[str, str | int] = {
+                "replica": replica.label,
+                "state": replica.state.value,
+                "frames": replica.frames,
+            }
+            if replica.error is not None:
+                entry["error"] = replica.error
+            report.append(entry)
+        return report
 
     def _engine_failed(self, exc: BaseException) -> None:
         self.status = WorkerStatus.FAILED

@@ -13,14 +13,14 @@ if TYPE_CHECKING:
     from inference.config import WorkerConfig
 
 
-def _preview(config: WorkerConfig) -> Engine:
+def _preview(config: WorkerConfig, device: str | None = None) -> Engine:
     module = importlib.import_module("inference.engines.preview")
     return module.create_preview_engine(config)
 
 
-def flux2_options(config: WorkerConfig) -> dict[str, Any]:
+def flux2_options(config: WorkerConfig, device: str | None = None) -> dict[str, Any]:
     """The worker's settings as `create_flux2_engine` keyword options (`Flux2Config` fields); unset ones
-    keep the engine's defaults."""
+    keep the engine's defaults. `device`: the replica's device, instead of FLUX2_DEVICE."""
     options: dict[str, Any] = {
         "model": config.model_path or config.model_id,
         "steps": config.default_steps,
@@ -32,7 +32,7 @@ def flux2_options(config: WorkerConfig) -> dict[str, Any]:
     }
     optional = {
         "cache_dir": config.cache_dir,
-        "device": config.device,
+        "device": device or config.device,
         "dtype": config.dtype,
         "small_decoder": config.small_decoder,
         "tiny_decoder": config.tiny_decoder,
@@ -43,23 +43,44 @@ def flux2_options(config: WorkerConfig) -> dict[str, Any]:
     return options
 
 
-def _flux2(config: WorkerConfig) -> Engine:
+def _flux2(config: WorkerConfig, device: str | None = None) -> Engine:
     module = importlib.import_module("inference.engines.flux2")  # imports torch and diffusers
-    return module.create_flux2_engine(**flux2_options(config))
+    return module.create_flux2_engine(**flux2_options(config, device))
 
 
-# name -> factory taking the WorkerConfig and returning an Engine that is not yet warmed up.
-ENGINES: Final[dict[str, Callable[[WorkerConfig], Engine]]] = {"preview": _preview, "flux2": _flux2}
+# name -> factory taking the WorkerConfig and a replica's device (None: the config's) and returning an
+# Engine that is not yet warmed up.
+ENGINES: Final[dict[str, Callable[[WorkerConfig, str | None], Engine]]] = {
+    "preview": _preview,
+    "flux2": _flux2,
+}
 
 
-def create_engine(config: WorkerConfig) -> Engine:
-    """Build the engine named by config.engine. Importing an engine's stack can take seconds, so the
-    worker calls this from its render thread, never from the event loop."""
+def replica_devices(config: WorkerConfig) -> tuple[str | None, ...]:
+    """The device of each engine replica the worker runs (None: the engine's own choice, FLUX2_DEVICE or
+    CUDA when available). The flux2 engine: FLUX2_DEVICES, else FLUX2_DEVICE's one device, else one
+    replica per visible CUDA device (which imports torch: blocking, call it off the event loop); the
+    preview engine: PREVIEW_REPLICAS replicas on the CPU."""
+    if config.engine != "flux2":
+        return (None,) * config.preview_replicas
+    if config.device_list:
+        return config.device_list
+    if config.device is not None:
+        return (config.device,)
+    torch = importlib.import_module("torch")
+    count = int(torch.cuda.device_count())  # counts without creating a CUDA context
+    return tuple(f"cuda:{index}" for index in range(count)) if count > 1 else (None,)
+
+
+def create_engine(config: WorkerConfig, device: str | None = None) -> Engine:
+    """Build the engine named by config.engine, on `device` (a replica's; None: the config's). Importing
+    an engine's stack can take seconds, so the worker calls this from a render thread, never from the
+    event loop."""
     try:
         factory = ENGINES[config.engine]
     except KeyError:
         raise ValueError(f"unknown engine {config.engine!r}; choose one of {', '.join(ENGINES)}") from None
-    engine = factory(config)
+    engine = factory(config, device)
     if not isinstance(engine, Engine):
         raise TypeError(
             f"engine {config.engine!r} is a {type(engine).__name__}, which does not implement Engine"
