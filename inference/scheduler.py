@@ -150,6 +150,7 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hooks: SchedulerHooks | None = None
         self.engine: Engine | None = None  # the first replica's engine to be ready (modes, adapters, name)
+        self._ready_count = 0  # replicas ready; written under the lock, read by the render threads
 
     def start(self, loop: asyncio.AbstractEventLoop, hooks: SchedulerHooks) -> None:
         if self._threads:
@@ -278,6 +279,7 @@ class Scheduler:
         with self._cond:
             replica.engine = engine
             replica.state = ReplicaState.READY
+            self._ready_count += 1
             first = self.engine is None
             if first:
                 self.engine = engine
@@ -333,9 +335,14 @@ class Scheduler:
         replica.frames += len(batch)
         render_ms = round(seconds * 1000)
         results = []
+        serving = max(1, self._ready_count)
         for item, jpeg in zip(batch, outputs, strict=True):
             if item.submitted_at > replica.free_since:  # the replica was idle until this frame came
-                waited = replica.free_since - item.submitted_at
+                # As the capacity the worker lost: a replica's idle time is 1/N of the N replicas'. A
+                # client pacing one frame per render of one replica, with N of them, sees each idle for
+                # (N - 1) renders: its frames are late by that over N, and its pacer sends that much
+                # sooner, which is one frame per render / N (inference/pacing.py; N = 1: the idle time).
+                waited = (replica.free_since - item.submitted_at) / serving
             else:
                 waited = started - item.submitted_at
             result = RenderResult(

@@ -349,3 +349,25 @@ def test_a_single_replica_keeps_the_render_loop_thread_name_and_needs_a_factory(
     assert asyncio.run(scenario()).threads == {"render-loop"}
     with pytest.raises(ValueError, match="at least one engine factory"):
         Scheduler()
+
+
+def test_a_late_frame_is_told_the_idle_capacity_as_a_share_of_every_replica() -> None:
+    """The pacer (inference/pacing.py) sends sooner by a late frame's negative wait. With two replicas a
+    replica idle for 200 ms is 100 ms of the worker's capacity: a one-frame-per-render client moves to one
+    frame per half render, not to the camera's rate."""
+
+    async def scenario() -> list[RenderResult]:
+        engines = [RecordingEngine(max_batch=1, seconds_per_batch=0.05) for _ in range(2)]
+        scheduler = await _started(engines)
+        results = Results()
+        await asyncio.sleep(0.3)  # both replicas idle
+        scheduler.submit(_job("s", 1), results.append)
+        await results.until(lambda items: len(items) == 1)
+        scheduler.submit(_job("s", 2), results.append)  # at once: the other replica has idled ~50 ms more
+        await results.until(lambda items: len(items) == 2)
+        await asyncio.to_thread(scheduler.stop)
+        return results.items
+
+    first, second = asyncio.run(scenario())
+    assert -260 <= first.waited_ms <= -140, first  # ~300 ms idle over 2 replicas
+    assert -260 <= second.waited_ms <= -150, second  # the longest idle replica took it: ~350 ms / 2
