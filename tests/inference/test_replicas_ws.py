@@ -18,7 +18,7 @@ from bench.loadgen import run_load
 from inference.config import WorkerConfig
 from inference.engines.base import Engine, FrameJob
 from inference.engines.preview import PreviewEngine
-from inference.protocol import Ack, Ready
+from inference.protocol import Ack, CloseCode, Ready
 from inference.server import WEBSOCKET_SERVER_OPTIONS, create_inference_app
 from tests.inference.helpers import (
     SECRET,
@@ -169,3 +169,72 @@ def test_tiny_flux2_on_two_cpu_replicas_renders_what_one_replica_renders() -> No
     assert all(replica["frames"] >= 1 for replica in health["replicas"])  # type: ignore[index]
     assert double == single
     assert len(set(single)) == len(single)  # four different pictures, not one frame four times
+
+
+def _stream_until_measured(client: StreamClient, frames: int = 4) -> None:
+    jpeg = webcam_jpeg(160, 120)
+    for frame_id in range(1, frames + 1):
+        client.send_frame(frame_id, jpeg)
+        client.frame(frame_id, timeout=10)
+
+
+def test_admission_takes_the_viewers_that_every_replica_together_carries() -> None:
+    # 200 ms or more a frame: one replica gives two viewers 2.5 FPS or less, under the floor of 3.4; two
+    # replicas give them 1 / cost each, over the floor while a frame costs under 294 ms, and three 3.33 or
+    # less.
+    for replicas, admitted in ((1, 1), (2, 2)):
+        config = worker_config(preview_delay_seconds=0.2, preview_replicas=replicas, min_session_fps=3.4)
+        with running_worker(config) as running:
+            wait_for(lambda: running.worker.scheduler.ready_replicas == replicas)  # noqa: B023
+            with StreamClient.connect(running.ws_url) as first:
+                first.start(new_ticket())
+                _stream_until_measured(first)
+                with StreamClient.connect(running.ws_url) as second:
+                    if admitted == 1:
+                        assert second.close_code == CloseCode.WORKER_FULL
+                        continue
+                    assert second.admitted is not None
+                    second.start(new_ticket())
+                    with StreamClient.connect(running.ws_url) as third:
+                        assert third.close_code == CloseCode.WORKER_FULL
+
+
+class BrokenDevice:
+    def __call__(self) -> Engine:
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+
+def test_a_replica_that_fails_to_load_shows_in_health_and_metrics_while_the_rest_serve() -> None:
+    replicas: list[tuple[str, Callable[[], Engine]]] = [("cuda:0", PreviewEngine), ("cuda:1", BrokenDevice())]
+    with _serving(worker_config(), replicas) as running:
+        wait_for(lambda: running.metric("stylecast_worker_replicas", state="failed") == 1)
+        health = httpx.get(f"{running.url}/health")
+        assert health.status_code == 200
+        body = health.json()
+        assert body["status"] == "ready"
+        assert body["replicas"][0] == {"replica": "cuda:0", "state": "ready", "frames": 0}
+        assert body["replicas"][1]["state"] == "failed"
+        assert "no kernel image" in body["replicas"][1]["error"]
+        assert running.metric("stylecast_worker_replicas", state="ready") == 1
+        with StreamClient.connect(running.ws_url) as client:
+            client.start(new_ticket())
+            client.send_frame(1, webcam_jpeg())
+            assert client.frame(1).jpeg[:2] == b"\xff\xd8"
+        # Admission counts the replica that serves, not the one configured.
+        assert running.worker.admission.replicas == 1
+
+
+def test_a_worker_whose_every_replica_fails_to_load_is_failed() -> None:
+    replicas: list[tuple[str, Callable[[], Engine]]] = [
+        ("cuda:0", BrokenDevice()),
+        ("cuda:1", BrokenDevice()),
+    ]
+    app = create_inference_app(worker_config(), replicas=replicas)
+    with serve(app, **WEBSOCKET_SERVER_OPTIONS) as url:
+        wait_for(lambda: httpx.get(f"{url}/health").json()["status"] == "failed")
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503
+        assert "no kernel image" in health.json()["error"]
+        assert [replica["state"] for replica in health.json()["replicas"]] == ["failed", "failed"]
+        with StreamClient.connect(url.replace("http://", "ws://") + "/ws") as client:
+            assert client.close_code == 1011
