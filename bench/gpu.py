@@ -25,6 +25,8 @@ Sections (``--sections``, all by default), on one set of weights:
   keeping its waiting frame fresh at 30 fps: aggregate and per-session FPS, fairness, latency.
 * ``websocket``: the worker's real ``/ws`` on loopback, driven like the studio drives it (paced, as the
   worker's ``ready`` asks); with ``--levers`` also at camera rate and with per-message deflate on.
+* ``replicas`` (only when named): 1 and 4 sessions on 1 engine replica and on one per visible CUDA device,
+  through ``/ws`` (bench/replicas.py): delivered FPS, p50/p95 latency, fairness, against issue #19's targets.
 * ``cold-start``: the pipeline saved with ``save_pretrained``, then a new process: imports,
   ``from_pretrained``, warm-up, first frame; with an empty and with a warm compile cache.
 
@@ -62,6 +64,7 @@ from PIL import Image
 
 from bench.loadgen import PROMPTS
 from bench.lora import format_lora_summary, measure_lora
+from bench.replicas import replicas_section
 from inference.engines.base import FrameJob
 from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Config, Flux2Engine, ModeRecipe
 from inference.engines.flux2.compiled import COMPILE_SCOPES
@@ -78,7 +81,7 @@ LEVER_MODES: dict[str, ModeRecipe] = {
     "lever-small-decoder": ModeRecipe(decoder="small"),
     "lever-tiny-decoder": ModeRecipe(decoder="tiny"),
 }
-SECTIONS = ("baseline", "modes", "style", "lora", "sessions", "websocket", "cold-start")
+SECTIONS = ("baseline", "modes", "style", "lora", "sessions", "websocket", "replicas", "cold-start")
 # The style section's lever: an approximate mode with its style image read at 256² (256 tokens, not 1,024).
 STYLE_LEVER_SIZE = 256
 
@@ -665,6 +668,8 @@ def format_summary(rows: Sequence[Row], system: dict[str, Any]) -> str:
                 f"{section}: mode {result.get('mode')}, scheduler max_batch {result.get('max_batch')}"
             )
             lines.extend(result.get("table", []))
+    if "replicas" in system:
+        lines.extend(["", *system["replicas"]["table"]])
     if "cold_start" in system:
         lines.append("")
         lines.extend(system["cold_start"].get("table", []))
@@ -683,7 +688,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="the tiny test configuration")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    default_sections = [section for section in SECTIONS if section != "replicas"]  # a worker per device
+    parser.add_argument("--sections", nargs="+", default=default_sections, choices=SECTIONS)
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4], help="the first is the default")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="render() batch sizes")
     parser.add_argument("--iters", type=int, default=20)
@@ -761,6 +767,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bench.measure_style()
         elif section == "lora":
             measure_lora(bench)
+        elif section == "replicas":
+            bench.system["replicas"] = replicas_section(args)
         else:
             bench.measure_system(section)
         # Rewritten after every section, so a run cut short still leaves what it measured.
