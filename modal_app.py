@@ -5,6 +5,14 @@
 
 then set the web app's INFERENCE_URL to the printed URL with `wss://` and `/ws` (docs/deployment.md).
 The same `inference` package serves `python -m inference` on any CUDA box and the app's in-process worker.
+
+Two classes, one web endpoint each: `Inference` on one H100, and `InferencePremium` on two in one
+container (`gpu="H100:2"`) for a premium plan: one engine replica per GPU (FLUX2_DEVICES, unset: every GPU
+the container sees), one viewer's consecutive frames rendered on both at once (inference/scheduler.py), so
+exact mode runs at about twice one GPU's frame rate at one render's latency. Its admission floor is
+PREMIUM_MIN_SESSION_FPS, so a second viewer, who would halve the first one's rate, is refused (4503) and
+Modal starts another container instead. The web app sends a plan's viewers to its class's endpoint
+(docs/deployment.md, "A premium plan on two GPUs").
 """
 
 from __future__ import annotations
@@ -31,6 +39,21 @@ SESSIONS_PER_GPU = {mode: max(1, int(fps // MIN_SESSION_FPS)) for mode, fps in E
 # with 4503, and the studio retries on another container).
 TARGET_INPUTS = SESSIONS_PER_GPU["exact"]
 MAX_INPUTS = max(SESSIONS_PER_GPU.values()) + 2
+# The premium class: two GPUs, one engine replica each; a viewer alone gets both GPUs' frames (admission
+# counts the replicas together: inference/admission.py), and the floor keeps each container to the viewers
+# that rate allows: one in exact (27.6 FPS alone, 13.8 with a second), two in turbo.
+PREMIUM_GPUS = 2
+PREMIUM_MIN_SESSION_FPS = 24
+
+
+def sessions_per_container(gpus: int, min_session_fps: float) -> dict[str, int]:
+    """Viewers one container carries per mode: every GPU's frames shared by its sessions, at the floor."""
+    return {mode: max(1, int(gpus * fps // min_session_fps)) for mode, fps in ENGINE_FPS.items()}
+
+
+PREMIUM_SESSIONS = sessions_per_container(PREMIUM_GPUS, PREMIUM_MIN_SESSION_FPS)  # 1, 2
+PREMIUM_TARGET_INPUTS = PREMIUM_SESSIONS["exact"]
+PREMIUM_MAX_INPUTS = max(PREMIUM_SESSIONS.values()) + 2
 CACHE_DIR = "/cache"  # Hugging Face downloads land on the Volume, so only the first cold start downloads
 # MODAL_SNAPSHOT=1 (read at deploy time, and baked into the image so the container defines the same class):
 # a CPU memory snapshot of each container after the imports and the weights read into host memory, restored
@@ -84,47 +107,50 @@ def _plain_method(method: Any) -> Any:
     return method
 
 
-@app.cls(
-    gpu="H100",
-    scaledown_window=120,  # two idle minutes before scaling to zero: short gaps between streams stay warm
-    timeout=60 * 60,  # a stream is one long WebSocket request; an Ultra period is 60 minutes
-    volumes={CACHE_DIR: model_cache},
-    secrets=[worker_secret],
-    enable_memory_snapshot=MEMORY_SNAPSHOT,
-    experimental_options={"enable_gpu_snapshot": True} if GPU_SNAPSHOT else None,
-)
-@modal.concurrent(max_inputs=MAX_INPUTS, target_inputs=TARGET_INPUTS)
-class Inference:
+class _WorkerContainer:
+    """What both classes do in a container; the subclasses say how many GPUs it has and the floor."""
+
+    GPUS = 1
+    MIN_SESSION_FPS: float | None = None  # None: the image's MIN_SESSION_FPS
+
     # snap=True is refused on a class without memory snapshots: without them `load` calls this itself.
     @(modal.enter(snap=True) if MEMORY_SNAPSHOT else _plain_method)
     def prepare(self) -> None:
-        """With a memory snapshot, what it captures: the imports, the engine built and (CPU snapshot) its
-        weights read into host memory, or (GPU snapshot) everything ``load`` does. Without one, the first
-        half of the container's start."""
+        """With a memory snapshot, what it captures: the imports, the engines built (one per GPU) and (CPU
+        snapshot) their weights read into host memory, or (GPU snapshot) everything ``load`` does. Without
+        one, the first half of the container's start."""
+        import msgspec
+
         from inference.config import load_worker_config
-        from inference.engines import create_engine
+        from inference.engines import create_engine, replica_devices
 
-        self.config = load_worker_config(worker_id=os.environ.get("MODAL_TASK_ID", "modal"))
-        if MEMORY_SNAPSHOT and self.config.device is None:
-            import msgspec
-
+        self.config = load_worker_config(
+            worker_id=os.environ.get("MODAL_TASK_ID", "modal"), min_session_fps=self.MIN_SESSION_FPS
+        )
+        if not self.config.device_list and self.config.device is None:
             # Chosen now, not found: no GPU is attached while a CPU snapshot is taken, and the engine's
             # dtype follows its device (bfloat16 on CUDA).
-            self.config = msgspec.structs.replace(self.config, device="cuda")
-        self.engine = create_engine(self.config)
+            if self.GPUS > 1:
+                devices = ",".join(f"cuda:{index}" for index in range(self.GPUS))
+                self.config = msgspec.structs.replace(self.config, devices=devices)
+            elif MEMORY_SNAPSHOT:
+                self.config = msgspec.structs.replace(self.config, device="cuda")
+        self.devices = replica_devices(self.config)
+        self.engines = [create_engine(self.config, device) for device in self.devices]
         self.loaded_on_cpu = False
-        if MEMORY_SNAPSHOT and not GPU_SNAPSHOT and hasattr(self.engine, "load_on_cpu"):
-            self.engine.load_on_cpu()
+        if MEMORY_SNAPSHOT and not GPU_SNAPSHOT and all(hasattr(e, "load_on_cpu") for e in self.engines):
+            for engine in self.engines:
+                engine.load_on_cpu()
             self.loaded_on_cpu = True
         elif GPU_SNAPSHOT:
             self._warm()
 
     @modal.enter(snap=False)
     def load(self) -> None:
-        """Load the engine and warm its default mode once per container, before it takes any connection;
-        the render loop warms the other modes while it is idle. Modal hands a socket to the app only after
-        this returns: the studio fetches its ticket once the worker has admitted it, so however long this
-        takes, no ticket expires while the socket waits."""
+        """Load the engines and warm their default mode once per container, before it takes any
+        connection; the render loops warm the other modes while they are idle. Modal hands a socket to the
+        app only after this returns: the studio fetches its ticket once the worker has admitted it, so
+        however long this takes, no ticket expires while the socket waits."""
         if not MEMORY_SNAPSHOT:
             self.prepare()
         task_id = os.environ.get("MODAL_TASK_ID")
@@ -136,7 +162,9 @@ class Inference:
             self._warm()
 
     def _warm(self) -> None:
-        self.engine.warm_up()  # with load_on_cpu() done: the weights moved to the GPU, then the warm-up
+        # One engine at a time: torch.compile is not thread-safe (the render loops warm one at a time too).
+        for engine in self.engines:
+            engine.warm_up()  # with load_on_cpu() done: the weights moved to the GPU, then the warm-up
         if modal.is_local():
             return
         model_cache.commit()  # keep the download and the compiled kernels for the next cold start
@@ -145,5 +173,34 @@ class Inference:
     def web(self) -> Any:
         from inference.server import create_inference_app
 
-        engine = self.engine
-        return create_inference_app(self.config, engine_factory=lambda: engine)
+        replicas = [
+            (device or f"replica {index}", lambda engine=engine: engine)
+            for index, (device, engine) in enumerate(zip(self.devices, self.engines, strict=True))
+        ]
+        return create_inference_app(self.config, replicas=replicas)
+
+
+_CLASS_OPTIONS: dict[str, Any] = {
+    "scaledown_window": 120,  # two idle minutes before scaling to zero: short gaps between streams stay warm
+    "timeout": 60 * 60,  # a stream is one long WebSocket request; an Ultra period is 60 minutes
+    "volumes": {CACHE_DIR: model_cache},
+    "secrets": [worker_secret],
+    "enable_memory_snapshot": MEMORY_SNAPSHOT,
+    "experimental_options": {"enable_gpu_snapshot": True} if GPU_SNAPSHOT else None,
+}
+
+
+@app.cls(gpu="H100", **_CLASS_OPTIONS)
+@modal.concurrent(max_inputs=MAX_INPUTS, target_inputs=TARGET_INPUTS)
+class Inference(_WorkerContainer):
+    """One H100, one engine: the standard plans."""
+
+
+@app.cls(gpu=f"H100:{PREMIUM_GPUS}", **_CLASS_OPTIONS)
+@modal.concurrent(max_inputs=PREMIUM_MAX_INPUTS, target_inputs=PREMIUM_TARGET_INPUTS)
+class InferencePremium(_WorkerContainer):
+    """Two H100s in one container, one engine replica each (FLUX2_DEVICES unset: both), for a premium
+    plan: a viewer's frames alternate between them, about twice one GPU's frame rate."""
+
+    GPUS = PREMIUM_GPUS
+    MIN_SESSION_FPS = PREMIUM_MIN_SESSION_FPS

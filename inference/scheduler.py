@@ -151,6 +151,9 @@ class Scheduler:
         self._hooks: SchedulerHooks | None = None
         self.engine: Engine | None = None  # the first replica's engine to be ready (modes, adapters, name)
         self._ready_count = 0  # replicas ready; written under the lock, read by the render threads
+        # Replicas not loaded yet (nor failed): deferred warm-ups wait for them, a replica's whole capacity
+        # being worth more than another mode warmed early.
+        self._unloaded = len(self._replicas)
 
     def start(self, loop: asyncio.AbstractEventLoop, hooks: SchedulerHooks) -> None:
         if self._threads:
@@ -230,8 +233,8 @@ class Scheduler:
             if batch:
                 self._render(replica, engine, batch)
                 continue
-            if not self._compile_lock.acquire(blocking=False):
-                # Another replica is compiling: render whatever arrives meanwhile, then try again.
+            if self._unloaded or not self._compile_lock.acquire(blocking=False):
+                # Another replica is loading or compiling: render whatever arrives meanwhile, then try again.
                 with self._cond:
                     if not self._sessions.pending and not self._stopping:
                         self._cond.wait(DEFERRED_RETRY_SECONDS)
@@ -269,6 +272,7 @@ class Scheduler:
         except BaseException as exc:
             log.exception("%s: engine failed to load", replica.label)
             with self._cond:
+                self._unloaded -= 1
                 replica.state = ReplicaState.FAILED
                 replica.error = f"{type(exc).__name__}: {exc}"
                 none_left = all(r.state is ReplicaState.FAILED for r in self._replicas)
@@ -280,6 +284,7 @@ class Scheduler:
             replica.engine = engine
             replica.state = ReplicaState.READY
             self._ready_count += 1
+            self._unloaded -= 1
             first = self.engine is None
             if first:
                 self.engine = engine

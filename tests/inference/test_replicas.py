@@ -334,6 +334,9 @@ def test_replicas_build_warm_up_and_run_deferred_warm_ups_one_at_a_time() -> Non
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end - 0.005, f"two replicas compiled at once: {timeline}"
     assert [r.job.frame_id for r in results] == [1, 2, 3, 4, 5]
+    # Every replica loads before any deferred warm-up: a replica's capacity first, other modes after.
+    in_order = [what for what, _, _ in sorted(timeline, key=lambda event: event[1])]
+    assert sorted(in_order[:3]) == ["a:warm_up", "b:warm_up", "c:warm_up"], in_order
 
 
 def test_a_single_replica_keeps_the_render_loop_thread_name_and_needs_a_factory() -> None:
