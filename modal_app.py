@@ -11,7 +11,8 @@ container (`gpu="H100:2"`) for a premium plan: one engine replica per GPU (FLUX2
 the container sees), one viewer's consecutive frames rendered on both at once (inference/scheduler.py), so
 exact mode runs at about twice one GPU's frame rate at one render's latency. Its admission floor is
 PREMIUM_MIN_SESSION_FPS, so a second viewer, who would halve the first one's rate, is refused (4503) and
-Modal starts another container instead. The web app sends a plan's viewers to its class's endpoint
+Modal starts another container instead. Each class has its own endpoint; the web app has one
+INFERENCE_URL, so routing only a premium plan's viewers to the premium one is still to be built in the app
 (docs/deployment.md, "A premium plan on two GPUs").
 """
 
