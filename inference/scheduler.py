@@ -360,6 +360,10 @@ class Scheduler:
     def _hand_on(self, results: list[tuple[_Pending, RenderResult]]) -> None:
         """Deliver results on the event loop, marking those a newer frame of their session overtook.
         Under the lock, so the event loop receives each session's results in the order decided here."""
+        if len(self._replicas) == 1:  # one render thread finishes frames in the order it took them
+            for item, result in results:
+                self._call_soon(item.deliver, result)
+            return
         sessions = self._sessions
         with self._cond:
             for item, result in results:
