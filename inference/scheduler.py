@@ -54,7 +54,7 @@ class RenderResult:
     render_ms: int  # wall time of the engine call that produced it
     error: str | None = None
     # From the frame's submit to the start of that engine call; negative when the engine sat idle for that
-    # long before the frame arrived (it came late for its turn).
+    # long before the frame arrived (it came late for its turn), divided by the replicas ready then.
     waited_ms: int = 0
     batch_size: int = 1  # frames rendered by that engine call (its render_ms is theirs together)
     # A newer frame of the same session finished first (on another replica): not to be shown.
@@ -199,7 +199,7 @@ class Scheduler:
     @property
     def ready_replicas(self) -> int:
         with self._cond:
-            return sum(replica.state is ReplicaState.READY for replica in self._replicas)
+            return self._ready_count
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batches in flight and end the threads. Blocking: call it via asyncio.to_thread."""

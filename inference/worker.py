@@ -88,7 +88,9 @@ class Worker:
         self._local_claims = LocalClaims()
 
     async def start(self) -> None:
-        """Returns at once; the engine loads and warms up in the render thread."""
+        """Returns once the replicas are known (the flux2 engine without FLUX2_DEVICES or FLUX2_DEVICE counts
+        the CUDA devices, importing torch in a thread); their engines load and warm up in the render
+        threads."""
         if self.status is not WorkerStatus.STOPPED:
             return
         if self.config.usage_report_url:
@@ -135,7 +137,7 @@ class Worker:
         # Labelled by device where one is named (logs, /health), else by position.
         return [
             (
-                device or config.device or f"replica {index}",
+                device or f"replica {index}",
                 lambda device=device: create_engine(config, device),
             )
             for index, device in enumerate(devices)
