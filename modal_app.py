@@ -163,8 +163,11 @@ class _WorkerContainer:
             self._warm()
 
     def _warm(self) -> None:
+        from inference.engines import use_device
+
         # One engine at a time: torch.compile is not thread-safe (the render loops warm one at a time too).
-        for engine in self.engines:
+        for device, engine in zip(self.devices, self.engines, strict=True):
+            use_device(device)
             engine.warm_up()  # with load_on_cpu() done: the weights moved to the GPU, then the warm-up
         if modal.is_local():
             return
@@ -175,10 +178,23 @@ class _WorkerContainer:
         from inference.server import create_inference_app
 
         replicas = [
-            (device or f"replica {index}", lambda engine=engine: engine)
+            (device or f"replica {index}", _built(device, engine))
             for index, (device, engine) in enumerate(zip(self.devices, self.engines, strict=True))
         ]
         return create_inference_app(self.config, replicas=replicas)
+
+
+def _built(device: str | None, engine: Any) -> Any:
+    """The factory of a replica whose engine the enter hooks built: called in its render thread, which it
+    binds to the engine's device first."""
+
+    def factory() -> Any:
+        from inference.engines import use_device
+
+        use_device(device)
+        return engine
+
+    return factory
 
 
 _CLASS_OPTIONS: dict[str, Any] = {

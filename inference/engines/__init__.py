@@ -45,7 +45,17 @@ def flux2_options(config: WorkerConfig, device: str | None = None) -> dict[str, 
 
 def _flux2(config: WorkerConfig, device: str | None = None) -> Engine:
     module = importlib.import_module("inference.engines.flux2")  # imports torch and diffusers
+    use_device(device)
     return module.create_flux2_engine(**flux2_options(config, device))
+
+
+def use_device(device: str | None) -> None:
+    """Make `device` ("cuda:1") the calling thread's current CUDA device, so that whatever the engine does
+    without naming a device (streams, graph pools, library handles) happens on its own GPU. A replica's
+    render thread calls it before its engine's first call; a no-op for None, "cuda" and CPUs."""
+    if device is None or not device.startswith("cuda:"):
+        return
+    importlib.import_module("torch").cuda.set_device(device)  # per thread, as the CUDA runtime's is
 
 
 # name -> factory taking the WorkerConfig and a replica's device (None: the config's) and returning an
