@@ -12,6 +12,11 @@ first few outputs a session sends one frame at a time (the next when the last co
 start together would otherwise fill the engine's line with frames that each wait a whole round before
 any of them knows the interval.
 
+A worker with N engine replicas needs nothing else: a session alone there gets a turn N times as often,
+which its outputs show, and the worker reports a late frame's wait as the idle replica's time over N (the
+capacity lost), so the correction below moves a one-frame-per-render start to one frame per render / N
+within a few outputs instead of to the camera's rate (inference/scheduler.py).
+
 Times are in seconds of a monotonic clock.
 """
 
