@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import sys
 from pathlib import Path
 
 import uvicorn
 
+from app.collector import CollectorPolicy
 from app.settings import ConfigError, load_settings
 
 # How long an idle HTTP connection stays open. Longer than the studio's meter poll (every 5 s), so a tab's
@@ -58,11 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             "sandbox state in %s (Clerk and ChargeBee emulators, generated keys)",
             settings.state_dir.resolve(),
         )
-    # Everything built so far (the app, its routes, templates and SDK models) lives as long as the
-    # process: keep it out of the collector's generations, so a full collection scans only what requests
-    # allocate and does not stall the event loop for every request in flight.
-    gc.collect()
-    gc.freeze()
+    # Everything built so far lives as long as the process, and full collections must stay short
+    # (app/collector.py).
+    CollectorPolicy().install()
     uvicorn.run(
         app,
         host=settings.host,

@@ -1,0 +1,89 @@
+"""The app's collector policy: full collections stay short however much lives long, and nothing that dies
+is kept for longer than a sweep."""
+
+from __future__ import annotations
+
+import gc
+import time
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from app.collector import CollectorPolicy
+
+
+class Node:
+    def __init__(self) -> None:
+        self.me = self  # a reference cycle: only the collector frees it
+
+
+@pytest.fixture
+def policy() -> Iterator[CollectorPolicy]:
+    policy = CollectorPolicy()
+    policy.install(background=False)
+    try:
+        yield policy
+    finally:
+        policy.uninstall()
+
+
+def _full_collection_ms() -> float:
+    started = time.perf_counter()
+    gc.collect()
+    return (time.perf_counter() - started) * 1000
+
+
+def test_a_full_collection_no_longer_scans_what_lives_long() -> None:
+    long_lived = [{"connection": [index], "account": {"id": str(index)}} for index in range(200_000)]
+    gc.collect()
+    without = min(_full_collection_ms() for _ in range(3))
+    policy = CollectorPolicy()
+    policy.install(background=False)
+    try:
+        gc.collect()  # the survivors are frozen
+        with_policy = min(_full_collection_ms() for _ in range(3))
+    finally:
+        policy.uninstall()
+    assert len(long_lived) == 200_000
+    assert with_policy < without / 4, (with_policy, without)
+
+
+def test_garbage_made_after_a_full_collection_is_still_collected(policy: CollectorPolicy) -> None:
+    gc.collect()
+    node = Node()
+    gone = weakref.ref(node)
+    del node
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_cycle_that_dies_while_frozen_is_freed_by_the_next_sweep(policy: CollectorPolicy) -> None:
+    node = Node()
+    gone = weakref.ref(node)
+    gc.collect()  # alive: frozen with the other survivors
+    del node
+    gc.collect()
+    assert gone() is not None  # frozen objects wait for a sweep
+    assert policy.sweep() > 0
+    assert gone() is None
+
+
+def test_sweeps_run_in_the_background_until_uninstalled() -> None:
+    policy = CollectorPolicy(sweep_seconds=0.05)
+    policy.install()
+    try:
+        node = Node()
+        gone = weakref.ref(node)
+        gc.collect()
+        del node
+        deadline = time.monotonic() + 10
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone() is None
+    finally:
+        policy.uninstall()
+    sweeps = policy.sweeps
+    time.sleep(0.2)
+    assert policy.sweeps == sweeps
+    assert gc.get_freeze_count() == 0
