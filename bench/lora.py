@@ -6,26 +6,34 @@ to a temporary folder and loaded as the worker loads ``FLUX2_LORAS``: ``AdapterS
 ``Flux2Config.loras``, read by the engine through diffusers' ``load_lora_weights``. Then, for exact and
 turbo, one engine per adapter count (0: the engine without LoRA support, which wraps no layer; 1 and 4
 loaded), each built as the production engine is (compiled, CUDA graphs where they are on) on its own copy
-of the same transformer weights, and ``render`` (JPEG in and out, batch 1) timed with no adapter active and
-with one active at scale 1. The summary gives ms/frame and the overhead against the engine without LoRA
-support, in the same run.
+of the same transformer weights and warmed up for what is timed (batch 1: the fused form, lora.py), and
+``render`` (JPEG in and out, batch 1) timed with no adapter active, with one active at scale 1, and, with
+several loaded, switching adapter every frame (each frame re-fuses the weights). The exactness gate:
+``frames+lora``, the engine's ``render_frames`` with the adapter, against the eager pipeline with the same
+adapter loaded by diffusers (``load_lora_weights`` + ``set_adapters``, unfused) on the same weights, frame
+and seed. The summary gives ms/frame and the overhead against the engine without LoRA support, in the
+same run.
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 from diffusers import Flux2KleinPipeline
+from PIL import Image
 
 from inference.adapters import AdapterSpec
 from inference.engines.base import FrameJob
 from inference.engines.flux2 import Flux2Config, Flux2Engine
+from inference.protocol import OUTPUT_SIZE
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -38,6 +46,8 @@ class Row(Protocol):
     phase: str
     case: str
     error: str | None
+    max_abs: float | None
+    psnr_db: float | None
 
     @property
     def per_frame_ms(self) -> float: ...
@@ -54,6 +64,8 @@ class Bench(Protocol):
     seeds: list[int]
     jpegs: list[bytes]
     lora_transformer: torch.nn.Module | None
+    frames: list[np.ndarray]
+    frame_tensor: torch.Tensor
 
     def _run(self, phase: str, case: str, steps: int | None, batch: int, fn: Callable[[], Any]) -> Any: ...
 
@@ -135,6 +147,7 @@ def measure_lora(bench: Bench) -> None:
     with tempfile.TemporaryDirectory(prefix="stylecast-bench-lora-") as folder:
         paths = write_random_adapters(pristine, Path(folder), max(ADAPTER_COUNTS))
         specs = [AdapterSpec(f"lora{i}", str(path)) for i, path in enumerate(paths)]
+        reference = _diffusers_reference(bench, paths[0])
         for count in ADAPTER_COUNTS:
             transformer = copy.deepcopy(pristine).to(bench.device)
             pipe = Flux2KleinPipeline(**{**bench.pipe.components, "transformer": transformer})
@@ -152,26 +165,71 @@ def measure_lora(bench: Bench) -> None:
                 tiny_decoder=args.tiny_decoder,
                 cache_dir=args.cache_dir,
             )
-            _measure_engine(bench, Flux2Engine(config, pipeline=pipe), count, modes)
+            _measure_engine(bench, Flux2Engine(config, pipeline=pipe), count, modes, reference)
             del pipe, transformer
             gc.collect()
             if bench.device.type == "cuda":
                 torch.cuda.empty_cache()
 
 
-def _measure_engine(bench: Bench, engine: Flux2Engine, count: int, modes: Sequence[str]) -> None:
-    """Warm ``engine`` up as the worker does (its deferred warm-ups included), then time each mode."""
+def _diffusers_reference(bench: Bench, path: Path) -> torch.Tensor:
+    """The eager pipeline's output with adapter ``path`` at scale 1, loaded and applied by diffusers itself
+    (unfused), on a copy of the bench's transformer: what the engine's exact mode with it must match."""
+    transformer = copy.deepcopy(bench.lora_transformer).to(bench.device)
+    pipe = Flux2KleinPipeline(**{**bench.pipe.components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="lora0")
+    pipe.set_adapters(["lora0"], [1.0])
+    steps = bench.args.steps[0]
+    with torch.no_grad():
+        images = pipe(
+            image=Image.fromarray(bench.frames[0]),
+            prompt_embeds=bench.base.prompt_embeds(bench.prompts[0]),
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            height=OUTPUT_SIZE,
+            width=OUTPUT_SIZE,
+            generator=torch.Generator(device=bench.device).manual_seed(bench.seeds[0]),
+            output_type="pt",
+        ).images
+    del pipe, transformer
+    gc.collect()
+    return images
+
+
+def _measure_engine(
+    bench: Bench, engine: Flux2Engine, count: int, modes: Sequence[str], reference: torch.Tensor
+) -> None:
+    """Warm ``engine`` up for what is timed (each mode at batch 1: what the worker warms first), then time
+    each mode."""
     engine.warm_up()
-    for task in engine.deferred_warm_ups():
-        task()
+    for mode in modes:
+        engine.warm_up_mode(mode, batch_sizes=(1,))
     steps, prompt, seed = bench.args.steps[0], bench.prompts[0], bench.seeds[0]
     for mode in modes:
         phase = f"lora{count}:{mode}"
         plain = FrameJob("session-0", 0, bench.jpegs[0], prompt, steps, seed, mode)
         bench._run(phase, "render", steps, 1, lambda job=plain: engine.render([job]))
-        if count:
-            active = replace(plain, adapter="lora0", adapter_scale=1.0)
-            bench._run(phase, "render+lora", steps, 1, lambda job=active: engine.render([job]))
+        if not count:
+            continue
+        active = replace(plain, adapter="lora0", adapter_scale=1.0)
+        bench._run(phase, "render+lora", steps, 1, lambda job=active: engine.render([job]))
+        if mode == "exact":
+
+            def call(mode: str = mode) -> torch.Tensor:
+                return engine.render_frames(
+                    bench.frame_tensor, [prompt], steps=steps, seeds=[seed], mode=mode, adapters=["lora0"]
+                )
+
+            from bench.gpu import deviation  # here: bench.gpu imports this module
+
+            row = bench._run(phase, "frames+lora", steps, 1, call)
+            if row.error is None:
+                row.max_abs, row.psnr_db = deviation(call(), reference)
+        if count > 1:
+            # A different adapter every frame: each frame re-fuses the weights first (a style switch).
+            turns = itertools.cycle([replace(plain, adapter=f"lora{i}", adapter_scale=1.0) for i in range(2)])
+            bench._run(phase, "render+switch", steps, 1, lambda turns=turns: engine.render([next(turns)]))
 
 
 def format_lora_summary(rows: Sequence[Row]) -> list[str]:
@@ -188,7 +246,8 @@ def format_lora_summary(rows: Sequence[Row]) -> list[str]:
             continue
         lines.append(f"  {mode:6s} no LoRA support        {reference.per_frame_ms:8.2f} ms")
         for count in ADAPTER_COUNTS[1:]:
-            for case, label in (("render", "none active"), ("render+lora", "one active")):
+            cases = (("render", "none active"), ("render+lora", "one active"), ("render+switch", "switching"))
+            for case, label in cases:
                 row = by_key.get((f"lora{count}:{mode}", case))
                 if row is None:
                     continue
@@ -196,4 +255,10 @@ def format_lora_summary(rows: Sequence[Row]) -> list[str]:
                 lines.append(
                     f"  {mode:6s} {count} loaded, {label:11s} {row.per_frame_ms:8.2f} ms {overhead:+6.1f} %"
                 )
+    for (phase, case), row in by_key.items():
+        if case == "frames+lora" and row.max_abs is not None:
+            lines.append(
+                f"  {phase}: adapter lora0 vs diffusers' set_adapters (eager, unfused): max |difference|"
+                f" {row.max_abs:.1e}, PSNR {row.psnr_db:.1f} dB"
+            )
     return lines

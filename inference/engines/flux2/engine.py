@@ -21,6 +21,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import NamedTuple
 
@@ -227,7 +228,12 @@ class Flux2Engine:
         # At least 2 steps: reference K/V reuse runs a different transformer call from the second step on.
         steps = max(2, self.config.steps)
         for size in sizes:
-            self.render([FrameJob("warm-up", 0, jpeg, "warm-up", steps, seed, mode) for seed in range(size)])
+            jobs = [FrameJob("warm-up", 0, jpeg, "warm-up", steps, seed, mode) for seed in range(size)]
+            self.render(jobs)
+            if size > 1 and self.adapters:
+                # Rows with different adapters run the LoRA branches, a graph of their own: warmed here so a
+                # second session choosing another adapter never waits for a compilation.
+                self.render([replace(jobs[0], adapter=self.adapters[0].name, adapter_scale=1.0), *jobs[1:]])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if sizes == every:
@@ -309,11 +315,13 @@ class Flux2Engine:
             # Encoded once per style image (and size), on the first frame that carries it.
             conditioning = (*conditioning, self.styles.batch(styles, recipe.style_size))
         frames = frames.to(self.device)
-        self._select_adapters(batch_size, adapters, adapter_scales)
+        branches = self._select_adapters(batch_size, adapters, adapter_scales, recipe)
         if not (self.cuda_graphs and self.device.type == "cuda"):
             return self._denoise(frames, *conditioning, recipe=recipe, steps=steps)
         denoise = partial(self._denoise, recipe=recipe, steps=steps)
-        graph_mode = mode if styles is None else f"{mode}+style"
+        # A batch whose rows take different adapters runs the low-rank branches: other kernels, another
+        # graph. A fused adapter is in the weights the plain graph reads, so it replays that one.
+        graph_mode = mode + ("+style" if styles is not None else "") + ("+lora" if branches else "")
         return self._frame_graphs.replay((graph_mode, steps, batch_size), denoise, (frames, *conditioning))
 
     def _conditioning(self, prompts: Sequence[str], seeds: Sequence[int], recipe: ModeRecipe) -> Conditioning:
@@ -515,9 +523,12 @@ class Flux2Engine:
         batch_size: int,
         adapters: Sequence[str | None] | None,
         scales: Sequence[float | None] | None,
-    ) -> None:
-        """Each row's LoRA adapter (None: none) and scale (None: its default), written into the buffers the
-        transformers' low-rank branches read: values only, so no graph is compiled or captured again."""
+        recipe: ModeRecipe,
+    ) -> bool:
+        """Each row's LoRA adapter (None: none) and scale (None: its default): one choice for every row is
+        fused into the recipe's transformer's weights (in place, only when it changed), different choices
+        are written into the buffers the low-rank branches read. Values only either way, so no graph is
+        compiled or captured again once both kinds are warm. Returns whether the batch runs the branches."""
         assert self.transformers is not None
         adapters = list(adapters) if adapters is not None else [None] * batch_size
         scales = list(scales) if scales is not None else [None] * batch_size
@@ -527,8 +538,10 @@ class Flux2Engine:
         if selection is None:
             if any(adapter is not None for adapter in adapters):
                 raise ValueError("this engine serves no LoRA adapters")
-            return
+            return False
         selection.select(adapters, scales)
+        self.transformers.prepare_lora(recipe)
+        return selection.branches
 
     def _recipe(self, mode: str) -> ModeRecipe:
         try:

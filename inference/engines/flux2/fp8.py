@@ -26,11 +26,18 @@ class Float8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().to(torch.float32)
-        scale = (weight.abs().amax(dim=1, keepdim=True) / FLOAT8_MAX).clamp(min=1e-12)
-        self.register_buffer("weight_fp8", (weight / scale).to(FLOAT8))
-        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out_features)
+        weight_fp8, weight_scale = _quantize_weight(linear.weight.detach())
+        self.register_buffer("weight_fp8", weight_fp8)
+        self.register_buffer("weight_scale", weight_scale)  # (1, out_features)
         self.bias = linear.bias
+
+    @torch.no_grad()
+    def requantize(self, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` (out_features, in_features) into this layer's own buffers, in place: a
+        compiled graph or a captured CUDA graph reading them computes with the new weight from then on."""
+        weight_fp8, weight_scale = _quantize_weight(weight)
+        self.weight_fp8.copy_(weight_fp8)
+        self.weight_scale.copy_(weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -43,6 +50,13 @@ class Float8Linear(torch.nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, (1, out_features) float32 scales): one scale per output channel."""
+    weight = weight.to(torch.float32)
+    scale = (weight.abs().amax(dim=1, keepdim=True) / FLOAT8_MAX).clamp(min=1e-12)
+    return (weight / scale).to(FLOAT8), scale.t().contiguous()
 
 
 def quantize_transformer_fp8(transformer: torch.nn.Module) -> int:

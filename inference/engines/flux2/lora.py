@@ -3,15 +3,25 @@
 Adapters are read by diffusers' own loader (``Flux2KleinPipeline.load_lora_weights``), so every format it
 accepts for FLUX.2 works and a file that is not a LoRA for this transformer fails in its validation. Their
 PEFT ``lora_A``/``lora_B`` weights and scalings are then copied into stacked tensors (``LoraBank``), PEFT's
-layers are removed again, and every targeted linear layer becomes a ``MultiLoraLinear``: ``W x + s_b *
-B_{a_b} (A_{a_b} x)`` for row b of the batch, with the adapter index a_b and the scale s_b read from
-persistent tensors (``LoraSelection``) that the engine fills before each batch. The low-rank branches stay
-unfused, so one batch mixes sessions with different adapters, and switching adapters or scales changes
-tensor values only: no recompilation, no re-captured CUDA graph.
+layers are removed again, and every targeted linear layer becomes a ``MultiLoraLinear``, which serves a
+batch in one of two ways (``LoraSelection.select`` picks per batch):
 
-With one adapter active at scale s, a row computes what PEFT computes after ``set_adapters([name], [s])``,
-operation for operation (``base + (B (A x)) * (s * alpha / r)``), so the exact mode stays bit-identical to
-the diffusers pipeline with the same adapter.
+* **Fused**, when every row of the batch takes the same adapter at the same scale, or none (always the case
+  with one session per batch, as the exact mode's admission has it): the layer's own weight holds
+  ``W + s * B A`` (what diffusers' ``fuse_lora`` computes) or ``W`` alone, and the layer is the base layer
+  with no branch at all, the same kernels as without LoRA support. A new choice is fused in place, into the
+  same storage, from the unfused ``W`` kept beside it, so compiled graphs and captured CUDA graphs stay
+  valid: a switch costs one pass over the adapted weights, not a compilation.
+* **Branches**, when rows differ: the weight is the unfused ``W`` and row b adds
+  ``s_b * B_{a_b} (A_{a_b} x)``, with the adapter index a_b and the scale s_b read from persistent tensors
+  that the engine fills before the batch. One batch mixes sessions with different adapters; switching
+  adapters or scales changes tensor values only.
+
+Which of the two a layer computes is a Python attribute a compiled graph is specialised on, so each is a
+graph of its own; the engine warms both up (branches only where a batch can hold two sessions) and keys its
+CUDA graphs by it. With one adapter active at scale s, a branched row computes what PEFT computes after
+``set_adapters([name], [s])``, operation for operation (``base + (B (A x)) * (s * alpha / r)``), and a
+fused layer's weight is bit for bit what ``set_adapters`` then ``fuse_lora`` leaves in it.
 """
 
 from __future__ import annotations
@@ -179,15 +189,32 @@ class LoraSelection:
         # What the buffers hold now: a render loop mostly repeats the last batch's choice, which then
         # costs no copy to the device.
         self._selected: tuple[tuple[str | None, ...], tuple[float | None, ...]] | None = None
+        # How the next batch is served: False, every row alike, by the layers' own weights with `fused`
+        # (adapter index, scale) fused in (None: the base weights); True, by the per-row branches.
+        self.branches = False
+        self.fused: tuple[int, float] | None = None
 
     def layer(self, name: str) -> int:
         return self.layers.index(name)
 
+    def scaling(self, layer: int, index: int, scale: float) -> float:
+        """PEFT's scaling of adapter ``index`` at ``scale`` for layer ``layer`` (0 where it has none)."""
+        target = self.bank.targets[self.layers[layer]].get(index)
+        return 0.0 if target is None or scale == 0.0 else target.scaling(scale)
+
     def select(self, adapters: Sequence[str | None], scales: Sequence[float | None]) -> None:
-        """Set the rows' adapters (None: none) and scales (None: the adapter's default) for the next batch."""
+        """Set the rows' adapters (None: none) and scales (None: the adapter's default) for the next batch:
+        fused when every row makes the same choice, branches otherwise."""
         rows = len(adapters)
         if rows > self.index.shape[0]:
             raise ValueError(f"at most {self.index.shape[0]} rows, got {rows}")
+        choices = {self._choice(name, scale) for name, scale in zip(adapters, scales, strict=True)}
+        if len(choices) == 1:
+            self.branches = False
+            self.fused = next(iter(choices))
+            return
+        self.branches = True
+        self.fused = None
         selected = (tuple(adapters), tuple(scales))
         if selected == self._selected:
             return
@@ -205,6 +232,14 @@ class LoraSelection:
         self.index[:rows].copy_(torch.tensor(indices, dtype=torch.long), non_blocking=False)
         self.scales[:, :rows].copy_(torch.stack(columns, dim=1))
         self._selected = selected
+
+    def _choice(self, name: str | None, scale: float | None) -> tuple[int, float] | None:
+        """(adapter index, scale) of a row, None for no adapter (or scale 0, which is the same)."""
+        if name is None:
+            return None
+        index = self.bank.index(name)
+        value = float(self.bank.specs[index].scale if scale is None else scale)
+        return None if value == 0.0 else (index, value)
 
     def _column(self, index: int, scale: float) -> torch.Tensor:
         key = (index, float(scale))
@@ -224,8 +259,10 @@ class LoraSelection:
 
 
 class MultiLoraLinear(torch.nn.Module):
-    """A linear layer (``nn.Linear``, or the FP8 one) plus every adapter's low-rank branch, each row of the
-    batch taking the branch and scaling the LoraSelection says."""
+    """A linear layer (``nn.Linear``, or the FP8 one) plus every adapter's low-rank branch: each row of the
+    batch takes the branch and scaling the LoraSelection says, or, when the selection is fused, the base
+    layer alone on weights holding the batch's one choice (``fuse``). ``weight``: the base layer's unfused
+    weight (a copy is taken of an ``nn.Linear``'s own; an FP8 layer's is given in the model dtype)."""
 
     def __init__(
         self,
@@ -234,18 +271,42 @@ class MultiLoraLinear(torch.nn.Module):
         up: torch.Tensor,
         selection: LoraSelection,
         layer: int,
+        weight: torch.Tensor,
     ) -> None:
         super().__init__()
         self.base = base
         self.register_buffer("lora_down", down)  # (adapters, r, in)
         self.register_buffer("lora_up", up)  # (adapters, out, r)
+        # The unfused weight every fusion starts from, so fusing never accumulates rounding.
+        self.register_buffer("unfused_weight", weight)
         self.selection = selection
         self.layer = layer
         self.in_features = down.shape[2]
         self.out_features = up.shape[1]
+        self.fused: tuple[int, float] | None = None  # what the base layer's weight holds now
+
+    @torch.no_grad()
+    def fuse(self, choice: tuple[int, float] | None) -> None:
+        """Make the base layer's weight hold adapter ``choice`` = (index, scale) fused in, or the unfused
+        weight for None, in place. As PEFT's merge: ``W + (B @ A) * scaling`` in the weight's dtype."""
+        if choice == self.fused:
+            return
+        weight = self.unfused_weight
+        if choice is not None:
+            index, scale = choice
+            scaling = self.selection.scaling(self.layer, index, scale)
+            delta = (self.lora_up[index] @ self.lora_down[index]) * scaling
+            weight = weight + delta.to(weight.dtype)
+        if isinstance(self.base, torch.nn.Linear):
+            self.base.weight.copy_(weight)
+        else:
+            self.base.requantize(weight)  # type: ignore[operator]
+        self.fused = choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
+        if not self.selection.branches:
+            return result
         rows = x.shape[0]
         index = self.selection.index[:rows]
         # (B, tokens, in) for the blocks, (B, in) for the modulation layers.
@@ -257,13 +318,37 @@ class MultiLoraLinear(torch.nn.Module):
         return result + (up * scale).to(result.dtype)
 
 
-def apply_lora(transformer: torch.nn.Module, selection: LoraSelection) -> int:
+def apply_lora(
+    transformer: torch.nn.Module,
+    selection: LoraSelection,
+    *,
+    weights_from: torch.nn.Module | None = None,
+) -> list[MultiLoraLinear]:
     """Wrap every layer of ``transformer`` that an adapter targets in a MultiLoraLinear, in place; a fused
-    q/k/v layer takes its parts' branches side by side. Returns how many layers were wrapped."""
+    q/k/v layer takes its parts' branches side by side. Returns the wrapped layers. ``weights_from``: the
+    bf16 transformer whose unfused weights stand for those of layers that keep none of their own (FP8 ones),
+    already wrapped by apply_lora itself."""
     bank = selection.bank
     count = len(bank.specs)
-    wrapped = 0
+    wrapped: list[MultiLoraLinear] = []
     modules = dict(transformer.named_modules())
+    sources = dict(weights_from.named_modules()) if weights_from is not None else {}
+
+    def unfused(name: str, base: torch.nn.Module) -> torch.Tensor:
+        if isinstance(base, torch.nn.Linear):
+            return base.weight.detach().clone()
+        source = sources.get(name)
+        if isinstance(source, MultiLoraLinear):
+            return source.unfused_weight  # shared, never written
+        if isinstance(source, torch.nn.Linear):
+            return source.weight.detach()
+        parent_name, _, child = name.rpartition(".")
+        parts = _FUSED.get(child)
+        if parts is not None:
+            prefix = f"{parent_name}." if parent_name else ""
+            return torch.cat([unfused(prefix + part, base) for part in parts])
+        raise ValueError(f"no unfused weight for the LoRA-adapted layer {name}")
+
     for name in selection.layers:
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else transformer
@@ -271,8 +356,9 @@ def apply_lora(transformer: torch.nn.Module, selection: LoraSelection) -> int:
             continue  # served by the fused layer below
         base = getattr(parent, child)
         down, up = _stack([bank.targets[name]], count, base)
-        setattr(parent, child, MultiLoraLinear(base, down, up, selection, selection.layer(name)))
-        wrapped += 1
+        layer = MultiLoraLinear(base, down, up, selection, selection.layer(name), unfused(name, base))
+        setattr(parent, child, layer)
+        wrapped.append(layer)
     for parent_name, parent in list(modules.items()):
         if not getattr(parent, "fused_projections", False):
             continue
@@ -285,8 +371,11 @@ def apply_lora(transformer: torch.nn.Module, selection: LoraSelection) -> int:
             reference = bank.targets[first]
             parts_weights = [_relative(bank.targets.get(name, {}), reference) for name in names]
             down, up = _stack(parts_weights, count, base)
-            setattr(parent, fused, MultiLoraLinear(base, down, up, selection, selection.layer(first)))
-            wrapped += 1
+            full_name = f"{parent_name}.{fused}" if parent_name else fused
+            weight = unfused(full_name, base)
+            layer = MultiLoraLinear(base, down, up, selection, selection.layer(first), weight)
+            setattr(parent, fused, layer)
+            wrapped.append(layer)
     return wrapped
 
 

@@ -15,14 +15,15 @@ from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DMo
 
 from inference.engines.flux2.fp8 import quantized_copy
 from inference.engines.flux2.kv_reuse import use_kv_attention
-from inference.engines.flux2.lora import LoraBank, LoraSelection, apply_lora
+from inference.engines.flux2.lora import LoraBank, LoraSelection, MultiLoraLinear, apply_lora
 from inference.engines.flux2.recipes import ModeRecipe
 
 
 class Transformers:
     """The transformer copies an engine's modes run on: ``exact`` always, ``fp8`` when a mode needs it.
-    With a ``lora`` bank, both carry every adapter's low-rank branches (lora.py), and ``lora`` is where the
-    engine says which adapter each row of the next batch applies."""
+    With a ``lora`` bank, both carry every adapter's low-rank branches (lora.py), ``lora`` is where the
+    engine says which adapter each row of the next batch applies, and ``prepare_lora`` fuses a batch's one
+    adapter into the weights of the transformer that renders it."""
 
     def __init__(
         self,
@@ -38,11 +39,14 @@ class Transformers:
             quantized_copy(exact) if any(recipe.fp8 for recipe in recipes) else None
         )
         self.lora: LoraSelection | None = None
+        self._lora_layers: dict[int, list[MultiLoraLinear]] = {}
         if lora is not None and lora.targets:
-            # After the FP8 copy is made: it quantizes the base layers, the branches stay in the model dtype.
+            # After the FP8 copy is made: it quantizes the base layers, the branches stay in the model dtype,
+            # and its layers fuse adapters from the bf16 transformer's unfused weights (it keeps none).
             self.lora = LoraSelection(lora, max_batch, exact.device)
-            for transformer in [exact] if self.fp8 is None else [exact, self.fp8]:
-                apply_lora(transformer, self.lora)
+            self._lora_layers[id(exact)] = apply_lora(exact, self.lora)
+            if self.fp8 is not None:
+                self._lora_layers[id(self.fp8)] = apply_lora(self.fp8, self.lora, weights_from=exact)
         for recipe in recipes:
             if recipe.reference_kv_reuse:
                 use_kv_attention(self.for_recipe(recipe))
@@ -52,6 +56,16 @@ class Transformers:
             assert self.fp8 is not None
             return self.fp8
         return self.exact
+
+    def prepare_lora(self, recipe: ModeRecipe) -> None:
+        """Bring the adapted layers of the recipe's transformer to what the LoRA selection asks for the next
+        batch: the batch's one adapter fused into their weights, or their unfused weights (no adapter, or
+        per-row branches). Nothing is written when they already hold it."""
+        if self.lora is None:
+            return
+        choice = None if self.lora.branches else self.lora.fused
+        for layer in self._lora_layers[id(self.for_recipe(recipe))]:
+            layer.fuse(choice)
 
     def __iter__(self) -> Iterator[Flux2Transformer2DModel]:
         yield self.exact

@@ -23,6 +23,8 @@ from inference.engines.flux2.lora import LoraLoadError, MultiLoraLinear, load_ad
 from inference.protocol import OUTPUT_SIZE
 
 BATCH_TOLERANCE = 1e-3  # as test_engine.py: batched products sum in another order
+# Fused (W + s B A) against unfused (W x + s B (A x)) products: float32 rounding, far below a pixel level.
+FUSED_TOLERANCE = 1e-4
 
 
 def write_lora(directory: Path, name: str, *, seed: int, rank: int = 4, alpha: float = 8.0) -> Path:
@@ -106,17 +108,24 @@ def _pipeline_output(pipe: Flux2KleinPipeline, frame: np.ndarray, prompt: str, s
 def test_adapter_at_a_scale_matches_diffusers_set_adapters(
     engine: Flux2Engine, lora_files: dict[str, Path]
 ) -> None:
-    """The exactness gate: bit-identical to load_lora_weights + set_adapters, for each adapter and scale."""
+    """The exactness gate. A frame alone (one choice for the whole batch) is rendered with the adapter fused
+    into the weights: bit-identical to diffusers' set_adapters + fuse_lora, and within rounding of
+    set_adapters unfused."""
     pipe = _diffusers_pipeline(lora_files)
     frame = _frame(5)
     plain = engine.render_frames(_as_tensor(frame), ["a portrait"], steps=2, seeds=[11])
     for name, scale in [("clay", 1.0), ("clay", 0.35), ("ink", 1.7)]:
         pipe.set_adapters([name], [scale])
-        reference = _pipeline_output(pipe, frame, "a portrait", 11)
+        unfused = _pipeline_output(pipe, frame, "a portrait", 11)
+        fused_pipe = _diffusers_pipeline(lora_files)
+        fused_pipe.set_adapters([name], [scale])
+        fused_pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[name])
+        fused = _pipeline_output(fused_pipe, frame, "a portrait", 11)
         ours = engine.render_frames(
             _as_tensor(frame), ["a portrait"], steps=2, seeds=[11], adapters=[name], adapter_scales=[scale]
         )
-        assert torch.equal(ours, reference), (name, scale, (ours - reference).abs().max())
+        assert torch.equal(ours, fused), (name, scale, (ours - fused).abs().max())
+        assert (ours - unfused).abs().max() < FUSED_TOLERANCE
         assert (ours - plain).abs().max() > 0.02  # the adapter changed the picture
     # No adapter (or scale 0) is the engine without LoRA, exactly.
     pipe.disable_lora()
@@ -125,6 +134,135 @@ def test_adapter_at_a_scale_matches_diffusers_set_adapters(
         _as_tensor(frame), ["a portrait"], steps=2, seeds=[11], adapters=["clay"], adapter_scales=[0.0]
     )
     assert torch.equal(zero, plain)
+
+
+def test_rows_with_different_adapters_match_diffusers_set_adapters_row_by_row(
+    engine: Flux2Engine, lora_files: dict[str, Path]
+) -> None:
+    """A batch whose rows differ runs the unfused branches, PEFT's own arithmetic: each row equals
+    set_adapters with its adapter alone, to the rounding batching itself brings."""
+    pipe = _diffusers_pipeline(lora_files)
+    frame = _frame(6)
+    batch = engine.render_frames(
+        _as_tensor(frame).expand(2, -1, -1, -1),
+        ["a portrait"] * 2,
+        steps=2,
+        seeds=[3, 3],
+        adapters=["clay", "ink"],
+        adapter_scales=[0.8, 1.2],
+    )
+    for row, (name, scale) in enumerate([("clay", 0.8), ("ink", 1.2)]):
+        pipe.set_adapters([name], [scale])
+        reference = _pipeline_output(pipe, frame, "a portrait", 3)
+        assert (batch[row] - reference[0]).abs().max() < BATCH_TOLERANCE
+
+
+def test_switching_fuses_in_place_and_never_drifts(engine: Flux2Engine) -> None:
+    """Each switch re-fuses into the same storage (so compiled and captured graphs keep reading it) from the
+    unfused weights (so going back and forth changes nothing)."""
+    frame = _as_tensor(_frame(7))
+    layer = engine.pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(layer, MultiLoraLinear)
+    storage = layer.base.weight.data_ptr()
+
+    def render(adapter: str | None, scale: float | None = None) -> torch.Tensor:
+        return engine.render_frames(
+            frame, ["x"], steps=2, seeds=[1], adapters=[adapter], adapter_scales=[scale]
+        )
+
+    plain, clay = render(None), render("clay")
+    unfused = layer.unfused_weight.clone()
+    assert not torch.equal(layer.base.weight, unfused)  # clay is in the weight now
+    for adapter, scale in [("ink", 1.5), ("clay", 0.2), (None, None), ("ink", None)]:
+        render(adapter, scale)
+        assert layer.base.weight.data_ptr() == storage
+    assert torch.equal(render("clay"), clay)
+    assert torch.equal(render(None), plain)
+    assert torch.equal(layer.base.weight, unfused)
+    # A mixed batch after a fused one computes on the unfused weights.
+    engine.render_frames(
+        frame.expand(2, -1, -1, -1), ["x"] * 2, steps=2, seeds=[1, 1], adapters=["clay", None]
+    )
+    assert torch.equal(layer.base.weight, unfused)
+
+
+def _products(engine: Flux2Engine, frame: torch.Tensor, adapters: list[str | None]) -> int:
+    """How many matrix products one render of these rows runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+
+    class Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func in products:
+                Count.count += 1
+            return func(*args, **(kwargs or {}))
+
+    rows = len(adapters)
+    kwargs = {"adapters": adapters} if engine.adapters else {}
+
+    def render() -> None:
+        frames = frame.expand(rows, -1, -1, -1)
+        engine.render_frames(frames, ["x"] * rows, steps=2, seeds=[1] * rows, **kwargs)
+
+    render()  # loads the weights and encodes the prompt, outside the count
+    with Count():
+        render()
+    return Count.count
+
+
+def test_no_branch_work_unless_rows_differ(engine: Flux2Engine) -> None:
+    """With no adapter, or one adapter for the whole batch, an engine with adapters loaded runs the same
+    matrix products as one without LoRA support; only rows that differ pay for the low-rank branches."""
+    without = create_flux2_engine(tiny=True, device="cpu", max_batch=4)
+    frame = _as_tensor(_frame(8))
+    baseline = _products(without, frame, [None, None])
+    assert _products(engine, frame, [None, None]) == baseline
+    assert _products(engine, frame, ["clay", "clay"]) == baseline
+    assert _products(engine, frame, ["clay", None]) > baseline
+
+
+def test_switching_adapters_compiles_nothing_after_warm_up(lora_files: dict[str, Path]) -> None:
+    """The fused and the branched form are both traced at warm-up (the branched one only for batches that
+    can hold two sessions); then no choice of adapters, scales or mixes traces a graph again."""
+    from torch._dynamo.testing import CompileCounter
+
+    specs = (AdapterSpec("clay", str(lora_files["clay"])), AdapterSpec("ink", str(lora_files["ink"])))
+    engine = create_flux2_engine(tiny=True, device="cpu", max_batch=2, loras=specs, modes=("exact",))
+    engine.load()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    # The engine's own warm-up, with a tracing backend that counts graphs in place of inductor.
+    engine.compile = True
+    engine.transformers.exact.compile(backend=counter, fullgraph=True, dynamic=None)
+    try:
+        engine.warm_up_mode("exact")
+        traced = counter.frame_count
+        assert traced >= 3  # batch 1, batch 2, batch 2 with branches
+        frame = _as_tensor(_frame(2))
+        for adapters, scales in [
+            (["clay"], [None]),
+            (["ink"], [1.5]),
+            ([None], [None]),
+            (["clay", "ink"], [None, None]),
+            (["ink", "ink"], [0.3, 0.3]),
+            (["ink", None], [0.3, None]),
+            ([None, None], [None, None]),
+        ]:
+            rows = len(adapters)
+            engine.render_frames(
+                frame.expand(rows, -1, -1, -1),
+                ["x"] * rows,
+                steps=2,
+                seeds=[1] * rows,
+                adapters=adapters,
+                adapter_scales=scales,
+            )
+        assert counter.frame_count == traced
+    finally:
+        torch._dynamo.reset()
 
 
 def test_two_sessions_with_different_adapters_share_one_batch(engine: Flux2Engine) -> None:
