@@ -16,8 +16,9 @@ Sections (``--sections``, all by default), on one set of weights:
   and seed. ``--levers`` adds single-approximation modes so each lever's effect is measured alone.
 * ``style``: each mode with and without a style image (a second reference image of STYLE_IMAGE_SIZE²:
   1,024 more tokens at 512²), at the first step count, batch 1: ``render``'s ms/frame both ways, and
-  ``render_frames``' deviation from the eager pipeline given ``image=[frame, style]``; plus the approximate
-  modes with the style image read at 256² (``<mode>-style256``), the lever that makes it cheaper.
+  ``render_frames``' deviation from the eager pipeline given ``image=[frame, style]``; with ``--levers``
+  also the approximate modes with the style image read at 256² (``<mode>-style256``), the lever that makes
+  it cheaper (each one more set of compiled shapes).
 * ``lora``: exact and turbo with 0 (no LoRA support), 1 and 4 random rank-16 LoRA adapters loaded through
   the worker's path (``Flux2Config.loras``), ``render`` with none and with one active; overhead per frame
   against the engine without LoRA support (bench/lora.py).
@@ -278,7 +279,7 @@ class Bench:
                 modes=tuple(self.args.modes),
                 custom_modes={
                     **(LEVER_MODES if self.args.levers else {}),
-                    **(self.style_lever_modes() if "style" in self.args.sections else {}),
+                    **(self.style_lever_modes() if self.style_levers else {}),
                 },
                 # The pipeline is given; these say where the modes' smaller decoders come from: random
                 # weights for random model weights, else the published repos or the paths given.
@@ -309,6 +310,11 @@ class Bench:
             self.engine = engine
         return self.engine
 
+    @property
+    def style_levers(self) -> bool:
+        """Whether the style section measures its lever modes (each one more set of compiled shapes)."""
+        return self.args.levers and "style" in self.args.sections
+
     def style_lever_modes(self) -> dict[str, ModeRecipe]:
         """The approximate production modes with the style image read at STYLE_LEVER_SIZE²."""
         return {
@@ -321,7 +327,7 @@ class Bench:
         print("section modes", flush=True)
         engine = self.production_engine()
         for mode in engine.modes:
-            if mode.id in self.style_lever_modes():
+            if self.style_levers and mode.id in self.style_lever_modes():
                 continue  # the same as its base mode without a style image; the style section has it
             phase = f"mode:{mode.id}"
             for steps in self.args.steps:
@@ -348,7 +354,7 @@ class Bench:
         print("section style", flush=True)
         engine = self.production_engine()
         steps, prompt, seed, style = self.args.steps[0], self.prompts[0], self.seeds[0], self.style
-        levers = self.style_lever_modes()
+        levers = self.style_lever_modes() if self.style_levers else {}
         for mode in engine.modes:
             if mode.id in LEVER_MODES:
                 continue

@@ -57,3 +57,16 @@ def test_bench_runs_every_case_and_writes_its_record(tmp_path, capsys: pytest.Ca
     assert "render_frames" in printed
     assert "2 steps: compiled pipeline baseline" in printed
     assert "x baseline" in printed
+
+
+@pytest.mark.parametrize("levers", [False, True])
+def test_the_style_section_measures_its_256_lever_only_with_levers(tmp_path, levers: bool) -> None:
+    """Each lever mode is one more set of compiled shapes on a GPU, so a plain run leaves them out."""
+    args = ["--tiny", "--device", "cpu", "--steps", "2", "--batch", "1", "--iters", "1", "--warmup", "0"]
+    args += ["--sections", "style", "--modes", "turbo", "--no-components", "--out", str(tmp_path)]
+    record = gpu.main([*args, *(["--levers"] if levers else [])])
+    cases = {(row["phase"], row["case"]) for row in record["rows"] if row["error"] is None}
+    assert {("style:turbo", "render"), ("style:turbo", "render+style")} <= cases
+    lever = {("style:turbo-style256", "render+style"), ("style:turbo-style256", "frames+style")}
+    assert (lever <= cases) is levers
+    assert bool(lever & cases) is levers
