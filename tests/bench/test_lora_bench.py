@@ -34,3 +34,32 @@ def test_the_bench_adapters_load_through_the_worker_path_and_change_the_frame(tm
     job = FrameJob("s", 1, webcam_jpeg(), "a prompt", 1, 7)
     plain, active = engine.render([job, FrameJob("t", 1, job.jpeg, job.prompt, 1, 7, adapter="lora0")])
     assert mean_abs_diff(plain, active) > 0.0
+
+
+def test_the_summary_reports_each_case_against_the_engine_without_lora_support() -> None:
+    from bench.gpu import Row, format_lora_summary
+
+    def row(phase: str, case: str, ms: float, max_abs: float | None = None) -> Row:
+        return Row(phase, case, 2, 1, [ms, ms, ms], max_abs=max_abs, psnr_db=40.0 if max_abs else None)
+
+    rows = [
+        row("lora0:exact", "render", 70.0),
+        row("lora1:exact", "render", 70.7),
+        row("lora1:exact", "render+lora", 77.0),
+        row("lora1:exact", "frames+lora", 71.0, max_abs=0.04),
+        row("lora4:exact", "render+switch", 105.0),
+        Row("lora4:exact", "render+lora", 2, 1, [], error="RuntimeError: out of memory"),
+    ]
+    lines = format_lora_summary(rows)
+
+    def line(label: str) -> list[str]:
+        found = [text.split() for text in lines if label in text]
+        return found[0] if found else []
+
+    assert line("1 loaded, one active")[-4:] == ["77.00", "ms", "+10.0", "%"]
+    assert line("1 loaded, none active")[-4:] == ["70.70", "ms", "+1.0", "%"]
+    assert line("4 loaded, switching")[-4:] == ["105.00", "ms", "+50.0", "%"]
+    assert "4.0e-02," in line("lora1:exact: adapter lora0 vs diffusers' set_adapters")
+    # A failed case is left out rather than reported as a figure.
+    assert line("4 loaded, one active") == []
+    assert format_lora_summary([row("mode:exact", "render", 70.0)]) == []
