@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.deviation import deviation
 from bench.loadgen import PROMPTS
 from bench.lora import format_lora_summary, measure_lora
 from bench.replicas import replicas_section
@@ -148,13 +149,6 @@ def time_calls(
         _sync(device)
         times.append(1000 * (time.perf_counter() - start))
     return times, first
-
-
-def deviation(image: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    """(max abs difference, PSNR in dB) of two float images in [0, 1]."""
-    diff = image.float().cpu() - reference.float().cpu()
-    mse = float(diff.pow(2).mean())
-    return float(diff.abs().max()), (math.inf if mse == 0 else 10 * math.log10(1.0 / mse))
 
 
 def webcam_frame(seed: int) -> np.ndarray:

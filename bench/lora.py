@@ -30,6 +30,7 @@ import torch
 from diffusers import Flux2KleinPipeline
 from PIL import Image
 
+from bench.deviation import deviation
 from inference.adapters import AdapterSpec
 from inference.engines.base import FrameJob
 from inference.engines.flux2 import Flux2Config, Flux2Engine
@@ -220,8 +221,6 @@ def _measure_engine(
                 return engine.render_frames(
                     bench.frame_tensor, [prompt], steps=steps, seeds=[seed], mode=mode, adapters=["lora0"]
                 )
-
-            from bench.gpu import deviation  # here: bench.gpu imports this module
 
             row = bench._run(phase, "frames+lora", steps, 1, call)
             if row.error is None:
