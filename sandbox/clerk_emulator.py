@@ -584,19 +584,35 @@ class ClerkEmulator:
             )
             raise _param_error(422, "form_param_exceeds_allowed_size", param, message, message)
 
-    def _check_identifiers_free(
+    def _identifier_taken(
         self, emails: Iterable[str], username: str | None, skip_user: str | None
-    ) -> None:
+    ) -> ClerkAPIError | None:
+        """The refusal for an email address or username another user holds, as the next change finds
+        them; None when they are free."""
         wanted = set(emails)
         for user in self._accepted.values():
             if user["id"] == skip_user:
                 continue
             if wanted & {entry["email_address"] for entry in user["email_addresses"]}:
                 message = "That email address is taken. Please try another."
-                raise _param_error(422, "form_identifier_exists", "email_address", message, message)
+                return _param_error(422, "form_identifier_exists", "email_address", message, message)
             if username is not None and user["username"] == username:
                 message = "That username is taken. Please try another."
-                raise _param_error(422, "form_identifier_exists", "username", message, message)
+                return _param_error(422, "form_identifier_exists", "username", message, message)
+        return None
+
+    def _durable_point(self) -> asyncio.Future[None] | None:
+        """A future done once every change accepted so far is on disk and served; None when it already is.
+        Callers hold `self._lock`. A refusal decided against an accepted change is answered only then, as
+        a database answers a conflicting insert only once the winner has committed: whoever is told
+        "taken" can find the one who took it."""
+        if self._accepted is self._users:
+            return None
+        durable = asyncio.get_running_loop().create_future()
+        self._waiting.append(durable)
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        return durable
 
     async def _write_metadata(
         self, user_id: str, change: Callable[[dict[str, Any]], list[str]]
@@ -1084,8 +1100,15 @@ class ClerkEmulator:
         self._apply_profile_fields(user, body)
         self._check_metadata_size(user, [field for field in _METADATA_FIELDS if field in body])
         async with self._lock:
-            self._check_identifiers_free(emails, user["username"], skip_user=None)
-            durable = self._stage({**self._accepted, user["id"]: user}, user["id"])
+            taken = self._identifier_taken(emails, user["username"], skip_user=None)
+            if taken is None:
+                durable = self._stage({**self._accepted, user["id"]: user}, user["id"])
+            else:
+                winner = self._durable_point()
+        if taken is not None:
+            if winner is not None:
+                await winner
+            raise taken
         await durable
         return user
 
@@ -1113,10 +1136,18 @@ class ClerkEmulator:
             for field in written:
                 updated[field] = body.metadata(field)
             self._check_metadata_size(updated, written)
+            taken = None
             if updated["username"] != current["username"]:
-                self._check_identifiers_free((), updated["username"], skip_user=user_id)
-            updated["updated_at"] = _now_ms()
-            durable = self._stage({**self._accepted, user_id: updated}, user_id)
+                taken = self._identifier_taken((), updated["username"], skip_user=user_id)
+            if taken is None:
+                updated["updated_at"] = _now_ms()
+                durable = self._stage({**self._accepted, user_id: updated}, user_id)
+            else:
+                winner = self._durable_point()
+        if taken is not None:
+            if winner is not None:
+                await winner
+            raise taken
         await durable
         if written:
             self._metadata_writes[user_id] = self._metadata_writes.get(user_id, 0) + 1

@@ -110,13 +110,14 @@ def post_webhook(stack: Stack, body: bytes) -> httpx.Response:
 
 
 def stream_once(stack: Stack, browser: Browser, pool: ThreadPoolExecutor) -> list[httpx.Response]:
-    """A ticket, a burst of running reports for its stream (as from several workers' retries), and the
-    final report: one second streamed."""
+    """A ticket and the worker's claim of its stream, a burst of running reports for it (as from several
+    workers' retries), and the final report: one second streamed."""
     ticket = browser.ticket()
     answers = [ticket]
     if ticket.status_code != 200:
         return answers
     stream_id = ticket.json()["stream_id"]
+    answers.append(stack.claim(browser, stream_id))
     burst: list[Callable[[], httpx.Response]] = [lambda: stack.report(usage(browser, stream_id, 1))] * 6
     answers += list(pool.map(lambda call: call(), burst))
     answers.append(stack.report(usage(browser, stream_id, 1, final=True)))
@@ -160,8 +161,9 @@ def test_a_burst_of_streams_reports_and_webhooks_stays_within_clerks_write_limit
     stored = stack.metadata(browser.user_id)
     assert stored.public.free_seconds_used + stored.public.seconds_used == streams
     assert stored.public.plan == "ultra"
-    # A write for every reservation and final report, a second apart: the budget, not the traffic, set
-    # the pace, and the app kept to its 8 in any 10 s, leaving room for the webhooks' 2.
+    # A write for every claim (carrying its ticket's reservation) and final report, a second apart: the
+    # budget, not the traffic, set the pace, and the app kept to its 8 in any 10 s, leaving room for the
+    # webhooks' 2.
     assert streams >= 4
     assert len([at for at in writes.times if at <= only_the_app]) > APP_WRITES_PER_WINDOW, writes.times
     assert writes.most_in_a_window(started, only_the_app) <= APP_WRITES_PER_WINDOW, writes.times
@@ -175,6 +177,7 @@ def test_the_write_log_sees_each_write_when_it_happens(stack: Stack) -> None:
         first = browser.ticket()
         assert first.status_code == 200
         stream_id: Any = first.json()["stream_id"]
+        assert stack.claim(browser, stream_id).status_code == 200
         time.sleep(1.5)
         assert stack.report(usage(browser, stream_id, 1, final=True)).status_code == 200
         time.sleep(0.1)
