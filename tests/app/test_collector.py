@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator
 
 import pytest
@@ -87,3 +88,37 @@ def test_sweeps_run_in_the_background_until_uninstalled() -> None:
     time.sleep(0.2)
     assert policy.sweeps == sweeps
     assert gc.get_freeze_count() == 0
+
+
+def _full_collections_while_allocating(count: int) -> int:
+    full = 0
+
+    def seen(phase: str, info: dict[str, object]) -> None:
+        nonlocal full
+        if phase == "stop" and info["generation"] == 2:
+            full += 1
+
+    # Cyclic objects that outlive a few young collections before they die, as the SDK's per-call model
+    # classes do while their request awaits Clerk: they reach the old generation as garbage.
+    window: deque[Node] = deque(maxlen=20_000)
+    gc.callbacks.append(seen)
+    try:
+        for _ in range(count):
+            window.append(Node())
+    finally:
+        gc.callbacks.remove(seen)
+    return full
+
+
+def test_full_collections_come_in_smaller_batches_and_the_default_returns_after() -> None:
+    before = gc.get_threshold()
+    gc.collect()
+    without = _full_collections_while_allocating(300_000)
+    policy = CollectorPolicy()
+    policy.install(background=False)
+    try:
+        with_policy = _full_collections_while_allocating(300_000)
+    finally:
+        policy.uninstall()
+    assert with_policy >= 2 * max(without, 1), (with_policy, without)
+    assert gc.get_threshold() == before
