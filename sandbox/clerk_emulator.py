@@ -168,6 +168,15 @@ def _json_response(content: Any, status_code: int = 200) -> Response[bytes]:
     return Response(content=_json_encoder.encode(content), status_code=status_code, media_type=MediaType.JSON)
 
 
+async def _settled(durable: asyncio.Future[None] | None, refusal: ClerkAPIError | None) -> None:
+    """Wait until what a change was decided against is on disk (the change itself, or the state that
+    refused it), then raise the refusal, if there is one."""
+    if durable is not None:
+        await durable
+    if refusal is not None:
+        raise refusal
+
+
 def _param_error(status_code: int, code: str, param: str, message: str, long_message: str) -> ClerkAPIError:
     return ClerkAPIError(status_code, code, message, long_message, meta={"param_name": param})
 
@@ -1104,12 +1113,8 @@ class ClerkEmulator:
             if taken is None:
                 durable = self._stage({**self._accepted, user["id"]: user}, user["id"])
             else:
-                winner = self._durable_point()
-        if taken is not None:
-            if winner is not None:
-                await winner
-            raise taken
-        await durable
+                durable = self._durable_point()
+        await _settled(durable, taken)
         return user
 
     async def _update(self, user_id: str, body: _Body) -> dict[str, Any]:
@@ -1143,12 +1148,8 @@ class ClerkEmulator:
                 updated["updated_at"] = _now_ms()
                 durable = self._stage({**self._accepted, user_id: updated}, user_id)
             else:
-                winner = self._durable_point()
-        if taken is not None:
-            if winner is not None:
-                await winner
-            raise taken
-        await durable
+                durable = self._durable_point()
+        await _settled(durable, taken)
         if written:
             self._metadata_writes[user_id] = self._metadata_writes.get(user_id, 0) + 1
         return updated
