@@ -399,6 +399,18 @@ async function onBinary(buffer) {
   }
 }
 
+function onLastUsage(data) {
+  let message;
+  try {
+    message = JSON.parse(data);
+  } catch {
+    return;
+  }
+  if (message.type !== "usage") return;
+  session.secondsRemaining = message.seconds_remaining;
+  session.usageAt = performance.now();
+}
+
 function onText(data) {
   let message;
   try {
@@ -582,7 +594,12 @@ function connect() {
   session.ready = false;
   forgetFrames();
   socket.addEventListener("message", (event) => {
-    if (socket !== session.socket) return;
+    if (socket !== session.socket) {
+      // The worker's last count for a stream this tab has just stopped (no newer one started) is still
+      // the truth the countdown shows.
+      if (session.socket === null && typeof event.data === "string") onLastUsage(event.data);
+      return;
+    }
     if (typeof event.data === "string") onText(event.data);
     else onBinary(event.data);
   });
