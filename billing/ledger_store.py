@@ -94,6 +94,11 @@ class _UserQueue:
     writing_reserved: dict[str, LedgerEntry] = field(default_factory=dict)
     flush: asyncio.TimerHandle | None = None
 
+    @property
+    def unwritten(self) -> bool:
+        """Whether anything answered is not yet in Clerk."""
+        return bool(self.deferred or self.reserved or self.writing_reports or self.writing_reserved)
+
 
 class LedgerStore:
     def __init__(
@@ -243,9 +248,7 @@ class LedgerStore:
         polls are waiting for it."""
         account = await self._account(user_id)
         queue = self._queues.get(user_id)
-        if queue is None or not (
-            queue.deferred or queue.reserved or queue.writing_reports or queue.writing_reserved
-        ):
+        if queue is None or not queue.unwritten:
             return account
         pending = self._pending_view(account.metadata, queue, int(self._clock()))
         return msgspec.structs.replace(account, metadata=pending)
@@ -368,8 +371,8 @@ class LedgerStore:
         if len(self._queues) < 1024:
             return
         now = self._monotonic()
+        now_s = int(self._clock())
         for user_id, queue in list(self._queues.items()):
-            now_s = int(self._clock())
             holds = any(is_live(sid, entry, now_s, self.policy) for sid, entry in queue.reserved.items())
             idle = (
                 not queue.pending
