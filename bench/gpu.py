@@ -17,8 +17,9 @@ Sections (``--sections``, all by default), on one set of weights:
 * ``style``: each mode with and without a style image (a second reference image of STYLE_IMAGE_SIZE²:
   1,024 more tokens at 512²), at the first step count, batch 1: ``render``'s ms/frame both ways, and
   ``render_frames``' deviation from the eager pipeline given ``image=[frame, style]``; with ``--levers``
-  also the approximate modes with the style image read at 256² (``<mode>-style256``), the lever that makes
-  it cheaper (each one more set of compiled shapes).
+  or ``--style-levers`` also the approximate modes with the style image read at 256² (``<mode>-style256``)
+  and with its keys and values computed with every frame's instead of once per image
+  (``<mode>-style-kv-per-frame``), each one more set of compiled shapes.
 * ``lora``: exact and turbo with 0 (no LoRA support), 1 and 4 random rank-16 LoRA adapters loaded through
   the worker's path (``Flux2Config.loras``), ``render`` with none and with one active; overhead per frame
   against the engine without LoRA support (bench/lora.py).
@@ -67,6 +68,7 @@ from bench.deviation import deviation
 from bench.loadgen import PROMPTS
 from bench.lora import format_lora_summary, measure_lora
 from bench.replicas import replicas_section
+from bench.timeline import format_timeline, write_pass_timeline
 from inference.engines.base import FrameJob
 from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Config, Flux2Engine, ModeRecipe
 from inference.engines.flux2.compiled import COMPILE_SCOPES
@@ -84,7 +86,8 @@ LEVER_MODES: dict[str, ModeRecipe] = {
     "lever-tiny-decoder": ModeRecipe(decoder="tiny"),
 }
 SECTIONS = ("baseline", "modes", "style", "lora", "sessions", "websocket", "replicas", "cold-start")
-# The style section's lever: an approximate mode with its style image read at 256² (256 tokens, not 1,024).
+# The style section's levers: an approximate mode with its style image read at 256² (256 tokens, not
+# 1,024), and with its keys and values computed with each frame's (the per-frame K/V scheme).
 STYLE_LEVER_SIZE = 256
 
 
@@ -307,15 +310,20 @@ class Bench:
     @property
     def style_levers(self) -> bool:
         """Whether the style section measures its lever modes (each one more set of compiled shapes)."""
-        return self.args.levers and "style" in self.args.sections
+        return (self.args.levers or self.args.style_levers) and "style" in self.args.sections
 
     def style_lever_modes(self) -> dict[str, ModeRecipe]:
-        """The approximate production modes with the style image read at STYLE_LEVER_SIZE²."""
-        return {
-            f"{mode}-style{STYLE_LEVER_SIZE}": replace(MODE_RECIPES[mode][1], style_size=STYLE_LEVER_SIZE)
-            for mode in self.args.modes
-            if MODE_RECIPES[mode][0].approximate
-        }
+        """The approximate production modes with the style image read at STYLE_LEVER_SIZE², and those with
+        style_kv_once with the style image's keys and values computed per frame instead."""
+        levers: dict[str, ModeRecipe] = {}
+        for mode in self.args.modes:
+            label, recipe = MODE_RECIPES[mode]
+            if not label.approximate:
+                continue
+            levers[f"{mode}-style{STYLE_LEVER_SIZE}"] = replace(recipe, style_size=STYLE_LEVER_SIZE)
+            if recipe.style_kv_once:
+                levers[f"{mode}-style-kv-per-frame"] = replace(recipe, style_kv_once=False)
+        return levers
 
     def measure_modes(self) -> None:
         print("section modes", flush=True)
@@ -468,6 +476,10 @@ class Bench:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(table)
             print(f"  profile of one 2-step {mode.id} render written to {path}")
+            # Where the device sits idle in the pass (timeline-<mode>.json, trace-<mode>.json.gz beside it).
+            timeline = write_pass_timeline(profiler, path.parent, mode.id)
+            self.system.setdefault("profile_timelines", {})[mode.id] = timeline
+            print("\n".join(format_timeline(timeline, f"one 2-step {mode.id} render")), flush=True)
 
     # ---- sections: sessions, websocket, cold start
 
@@ -698,6 +710,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--modes", nargs="+", default=list(MODE_RECIPES), choices=list(MODE_RECIPES), help="production modes"
     )
     parser.add_argument("--levers", action="store_true", help="also one mode per single approximation")
+    parser.add_argument(
+        "--style-levers", action="store_true", help="the style section's lever modes alone (without --levers)"
+    )
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA yes"
     )

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu,
 from diffusers.utils.torch_utils import randn_tensor
 
 from inference.engines.base import FrameJob
+from inference.engines.flux2 import kv_reuse
 from inference.engines.flux2.checkpoint import build_pipeline
 from inference.engines.flux2.compiled import compile_transformers, compile_vae
 from inference.engines.flux2.config import Flux2Config
@@ -42,7 +43,7 @@ from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCOD
 from inference.engines.flux2.kv_reuse import ReferenceKV
 from inference.engines.flux2.lora import load_adapters, prompt_with_trigger
 from inference.engines.flux2.recipes import ModeRecipe, offered_modes
-from inference.engines.flux2.style import StyleLatents, style_reference_ids
+from inference.engines.flux2.style import StyleKV, StyleLatents, style_reference_ids
 from inference.engines.flux2.transformer import Transformers, predict
 from inference.protocol import MAX_STEPS, MIN_STEPS, OUTPUT_SIZE, RenderMode
 from inference.style_image import StyleImage, style_image_from_pixels
@@ -95,6 +96,7 @@ class Flux2Engine:
         self._reference_ids: dict[int, torch.Tensor] = {}
         self._style_ids: dict[tuple[int, int], torch.Tensor] = {}
         self.styles = StyleLatents(self._encode_style, self.device)
+        self.style_kv = StyleKV()
         self._warm_modes: set[str] = set()
         self._frame_graphs = FrameGraphs()
         if pipeline is not None:
@@ -129,6 +131,7 @@ class Flux2Engine:
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
         self.styles = StyleLatents(self._encode_style, self.device)
+        self.style_kv = StyleKV()
         vae = pipe.vae
         # Patched-latent geometry of an OUTPUT_SIZE² frame: VAE downsampling x 2x2 patches.
         self._latent_size = OUTPUT_SIZE // (pipe.vae_scale_factor * 2)
@@ -311,11 +314,22 @@ class Flux2Engine:
         # Everything looked up per job (and cached) comes first: what follows is the frame's GPU work alone,
         # the part a CUDA graph can capture.
         conditioning: tuple[torch.Tensor, ...] = self._conditioning(prompts, seeds, recipe)
-        if styles is not None:
-            # Encoded once per style image (and size), on the first frame that carries it.
-            conditioning = (*conditioning, self.styles.batch(styles, recipe.style_size))
         frames = frames.to(self.device)
         branches = self._select_adapters(batch_size, adapters, adapter_scales, recipe)
+        if styles is not None:
+            # Encoded once per style image (and size), on the first frame that carries it; under
+            # style_kv_once its keys and values too, by the weights the rows' adapters left in place.
+            if recipe.style_kv_once:
+                keys = [
+                    (recipe.fp8, recipe.reference_size, recipe.style_size, adapter, scale)
+                    for adapter, scale in zip(
+                        adapters or [None] * batch_size, adapter_scales or [None] * batch_size, strict=True
+                    )
+                ]
+                compute = partial(self._style_kv, styles, recipe, conditioning[0])
+                conditioning = (*conditioning, self.style_kv.batch(styles, keys, compute))
+            else:
+                conditioning = (*conditioning, self.styles.batch(styles, recipe.style_size))
         if not (self.cuda_graphs and self.device.type == "cuda"):
             return self._denoise(frames, *conditioning, recipe=recipe, steps=steps)
         denoise = partial(self._denoise, recipe=recipe, steps=steps)
@@ -344,17 +358,28 @@ class Flux2Engine:
         steps: int,
     ) -> torch.Tensor:
         """The GPU work of a frame: encode the reference, ``steps`` transformer steps, decode. ``style``:
-        the rows' style image latents (B, tokens, C), the second reference image. Nothing here
+        the rows' style image as the second reference image, its latents (B, tokens, C), or under
+        ``recipe.style_kv_once`` its keys and values (``kv_reuse.stack_kv``'s form). Nothing here
         reads a tensor's values on the host, so it can be captured as a CUDA graph (the caches it reads
         from are filled by a first, uncaptured call)."""
         assert self.transformers is not None
         transformer = self.transformers.for_recipe(recipe)
         batch_size = frames.shape[0]
+        timesteps, sigmas = self._schedule(steps)
         text_ids = self._txt_ids(prompt_embeds)
+
+        def text(t: torch.Tensor) -> dict[str, Any]:
+            return self._text_kwargs(prompt_embeds, text_ids, t.expand(batch_size).to(noise.dtype) / 1000)
 
         # 3. The frames, encoded as the reference image
         reference, reference_ids = self._encode_reference(frames, recipe.reference_size)
-        if style is not None:
+        reference_kv = ReferenceKV() if recipe.reference_kv_reuse else None
+        if style is not None and recipe.style_kv_once:
+            # The frame's keys and values alone, joined with the style image's (computed once per image):
+            # every step then runs on the noise and text tokens only.
+            frame_kv = kv_reuse.reference_kv(transformer, reference, reference_ids, text(timesteps[0]))
+            reference_kv = ReferenceKV(kv_reuse.merge(frame_kv, style))
+        elif style is not None:
             # The pipeline's order: noise tokens, then the frame's, then the style image's. Under reference
             # K/V reuse both references' keys and values are computed once per frame, for all steps.
             style_ids = self._style_reference_ids(recipe.reference_size, recipe.style_size)
@@ -364,25 +389,12 @@ class Flux2Engine:
         latent_ids = self._latent_ids.expand(batch_size, -1, -1)
 
         # 4. Denoising loop
-        timesteps, sigmas = self._schedule(steps)
-        reference_kv = ReferenceKV() if recipe.reference_kv_reuse else None
         for i, t in enumerate(timesteps):
-            timestep = (t.expand(batch_size).to(latents.dtype)) / 1000
-            text = {
-                "timestep": timestep,
-                "guidance": None,
-                "encoder_hidden_states": prompt_embeds,
-                "txt_ids": text_ids,
-                # Passed as the pipeline passes it, so a compiled transformer sees the same call signature
-                # from both and one graph serves both.
-                "joint_attention_kwargs": None,
-                "return_dict": False,
-            }
             if reference_kv is None:
-                noise_pred = predict(transformer, latents, latent_ids, reference, reference_ids, text)
+                noise_pred = predict(transformer, latents, latent_ids, reference, reference_ids, text(t))
             else:
                 noise_pred = reference_kv.predict(
-                    transformer, latents, latent_ids, reference, reference_ids, text
+                    transformer, latents, latent_ids, reference, reference_ids, text(t)
                 )
             # FlowMatchEulerDiscreteScheduler.step, operation for operation: the update is added in float32
             # and the result cast back to the model's dtype.
@@ -391,6 +403,37 @@ class Flux2Engine:
 
         # 5. Decode
         return self._decode(latents, latent_ids, recipe.decoder)
+
+    @staticmethod
+    def _text_kwargs(
+        prompt_embeds: torch.Tensor, text_ids: torch.Tensor, timestep: torch.Tensor
+    ) -> dict[str, Any]:
+        """The transformer's keyword arguments besides the image tokens, for one step at ``timestep``."""
+        return {
+            "timestep": timestep,
+            "guidance": None,
+            "encoder_hidden_states": prompt_embeds,
+            "txt_ids": text_ids,
+            # Passed as the pipeline passes it, so a compiled transformer sees the same call signature
+            # from both and one graph serves both.
+            "joint_attention_kwargs": None,
+            "return_dict": False,
+        }
+
+    def _style_kv(
+        self, styles: Sequence[StyleImage], recipe: ModeRecipe, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """The rows' style images' reference keys and values, each image's tokens attending only to
+        themselves (``recipe.style_kv_once``), by the weights the recipe's transformer holds now."""
+        assert self.transformers is not None
+        transformer = self.transformers.for_recipe(recipe)
+        latents = self.styles.batch(styles, recipe.style_size)
+        ids = self._style_reference_ids(recipe.reference_size, recipe.style_size).expand(len(styles), -1, -1)
+        # Reference tokens are modulated by their own fixed timestep: the one given here changes nothing.
+        timestep = torch.zeros(len(styles), dtype=prompt_embeds.dtype, device=self.device)
+        text = self._text_kwargs(prompt_embeds, self._txt_ids(prompt_embeds), timestep)
+        with torch.no_grad():
+            return kv_reuse.stack_kv(kv_reuse.reference_kv(transformer, latents, ids, text))
 
     def _encode_reference(self, frames: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 frames (B, 3, 512, 512) as reference-image latent tokens (B, tokens, C), encoded at size²,

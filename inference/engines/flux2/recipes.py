@@ -9,7 +9,7 @@ frame); fewer text tokens and a smaller reference frame are shapes the render pa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from inference.engines.flux2.decoders import DECODERS
@@ -31,6 +31,10 @@ class ModeRecipe:
     # Flux2KleinKVPipeline's scheme: at the first step the reference tokens attend only to themselves, at
     # timestep 0, and their keys/values are cached; later steps run without them and attend to the cache.
     reference_kv_reuse: bool = False
+    # Under reference K/V reuse, a style image's keys and values computed once per style image instead of
+    # with each frame's: each reference image's tokens attend only to their own image (kv_reuse.py), so the
+    # style image's do not change from frame to frame.
+    style_kv_once: bool = False
     # Side of the square the webcam frame is encoded at as the reference image (512: 1024 tokens).
     reference_size: int = OUTPUT_SIZE
     # Side of the square a session's style image is encoded at as the second reference image.
@@ -46,6 +50,8 @@ class ModeRecipe:
             raise ValueError(f"reference_size must be a multiple of 16 in 64..{OUTPUT_SIZE}")
         if self.style_size % 16 or not 64 <= self.style_size <= STYLE_IMAGE_SIZE:
             raise ValueError(f"style_size must be a multiple of 16 in 64..{STYLE_IMAGE_SIZE}")
+        if self.style_kv_once and not self.reference_kv_reuse:
+            raise ValueError("style_kv_once needs reference_kv_reuse")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
 
@@ -60,6 +66,8 @@ class ModeRecipe:
             parts.append(f"{self.text_tokens} text tokens")
         if self.reference_kv_reuse:
             parts.append("reference K/V reuse")
+        if self.style_kv_once:
+            parts.append("style image K/V once per image")
         if self.reference_size != OUTPUT_SIZE:
             parts.append(f"reference {self.reference_size}x{self.reference_size}")
         if self.style_size != STYLE_IMAGE_SIZE:
@@ -79,8 +87,8 @@ FAST: Final = RenderMode(
     id="fast",
     label="Fast",
     approximate=True,
-    detail="Approximate: FP8 matrix products, a 128-token prompt, and the webcam frame's (and style "
-    "image's) attention keys and values computed once per frame instead of at every step.",
+    detail="Approximate: FP8 matrix products, a 128-token prompt, the webcam frame's attention keys and "
+    "values computed once per frame instead of at every step, and a style image's once per image.",
 )
 TURBO: Final = RenderMode(
     id="turbo",
@@ -96,15 +104,13 @@ FLASH: Final = RenderMode(
     detail="Approximate: as Turbo, with the output decoded by a tiny decoder (TAEF2) instead of the "
     "model's own, which softens fine detail.",
 )
+_FAST: Final = ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True, style_kv_once=True)
 # The built-in modes, fastest last; the worker's FLUX2_MODES picks from these ids.
 MODE_RECIPES: Final[dict[str, tuple[RenderMode, ModeRecipe]]] = {
     "exact": (EXACT, ModeRecipe()),
-    "fast": (FAST, ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True)),
-    "turbo": (TURBO, ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True, reference_size=256)),
-    "flash": (
-        FLASH,
-        ModeRecipe(fp8=True, text_tokens=128, reference_kv_reuse=True, reference_size=256, decoder="tiny"),
-    ),
+    "fast": (FAST, _FAST),
+    "turbo": (TURBO, replace(_FAST, reference_size=256)),
+    "flash": (FLASH, replace(_FAST, reference_size=256, decoder="tiny")),
 }
 # What an engine offers unless told otherwise: flash needs the tiny decoder's weights besides the model's.
 DEFAULT_MODES: Final = ("exact", "fast", "turbo")

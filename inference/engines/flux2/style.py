@@ -5,13 +5,14 @@ tokens and appends them after the noise tokens in the order given; their positio
 coordinate only (``_prepare_image_ids``: 10 for the first image, 20 for the second). The engine does the
 same, except that the style image does not change between a session's frames: its latent tokens are
 encoded once, on the first frame that carries it, and kept for as long as the session holds that
-``StyleImage`` (a weak key: the entry goes with the session's image).
+``StyleImage`` (a weak key: the entry goes with the session's image). Under a recipe's ``style_kv_once``
+its reference keys and values are kept the same way (``StyleKV``), per way of computing them.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from diffusers import Flux2KleinPipeline
@@ -62,3 +63,39 @@ class StyleLatents:
     def batch(self, styles: Sequence[StyleImage], size: int) -> torch.Tensor:
         """(B, tokens, C): one row per job, in order."""
         return torch.cat([self.latents(style, size) for style in styles])
+
+
+class StyleKV:
+    """The style images' reference keys and values (kv_reuse.stack_kv's form, one batch row each) of one
+    engine, by (StyleImage, key): the key names everything else they depend on (the transformer copy, the
+    size the image is read at, the row's LoRA adapter and scale). Each is computed once; 25 layers of
+    keys and values of 1,024 tokens are ~300 MB of device memory, held while the session holds its
+    image."""
+
+    def __init__(self) -> None:
+        self._kv: weakref.WeakKeyDictionary[StyleImage, dict[Hashable, torch.Tensor]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.computed = 0  # how many batches were computed (a test and the bench read it)
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    def batch(
+        self, styles: Sequence[StyleImage], keys: Sequence[Hashable], compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """(layers, 2, B, tokens, heads, head_dim) for the rows' ``styles`` under their ``keys``. When a row
+        has none yet, ``compute()`` makes the whole batch's (rows are independent) and each row is kept.
+        One row's is returned as the very tensor kept, so a CUDA graph that took it last time need not
+        copy it again."""
+        found = [self._kv.get(style, {}).get(key) for style, key in zip(styles, keys, strict=True)]
+        if any(kv is None for kv in found):
+            stacked = compute()
+            self.computed += 1
+            found = [stacked] if len(styles) == 1 else list(stacked.split(1, dim=2))
+            for style, key, kv in zip(styles, keys, found, strict=True):
+                self._kv.setdefault(style, {})[key] = kv if len(styles) == 1 else kv.clone()
+            found = [self._kv[style][key] for style, key in zip(styles, keys, strict=True)]
+        if len(found) == 1:
+            return found[0]  # type: ignore[return-value]
+        return torch.cat(found, dim=2)  # type: ignore[arg-type]

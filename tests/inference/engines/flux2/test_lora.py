@@ -20,7 +20,8 @@ from inference.engines.base import FrameJob
 from inference.engines.flux2 import Flux2Engine, create_flux2_engine
 from inference.engines.flux2.klein_config import TINY, build_random_components
 from inference.engines.flux2.lora import LoraLoadError, MultiLoraLinear, load_adapters
-from inference.protocol import OUTPUT_SIZE
+from inference.protocol import OUTPUT_SIZE, STYLE_IMAGE_SIZE
+from inference.style_image import StyleImage, style_image_from_pixels
 
 BATCH_TOLERANCE = 1e-3  # as test_engine.py: batched products sum in another order
 # Fused (W + s B A) against unfused (W x + s B (A x)) products: float32 rounding, far below a pixel level.
@@ -410,3 +411,26 @@ def test_switching_adapters_mid_stream_on_one_socket(engine: Flux2Engine) -> Non
         client.send_frame(6, jpeg)
         assert client.frame(6).jpeg == plain
         assert len(client.messages(Error)) == 2
+
+
+def test_a_style_images_kept_keys_follow_the_rows_adapter(engine: Flux2Engine) -> None:
+    """Under style_kv_once the style image's keys and values are computed by the adapted weights: a row
+    that changes adapter gets them computed again, never the ones another adapter made."""
+    stripes = (np.arange(STYLE_IMAGE_SIZE)[:, None] + np.arange(STYLE_IMAGE_SIZE)[None, :]) // 32 % 2
+    pixels = np.array([[200, 30, 40], [20, 60, 220]], dtype=np.uint8)[stripes]
+    style = style_image_from_pixels(pixels)
+    frame = _as_tensor(_frame(31))
+
+    def render(style_image: StyleImage, adapter: str | None) -> torch.Tensor:
+        return engine.render_frames(
+            frame, ["a portrait"], steps=2, seeds=[4], mode="fast", styles=[style_image], adapters=[adapter]
+        )
+
+    computed = engine.style_kv.computed
+    with_clay = render(style, "clay")
+    with_ink = render(style, "ink")
+    assert engine.style_kv.computed == computed + 2  # one set per adapter
+    # What a style image seen for the first time under ink renders: the kept keys are ink's own.
+    assert torch.equal(with_ink, render(style_image_from_pixels(pixels), "ink"))
+    assert torch.equal(with_clay, render(style, "clay"))  # and clay's are still clay's
+    assert engine.style_kv.computed == computed + 3

@@ -45,3 +45,11 @@ def test_the_fp8_copy_of_the_transformer_exists_only_for_a_mode_that_uses_it() -
     assert transformers.for_recipe(ModeRecipe()) is transformers.exact is with_fast.pipe.transformer
     assert any(isinstance(module, Float8Linear) for module in transformers.fp8.modules())
     assert not any(isinstance(module, Float8Linear) for module in transformers.exact.modules())
+
+
+def test_style_kv_once_is_part_of_reference_kv_reuse_and_says_so() -> None:
+    with pytest.raises(ValueError, match="style_kv_once needs reference_kv_reuse"):
+        ModeRecipe(style_kv_once=True)
+    recipe = ModeRecipe(reference_kv_reuse=True, style_kv_once=True)
+    assert recipe.approximate
+    assert recipe.describe() == "reference K/V reuse, style image K/V once per image"
