@@ -513,7 +513,7 @@ class Bench:
                     given = str(save_decoder(module, workdir / f"{name}-decoder"))
                 options[f"{name}_decoder"] = given
             self.system["cold_start"] = system_bench.measure_cold_start(
-                self.pipe, workdir=workdir, engine_options=options
+                self.pipe, workdir=workdir, engine_options=options, runs=tuple(args.cold_start_runs)
             )
             return
         engine = self.production_engine()
@@ -738,6 +738,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--cold-start-dir",
         default=str(Path(tempfile.gettempdir()) / "stylecast-cold-start"),
         help="where the checkpoint and the compile caches of the cold-start section go (local disk)",
+    )
+    parser.add_argument(
+        "--cold-start-runs",
+        nargs="+",
+        choices=("empty", "warm"),
+        default=["empty", "warm"],
+        help="the cold starts to run, in order: 'empty' empties the compile caches first, 'warm' reuses them "
+        "(warm twice shows how much a start varies)",
     )
     parser.add_argument("--no-components", dest="components", action="store_false")
     parser.add_argument("--profile", action="store_true", help="write a per-operator profile of each mode")
