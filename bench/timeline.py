@@ -41,11 +41,14 @@ TOP_PAIRS = 10
 NAME_CHARS = 80
 
 # torch's activity types of the device-side work that occupies the device; the device also reports
-# ranges that only annotate it ("gpu_user_annotation": a record_function range projected onto the
-# stream, spanning kernels and the gaps between them) and synchronisation records, which are no work.
+# ranges that only annotate it ("gpu_user_annotation": a record_function range, or torch.compile's own
+# "Torch-Compiled Region", projected onto the stream, spanning kernels and the gaps between them) and
+# synchronisation records, which are no work.
 _DEVICE_ACTIVITY_TYPES = {"kernel": "kernel", "gpu_memcpy": "memcpy", "gpu_memset": "memset"}
-# Host-side records that are the profiler's own bookkeeping, not the pass.
+# Host-side records that are the profiler's own bookkeeping, not the pass: by activity type, and by name
+# for a torch whose events carry no activity type (2.11's FunctionEvent has none).
 _HOST_SKIPPED_TYPES = {"overhead"}
+_HOST_SKIPPED_NAMES = {"Activity Buffer Request"}
 
 
 @dataclass(frozen=True)
@@ -180,14 +183,20 @@ def summarize(intervals: Sequence[Interval]) -> dict[str, Any]:
     return summary
 
 
-def _event_kind(device_type: Any, activity_type: str | None, name: str) -> str | None:
+def _event_kind(
+    device_type: Any, activity_type: str | None, name: str, is_user_annotation: bool = False
+) -> str | None:
     """HOST, a DEVICE_KINDS entry, or None for a record that is neither host work nor device work."""
     on_host = getattr(device_type, "name", str(device_type)).upper().endswith("CPU")
-    if on_host:
-        return None if activity_type in _HOST_SKIPPED_TYPES else HOST
     if activity_type is not None:
+        if on_host:
+            return None if activity_type in _HOST_SKIPPED_TYPES else HOST
         return _DEVICE_ACTIVITY_TYPES.get(activity_type)
-    # A torch whose events carry no activity type: the device reports copies and fills by these names.
+    # A torch whose events carry no activity type: what the name and the annotation flag tell.
+    if on_host:
+        return None if name in _HOST_SKIPPED_NAMES else HOST
+    if is_user_annotation:
+        return None
     if name.startswith("Memcpy"):
         return "memcpy"
     if name.startswith("Memset"):
@@ -199,12 +208,19 @@ def intervals_from_events(events: Iterable[Any]) -> list[Interval]:
     """The intervals of ``torch.profiler.profile(...).events()`` (``FunctionEvent``s, times in µs).
 
     Device-side activities are the events whose ``device_type`` is not the CPU (CUDA, HIP, XPU, ...)
-    and whose ``activity_type`` is a kernel, memcpy or memset; every other CPU event is a host range.
+    and whose ``activity_type`` is a kernel, memcpy or memset; every other CPU event is a host range
+    except the profiler's own overhead records. Where the events carry no ``activity_type`` (torch 2.11),
+    a device event is a kernel unless its name says memcpy or memset or it is a user annotation.
     """
     intervals = []
     for event in events:
         name = str(event.name)
-        kind = _event_kind(event.device_type, getattr(event, "activity_type", None), name)
+        kind = _event_kind(
+            event.device_type,
+            getattr(event, "activity_type", None),
+            name,
+            bool(getattr(event, "is_user_annotation", False)),
+        )
         if kind is None:
             continue
         time_range = event.time_range

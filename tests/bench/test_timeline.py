@@ -152,7 +152,9 @@ def test_intervals_it_cannot_place_are_refused() -> None:
         summarize([kernel("x", 5, 4)])
 
 
-def device_event(name: str, start: float, end: float, activity_type: str | None) -> FunctionEvent:
+def device_event(
+    name: str, start: float, end: float, activity_type: str | None, is_user_annotation: bool = False
+) -> FunctionEvent:
     return FunctionEvent(
         id=0,
         name=name,
@@ -161,10 +163,11 @@ def device_event(name: str, start: float, end: float, activity_type: str | None)
         end_us=end,
         device_type=DeviceType.CUDA,
         activity_type=activity_type,
+        is_user_annotation=is_user_annotation,
     )
 
 
-def test_device_annotations_spanning_the_gaps_do_not_count_as_busy() -> None:
+def test_device_annotations_and_sync_records_do_not_count_as_busy() -> None:
     """A record_function range is also reported on the device's stream, spanning the kernels and the gaps
     between them; only kernels, copies and fills occupy the device."""
     events = [
@@ -204,6 +207,34 @@ def test_device_annotations_spanning_the_gaps_do_not_count_as_busy() -> None:
         ("Memset (Device)", "flash_fwd", 20.0),
         ("nvjet_gemm", "Memcpy DtoD (Device -> Device)", 10.0),
     ]
+
+
+def test_events_without_activity_types_are_placed_by_name_and_annotation_flag() -> None:
+    """torch 2.11 (the H200 machines') gives its events no activity type: a compiled region's range on the
+    device stream is told apart by its annotation flag, the profiler's buffer request on the host by name."""
+    events = [
+        FunctionEvent(id=1, name="Activity Buffer Request", thread=1, start_us=0, end_us=500),
+        FunctionEvent(id=2, name="Torch-Compiled Region: 0/0", thread=1, start_us=100, end_us=130),
+        device_event("Torch-Compiled Region: 0/0", 110, 200, None, is_user_annotation=True),
+        device_event("sm80_xmma_gemm_f32f32", 110, 150, None),
+        device_event("triton_poi_fused_add_mul_relu_0", 180, 200, None),
+        device_event("Memset (Device)", 200, 204, None),
+        FunctionEvent(id=3, name="cudaDeviceSynchronize", thread=1, start_us=120, end_us=210),
+    ]
+
+    intervals = intervals_from_events(events)
+
+    assert [(i.name, i.kind) for i in intervals] == [
+        ("Torch-Compiled Region: 0/0", "host"),
+        ("sm80_xmma_gemm_f32f32", "kernel"),
+        ("triton_poi_fused_add_mul_relu_0", "kernel"),
+        ("Memset (Device)", "memset"),
+        ("cudaDeviceSynchronize", "host"),
+    ]
+    summary = summarize(intervals)
+    assert (summary["window_ms"], summary["busy_ms"], summary["idle_ms"]) == (0.094, 0.064, 0.03)
+    assert (summary["host_before_device_ms"], summary["host_after_device_ms"]) == (0.01, 0.006)
+    assert summary["pass_ms"] == 0.11
 
 
 def test_the_real_profiler_on_cpu_gives_host_ranges_and_no_device_part(tmp_path: Path) -> None:
