@@ -68,6 +68,7 @@ from bench.deviation import deviation
 from bench.loadgen import PROMPTS
 from bench.lora import format_lora_summary, measure_lora
 from bench.replicas import replicas_section
+from bench.system import COLD_START_RUNS
 from bench.timeline import format_timeline, write_pass_timeline
 from inference.engines.base import FrameJob
 from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Config, Flux2Engine, ModeRecipe
@@ -742,7 +743,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cold-start-runs",
         nargs="+",
-        choices=("empty", "warm"),
+        choices=COLD_START_RUNS,
         default=["empty", "warm"],
         help="the cold starts to run, in order: 'empty' empties the compile caches first, 'warm' reuses them "
         "(warm twice shows how much a start varies)",

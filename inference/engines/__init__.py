@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from inference.engines.base import Engine
+from inference.readahead import checkpoint_readahead
 
 if TYPE_CHECKING:
     from inference.config import WorkerConfig
@@ -44,6 +45,9 @@ def flux2_options(config: WorkerConfig, device: str | None = None) -> dict[str, 
 
 
 def _flux2(config: WorkerConfig, device: str | None = None) -> Engine:
+    if config.weights not in ("random", "tiny"):
+        # The checkpoint is read into the page cache while torch and diffusers are imported (seconds each).
+        checkpoint_readahead(config.model_path or config.model_id, config.cache_dir)
     module = importlib.import_module("inference.engines.flux2")  # imports torch and diffusers
     use_device(device)
     return module.create_flux2_engine(**flux2_options(config, device))

@@ -118,6 +118,12 @@ def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
     assert list(run["imports"]) == ["torch", "transformers", "diffusers", "engine"]
     assert sum(run["imports"].values()) == pytest.approx(run["stages"]["imports"], abs=0.01)
     assert result["notes"][0].startswith("empty  imports: torch")
+    # The checkpoint's weights were read ahead while the child imported its libraries, as a worker does.
+    weights = list(checkpoint.glob("*/*.safetensors"))
+    assert run["readahead"]["files"] == len(weights)
+    assert (
+        run["readahead"]["bytes_read"] == run["readahead"]["bytes"] == sum(p.stat().st_size for p in weights)
+    )
 
 
 def test_cold_start_refuses_options_that_would_not_load_the_checkpoint(engine: Flux2Engine, tmp_path) -> None:

@@ -26,7 +26,9 @@ class FrameGraph:
     def __init__(self, denoise: Denoise, inputs: tuple[torch.Tensor, ...], *, pool: Any) -> None:
         device = inputs[0].device
         self.inputs = tuple(tensor.clone() for tensor in inputs)
-        self._copied: list[torch.Tensor | None] = [None] * len(inputs)
+        # Per input, the tensor last copied into its buffer and its version counter then; kept alive so
+        # that its memory cannot be handed to another tensor meanwhile.
+        self._copied: list[tuple[torch.Tensor, int] | None] = [None] * len(inputs)
         # Uncaptured calls first, on a side stream as capture requires: they compile what is not compiled
         # yet, fill the engine's caches (ids, schedules: host-to-device copies cannot be captured) and let
         # libraries allocate their workspaces.
@@ -43,16 +45,30 @@ class FrameGraph:
             self.output = denoise(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        # Inputs are never changed in place once given (the engine's cached tensors are not), so the very
-        # tensor copied last time is still in its buffer: a style image's keys and values (~300 MB) are
-        # copied once per session, not per frame.
+        # What a buffer already holds is not copied again: a session's cached prompt embedding, noise and
+        # style image keys and values (~300 MB) are copied when they change, not with every frame.
         for index, (buffer, tensor) in enumerate(zip(self.inputs, inputs, strict=True)):
-            if tensor is not self._copied[index]:
+            if not _holds(self._copied[index], tensor):
                 buffer.copy_(tensor)
-                self._copied[index] = tensor
+                self._copied[index] = (tensor, tensor._version)
         self.graph.replay()
         # A copy: the next replay overwrites the output buffer.
         return self.output.clone()
+
+
+def _holds(copied: tuple[torch.Tensor, int] | None, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` has the values of the tensor copied before: the same memory viewed alike (views
+    of one cached tensor are new objects each time), not written since (views share a version counter)."""
+    if copied is None:
+        return False
+    previous, version = copied
+    return (
+        tensor.data_ptr() == previous.data_ptr()
+        and tensor.shape == previous.shape
+        and tensor.stride() == previous.stride()
+        and tensor.dtype == previous.dtype
+        and tensor._version == version
+    )
 
 
 class FrameGraphs:

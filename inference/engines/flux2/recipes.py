@@ -22,7 +22,8 @@ class ModeRecipe:
     """Which approximations a render mode applies; the default recipe is the exact pipeline."""
 
     # The transformer blocks' linear layers multiply in FP8 (e4m3) on the tensor cores: weights quantized
-    # once with one scale per output channel, activations per token on the fly, float32 accumulation.
+    # once with one scale per output channel, activations per token on the fly, fast (reduced-precision)
+    # accumulation.
     fp8: bool = False
     # How many prompt-embedding tokens the transformer attends to. The pipeline pads every prompt to 512
     # and attends to the padding too; the text encoder is causal, so the first `text_tokens` embeddings are
