@@ -48,10 +48,12 @@ import io
 import json
 import math
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -781,22 +783,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "tiny" if args.tiny else ("random-klein-4B" if args.model is None else Path(args.model).name)
-    record: dict[str, Any] = {}
-    for section in [section for section in SECTIONS if section in args.sections]:
-        if section == "baseline":
-            bench.measure_baseline()
-        elif section == "modes":
-            bench.measure_modes()
-        elif section == "style":
-            bench.measure_style()
-        elif section == "lora":
-            measure_lora(bench)
-        elif section == "replicas":
-            bench.system["replicas"] = replicas_section(args)
-        else:
-            bench.measure_system(section)
-        # Rewritten after every section, so a run cut short still leaves what it measured.
-        record = {
+
+    def save(cut: str | None = None) -> dict[str, Any]:
+        record: dict[str, Any] = {
             "started": started.isoformat(timespec="seconds"),
             "argv": list(sys.argv[1:] if argv is None else argv),
             "load_s": round(load_s, 2),
@@ -808,10 +797,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "rows": [row.record() for row in bench.rows],
             **bench.system,
         }
+        if cut is not None:
+            record["cut"] = cut
         device_tag = record["environment"].get("gpu", base.device.type).replace(" ", "-")
         path = out / f"{started:%Y%m%dT%H%M%S}-{name}-{device_tag}.json"
         path.write_text(json.dumps(record, indent=2, default=str) + "\n")
         record["path"] = str(path)
+        return record
+
+    # A time limit ends the run with SIGTERM (`timeout`); what was measured until then is still written.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    record: dict[str, Any] = {}
+    section = ""
+    try:
+        for section in [section for section in SECTIONS if section in args.sections]:
+            if section == "baseline":
+                bench.measure_baseline()
+            elif section == "modes":
+                bench.measure_modes()
+            elif section == "style":
+                bench.measure_style()
+            elif section == "lora":
+                measure_lora(bench)
+            elif section == "replicas":
+                bench.system["replicas"] = replicas_section(args)
+            else:
+                bench.measure_system(section)
+            # Rewritten after every section, so a run cut short still leaves what it measured.
+            record = save()
+    except _Terminated:
+        record = save(cut=f"terminated in section {section}")
+        print(f"\nterminated in section {section}; wrote what was measured to {record['path']}", flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
 
     env = record["environment"]
     print(f"\nwrote {record['path']}")
@@ -824,6 +845,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if summary:
         print(summary)
     return record
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived (a time limit ran out). Not an Exception: the cases' own error handling must not
+    record it as a failed case and go on."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -59,14 +62,44 @@ def test_bench_runs_every_case_and_writes_its_record(tmp_path, capsys: pytest.Ca
     assert "x baseline" in printed
 
 
-@pytest.mark.parametrize("levers", [False, True])
-def test_the_style_section_measures_its_256_lever_only_with_levers(tmp_path, levers: bool) -> None:
+@pytest.mark.parametrize("flag", ["", "--levers", "--style-levers"])
+def test_the_style_section_measures_its_levers_only_when_asked(tmp_path, flag: str) -> None:
     """Each lever mode is one more set of compiled shapes on a GPU, so a plain run leaves them out."""
     args = ["--tiny", "--device", "cpu", "--steps", "2", "--batch", "1", "--iters", "1", "--warmup", "0"]
     args += ["--sections", "style", "--modes", "turbo", "--no-components", "--out", str(tmp_path)]
-    record = gpu.main([*args, *(["--levers"] if levers else [])])
+    record = gpu.main([*args, *([flag] if flag else [])])
     cases = {(row["phase"], row["case"]) for row in record["rows"] if row["error"] is None}
     assert {("style:turbo", "render"), ("style:turbo", "render+style")} <= cases
-    lever = {("style:turbo-style256", "render+style"), ("style:turbo-style256", "frames+style")}
-    assert (lever <= cases) is levers
-    assert bool(lever & cases) is levers
+    levers = {
+        (f"style:turbo-{lever}", case)
+        for lever in ("style256", "style-kv-per-frame")
+        for case in ("render+style", "frames+style")
+    }
+    assert (levers <= cases) is bool(flag)
+    assert bool(levers & cases) is bool(flag)
+    # The modes section's levers come only with --levers.
+    modes = {mode["id"] for mode in record["modes"]}
+    assert ("lever-fp8" in modes) is (flag == "--levers")
+
+
+def test_a_run_ended_by_its_time_limit_still_writes_what_it_measured(tmp_path) -> None:
+    command = [sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--steps", "2", "--batch", "1"]
+    command += ["--iters", "1", "--warmup", "0", "--no-components", "--modes", "exact", "turbo"]
+    command += ["--sections", "modes", "style", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.lstrip().startswith("mode:exact") and " render " in line:
+            process.send_signal(signal.SIGTERM)  # what `timeout` sends, here in the middle of a section
+            break
+    output = "".join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    (path,) = tmp_path.glob("*-tiny-cpu.json")
+    saved = json.loads(path.read_text())
+    assert saved["cut"] == "terminated in section modes"
+    measured = {(row["phase"], row["case"]) for row in saved["rows"]}
+    assert {("mode:exact", "render_frames"), ("mode:exact", "render")} <= measured
+    assert not any(phase.startswith("style:") for phase, _ in measured)
+    assert f"wrote what was measured to {path}" in output

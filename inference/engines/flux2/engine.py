@@ -32,7 +32,6 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu,
 from diffusers.utils.torch_utils import randn_tensor
 
 from inference.engines.base import FrameJob
-from inference.engines.flux2 import kv_reuse
 from inference.engines.flux2.checkpoint import build_pipeline
 from inference.engines.flux2.compiled import compile_transformers, compile_vae
 from inference.engines.flux2.config import Flux2Config
@@ -40,7 +39,7 @@ from inference.engines.flux2.cuda_graphs import FrameGraphs
 from inference.engines.flux2.decoders import build_decoders, compile_decoder
 from inference.engines.flux2.frames import decode_jpegs, encode_jpegs, gradient_frame, resize
 from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
-from inference.engines.flux2.kv_reuse import ReferenceKV
+from inference.engines.flux2.kv_reuse import ReferenceKV, merge, reference_kv, stack_kv
 from inference.engines.flux2.lora import load_adapters, prompt_with_trigger
 from inference.engines.flux2.recipes import ModeRecipe, offered_modes
 from inference.engines.flux2.style import StyleKV, StyleLatents, style_reference_ids
@@ -375,12 +374,12 @@ class Flux2Engine:
 
         # 3. The frames, encoded as the reference image
         reference, reference_ids = self._encode_reference(frames, recipe.reference_size)
-        reference_kv = ReferenceKV() if recipe.reference_kv_reuse else None
+        reuse = ReferenceKV() if recipe.reference_kv_reuse else None
         if style is not None and recipe.style_kv_once:
             # The frame's keys and values alone, joined with the style image's (computed once per image):
             # every step then runs on the noise and text tokens only.
-            frame_kv = kv_reuse.reference_kv(transformer, reference, reference_ids, text(timesteps[0]))
-            reference_kv = ReferenceKV(kv_reuse.merge(frame_kv, style))
+            frame_kv = reference_kv(transformer, reference, reference_ids, text(timesteps[0]))
+            reuse = ReferenceKV(merge(frame_kv, style))
         elif style is not None:
             # The pipeline's order: noise tokens, then the frame's, then the style image's. Under reference
             # K/V reuse both references' keys and values are computed once per frame, for all steps.
@@ -392,10 +391,10 @@ class Flux2Engine:
 
         # 4. Denoising loop
         for i, t in enumerate(timesteps):
-            if reference_kv is None:
+            if reuse is None:
                 noise_pred = predict(transformer, latents, latent_ids, reference, reference_ids, text(t))
             else:
-                noise_pred = reference_kv.predict(
+                noise_pred = reuse.predict(
                     transformer, latents, latent_ids, reference, reference_ids, text(t)
                 )
             # FlowMatchEulerDiscreteScheduler.step, operation for operation: the update is added in float32
@@ -435,7 +434,7 @@ class Flux2Engine:
         timestep = torch.zeros(len(styles), dtype=prompt_embeds.dtype, device=self.device)
         text = self._text_kwargs(prompt_embeds, self._txt_ids(prompt_embeds), timestep)
         with torch.no_grad():
-            return kv_reuse.stack_kv(kv_reuse.reference_kv(transformer, latents, ids, text))
+            return stack_kv(reference_kv(transformer, latents, ids, text))
 
     def _encode_reference(self, frames: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 frames (B, 3, 512, 512) as reference-image latent tokens (B, tokens, C), encoded at size²,
