@@ -145,6 +145,10 @@ class _WorkerContainer:
             self.loaded_on_cpu = True
         elif GPU_SNAPSHOT:
             self._warm()
+        if MEMORY_SNAPSHOT:
+            from inference.readahead import settle
+
+            settle()  # the snapshot is taken when this returns: no reader caught mid-read
 
     @modal.enter(snap=False)
     def load(self) -> None:

@@ -166,6 +166,19 @@ def read_ahead(files: Sequence[Path]) -> Readahead:
         return started
 
 
+def settle(timeout: float | None = None) -> bool:
+    """Wait until every read started in this process has finished (before a memory snapshot is taken, so
+    none is caught mid-read); whether they all did within ``timeout`` seconds."""
+    with _started_lock:
+        started = list(_started.values())
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for readahead in started:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not readahead.done.wait(left):
+            return False
+    return True
+
+
 def checkpoint_readahead(model: str, cache_dir: str | Path | None = None) -> Readahead:
     """``read_ahead`` of the weight files of ``model`` (a local directory or a cached Hub repo)."""
     directory = cached_checkpoint(model, cache_dir)

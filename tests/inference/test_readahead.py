@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from inference.readahead import Readahead, checkpoint_readahead, read_ahead, weight_files
+from inference.readahead import Readahead, checkpoint_readahead, read_ahead, settle, weight_files
 
 
 def _checkpoint(root: Path) -> dict[str, Path]:
@@ -39,6 +39,14 @@ def test_every_component_weight_file_is_read_largest_first(tmp_path: Path) -> No
     assert readahead.seconds >= 0
     # Asked again (another engine replica of the same worker), the same reads are not started twice.
     assert checkpoint_readahead(str(tmp_path)) is readahead
+
+
+def test_settling_waits_for_every_read_started(tmp_path: Path) -> None:
+    _checkpoint(tmp_path)
+    readahead = checkpoint_readahead(str(tmp_path))
+    assert settle(timeout=30)  # what a memory snapshot waits for before it is taken
+    assert readahead.done.is_set()
+    assert readahead.bytes_read == readahead.total_bytes
 
 
 def test_weights_that_do_not_fit_in_free_memory_are_left_to_the_loader(tmp_path: Path) -> None:
