@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import Flux2KleinPipeline
 from PIL import Image
 
 from bench.deviation import deviation
@@ -216,10 +217,17 @@ class Bench:
             if "style" in self.args.sections:
                 self.style_references[steps] = self.baseline_call(steps, "pt", style=self.style)
 
-    def baseline_call(self, steps: int, output_type: str = "pil", style: StyleImage | None = None) -> Any:
+    def baseline_call(
+        self,
+        steps: int,
+        output_type: str = "pil",
+        style: StyleImage | None = None,
+        pipe: Flux2KleinPipeline | None = None,
+    ) -> Any:
         """The baseline's per-frame call: PIL frame in, cached prompt embeddings, a seeded generator; with
-        ``style``, the style image as the second reference image."""
-        return self.pipe(
+        ``style``, the style image as the second reference image; through ``pipe`` instead of the bench's
+        own pipeline when given (another transformer on the same components)."""
+        return (pipe or self.pipe)(
             image=self.frame_image if style is None else [self.frame_image, style.image],
             prompt_embeds=self.base.prompt_embeds(self.prompts[0]),
             num_inference_steps=steps,
@@ -331,8 +339,9 @@ class Bench:
     def measure_modes(self) -> None:
         print("section modes", flush=True)
         engine = self.production_engine()
+        style_levers = self.style_lever_modes() if self.style_levers else {}
         for mode in engine.modes:
-            if self.style_levers and mode.id in self.style_lever_modes():
+            if mode.id in style_levers:
                 continue  # the same as its base mode without a style image; the style section has it
             phase = f"mode:{mode.id}"
             for steps in self.args.steps:

@@ -25,16 +25,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 from diffusers import Flux2KleinPipeline
-from PIL import Image
 
 from bench.deviation import deviation
 from inference.adapters import AdapterSpec
 from inference.engines.base import FrameJob
 from inference.engines.flux2 import Flux2Config, Flux2Engine
-from inference.protocol import OUTPUT_SIZE
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -65,10 +62,13 @@ class Bench(Protocol):
     seeds: list[int]
     jpegs: list[bytes]
     lora_transformer: torch.nn.Module | None
-    frames: list[np.ndarray]
     frame_tensor: torch.Tensor
 
     def _run(self, phase: str, case: str, steps: int | None, batch: int, fn: Callable[[], Any]) -> Any: ...
+
+    def baseline_call(
+        self, steps: int, output_type: str = ..., style: Any = ..., pipe: Flux2KleinPipeline | None = ...
+    ) -> Any: ...
 
 
 RANK = 16
@@ -181,18 +181,8 @@ def _diffusers_reference(bench: Bench, path: Path) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="lora0")
     pipe.set_adapters(["lora0"], [1.0])
-    steps = bench.args.steps[0]
     with torch.no_grad():
-        images = pipe(
-            image=Image.fromarray(bench.frames[0]),
-            prompt_embeds=bench.base.prompt_embeds(bench.prompts[0]),
-            num_inference_steps=steps,
-            guidance_scale=1.0,
-            height=OUTPUT_SIZE,
-            width=OUTPUT_SIZE,
-            generator=torch.Generator(device=bench.device).manual_seed(bench.seeds[0]),
-            output_type="pt",
-        ).images
+        images = bench.baseline_call(bench.args.steps[0], "pt", pipe=pipe)
     del pipe, transformer
     gc.collect()
     return images

@@ -81,11 +81,13 @@ class Readahead:
         self.files = list(files)
         self.readers = readers
         self._free_memory = free_memory
-        self.total_bytes = sum(path.stat().st_size for path in self.files)
+        self._sizes = {path: path.stat().st_size for path in self.files}
+        self.total_bytes = sum(self._sizes.values())
         self.bytes_read = 0
         self.skipped: str | None = None  # why nothing was read, when nothing was
         self.seconds: float | None = None  # from start() until the last reader finished
         self.done = threading.Event()
+        self._running = 0  # reader threads not finished yet
         self._lock = threading.Lock()
         self._ranges: queue.SimpleQueue[tuple[Path, int, int]] = queue.SimpleQueue()
 
@@ -101,16 +103,11 @@ class Readahead:
             self.seconds = 0.0
             self.done.set()
             return self
-        for path in self.files:
-            try:
-                size = path.stat().st_size
-            except OSError as error:  # a hint only: the loader reports what cannot be read
-                logger.warning("could not read %s ahead: %s", path, error)
-                continue
+        for path, size in self._sizes.items():
             for offset in range(0, size, _RANGE):
                 self._ranges.put((path, offset, min(_RANGE, size - offset)))
         started = time.perf_counter()
-        remaining = [self.readers]
+        self._running = self.readers
 
         def reader() -> None:
             buffer = bytearray(_CHUNK)
@@ -118,8 +115,8 @@ class Readahead:
                 self._read_ranges(memoryview(buffer))
             finally:
                 with self._lock:
-                    remaining[0] -= 1
-                    last = remaining[0] == 0
+                    self._running -= 1
+                    last = self._running == 0
                 if last:
                     self.seconds = time.perf_counter() - started
                     logger.info(

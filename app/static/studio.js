@@ -399,25 +399,27 @@ async function onBinary(buffer) {
   }
 }
 
-function onLastUsage(data) {
-  let message;
+function parseMessage(data) {
   try {
-    message = JSON.parse(data);
+    return JSON.parse(data);
   } catch {
-    return;
+    return null;
   }
-  if (message.type !== "usage") return;
+}
+
+function onUsage(message) {
   session.secondsRemaining = message.seconds_remaining;
   session.usageAt = performance.now();
 }
 
+function onLastUsage(data) {
+  const message = parseMessage(data);
+  if (message?.type === "usage") onUsage(message);
+}
+
 function onText(data) {
-  let message;
-  try {
-    message = JSON.parse(data);
-  } catch {
-    return;
-  }
+  const message = parseMessage(data);
+  if (message === null) return;
   switch (message.type) {
     case "admitted":
       hello(session.socket);
@@ -442,8 +444,7 @@ function onText(data) {
       sendStyleImage();
       break;
     case "usage":
-      session.secondsRemaining = message.seconds_remaining;
-      session.usageAt = performance.now();
+      onUsage(message);
       break;
     case "error":
       console.warn("worker error", message.code, message.message);

@@ -314,6 +314,8 @@ class Flux2Engine:
         # the part a CUDA graph can capture.
         conditioning: tuple[torch.Tensor, ...] = self._conditioning(prompts, seeds, recipe)
         frames = frames.to(self.device)
+        adapters = list(adapters) if adapters is not None else [None] * batch_size
+        adapter_scales = list(adapter_scales) if adapter_scales is not None else [None] * batch_size
         branches = self._select_adapters(batch_size, adapters, adapter_scales, recipe)
         if styles is not None:
             # Encoded once per style image (and size), on the first frame that carries it; under
@@ -321,9 +323,7 @@ class Flux2Engine:
             if recipe.style_kv_once:
                 keys = [
                     (recipe.fp8, recipe.reference_size, recipe.style_size, adapter, scale)
-                    for adapter, scale in zip(
-                        adapters or [None] * batch_size, adapter_scales or [None] * batch_size, strict=True
-                    )
+                    for adapter, scale in zip(adapters, adapter_scales, strict=True)
                 ]
                 compute = partial(self._style_kv, styles, recipe, conditioning[0])
                 conditioning = (*conditioning, self.style_kv.batch(styles, keys, compute))
@@ -433,8 +433,7 @@ class Flux2Engine:
         # Reference tokens are modulated by their own fixed timestep: the one given here changes nothing.
         timestep = torch.zeros(len(styles), dtype=prompt_embeds.dtype, device=self.device)
         text = self._text_kwargs(prompt_embeds, self._txt_ids(prompt_embeds), timestep)
-        with torch.no_grad():
-            return stack_kv(reference_kv(transformer, latents, ids, text))
+        return stack_kv(reference_kv(transformer, latents, ids, text))
 
     def _encode_reference(self, frames: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 frames (B, 3, 512, 512) as reference-image latent tokens (B, tokens, C), encoded at size²,
@@ -565,8 +564,8 @@ class Flux2Engine:
     def _select_adapters(
         self,
         batch_size: int,
-        adapters: Sequence[str | None] | None,
-        scales: Sequence[float | None] | None,
+        adapters: Sequence[str | None],
+        scales: Sequence[float | None],
         recipe: ModeRecipe,
     ) -> bool:
         """Each row's LoRA adapter (None: none) and scale (None: its default): one choice for every row is
@@ -574,8 +573,6 @@ class Flux2Engine:
         are written into the buffers the low-rank branches read. Values only either way, so no graph is
         compiled or captured again once both kinds are warm. Returns whether the batch runs the branches."""
         assert self.transformers is not None
-        adapters = list(adapters) if adapters is not None else [None] * batch_size
-        scales = list(scales) if scales is not None else [None] * batch_size
         if not (len(adapters) == len(scales) == batch_size):
             raise ValueError(f"{batch_size} frames need as many adapters and scales")
         selection = self.transformers.lora

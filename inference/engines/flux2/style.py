@@ -92,10 +92,10 @@ class StyleKV:
         if any(kv is None for kv in found):
             stacked = compute()
             self.computed += 1
-            found = [stacked] if len(styles) == 1 else list(stacked.split(1, dim=2))
+            # Each row its own copy, so a kept row does not hold the whole batch's memory.
+            found = [stacked] if len(styles) == 1 else [row.clone() for row in stacked.split(1, dim=2)]
             for style, key, kv in zip(styles, keys, found, strict=True):
-                self._kv.setdefault(style, {})[key] = kv if len(styles) == 1 else kv.clone()
-            found = [self._kv[style][key] for style, key in zip(styles, keys, strict=True)]
+                self._kv.setdefault(style, {})[key] = kv
         if len(found) == 1:
             return found[0]  # type: ignore[return-value]
         return torch.cat(found, dim=2)  # type: ignore[arg-type]

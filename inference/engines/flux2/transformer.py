@@ -64,7 +64,10 @@ class Transformers:
         if self.lora is None:
             return
         choice = None if self.lora.branches else self.lora.fused
-        for layer in self._lora_layers[id(self.for_recipe(recipe))]:
+        layers = self._lora_layers[id(self.for_recipe(recipe))]
+        if layers and layers[0].fused == choice:
+            return  # every frame of a session asks for what the last one did; the layers change together
+        for layer in layers:
             layer.fuse(choice)
 
     def __iter__(self) -> Iterator[Flux2Transformer2DModel]:
