@@ -728,7 +728,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA yes"
     )
-    parser.add_argument("--compile-scope", default="auto", choices=COMPILE_SCOPES)
+    parser.add_argument("--compile-scope", default="blocks", choices=COMPILE_SCOPES)
     parser.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,

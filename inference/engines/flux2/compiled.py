@@ -14,10 +14,11 @@ from diffusers import AutoencoderKLFlux2
 from diffusers.models.attention_processor import AttnProcessor
 
 # "blocks": regional compilation (diffusers' compile_repeated_blocks): the double and the single block are
-# each compiled once and reused by every block of their kind, several times quicker to compile than the
-# whole transformer as one graph ("full"), at a few ms per frame. "auto": the exact transformer whole (one
-# call signature, the fastest frame), the FP8 one by blocks (its modes make several call signatures).
-COMPILE_SCOPES: Final = ("auto", "blocks", "full")
+# each compiled once and reused by every block of their kind. A warm start traces two blocks instead of 25:
+# the exact mode's warm-up from a warm cache takes 8-10 s instead of 15, and its frame is as fast (a frame is
+# replayed as one CUDA graph, so the blocks' boundaries cost no launches): docs/performance.md, "Cold start".
+# "full": each transformer as one graph, for measuring what fusion across block boundaries would buy.
+COMPILE_SCOPES: Final = ("blocks", "full")
 
 
 def compile_transformers(exact: torch.nn.Module, fp8: torch.nn.Module | None, *, scope: str) -> None:
@@ -30,12 +31,9 @@ def compile_transformers(exact: torch.nn.Module, fp8: torch.nn.Module | None, *,
         torch._dynamo.config.accumulated_recompile_limit, 1024
     )
     for module in [exact] if fp8 is None else [exact, fp8]:
-        module_scope = scope
-        if scope == "auto":
-            module_scope = "full" if module is exact else "blocks"
         # dynamic=None: batch size 1 gets a graph of its own, the first other batch size a graph with a
         # symbolic batch dimension that serves every larger batch (no compilation per session count).
-        if module_scope == "blocks":
+        if scope == "blocks":
             module.compile_repeated_blocks(fullgraph=True, dynamic=None)
         else:
             module.compile(fullgraph=True, dynamic=None)

@@ -59,7 +59,7 @@ class Flux2Config:
     # a CPU. Compiled kernels round differently from eager ones, so outputs move by rounding-level amounts,
     # as a compiled Flux2KleinPipeline's do; the math stays the pipeline's.
     compile: bool | None = None
-    compile_scope: str = "auto"  # one of compiled.COMPILE_SCOPES
+    compile_scope: str = "blocks"  # one of compiled.COMPILE_SCOPES
     # Replay each frame's GPU work as one captured CUDA graph (cuda_graphs.py); None: when compiled on CUDA.
     cuda_graphs: bool | None = None
     # Fuse the exact transformer's q/k/v projections (the FP8 copy's always are).

@@ -7,10 +7,13 @@ import io
 import numpy as np
 import pytest
 import torch
+from diffusers import Flux2Transformer2DModel
 from PIL import Image
 
 from inference.engines.base import Engine, FrameJob
 from inference.engines.flux2 import Float8Linear, Flux2Engine, ModeRecipe, create_flux2_engine
+from inference.engines.flux2.compiled import COMPILE_SCOPES, compile_transformers
+from inference.engines.flux2.klein_config import TINY
 from inference.protocol import OUTPUT_SIZE
 
 # Batched matrix products sum in a different order than single ones; on the tiny float32 model that moves
@@ -313,3 +316,20 @@ def test_invalid_options_are_rejected() -> None:
         ModeRecipe(text_tokens=0)
     with pytest.raises(ValueError, match="reference_size"):
         ModeRecipe(reference_size=100)
+
+
+@pytest.mark.parametrize("scope", COMPILE_SCOPES)
+def test_a_compile_scope_compiles_each_block_or_each_whole_transformer(scope: str) -> None:
+    exact = Flux2Transformer2DModel(**TINY.transformer)
+    fp8 = Flux2Transformer2DModel(**TINY.transformer)
+    compile_transformers(exact, fp8, scope=scope)
+    for transformer in (exact, fp8):
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        compiled_blocks = [block._compiled_call_impl is not None for block in blocks]
+        if scope == "blocks":
+            # Regional compilation: every block compiled, the transformer around them not.
+            assert all(compiled_blocks)
+            assert transformer._compiled_call_impl is None
+        else:
+            assert transformer._compiled_call_impl is not None
+            assert not any(compiled_blocks)
