@@ -524,8 +524,23 @@ class Bench:
                     module = random_decoder(name, self.pipe.vae, base._bn_mean, base._bn_std, seed=0)
                     given = str(save_decoder(module, workdir / f"{name}-decoder"))
                 options[f"{name}_decoder"] = given
-            self.system["cold_start"] = system_bench.measure_cold_start(
-                self.pipe, workdir=workdir, engine_options=options, runs=tuple(args.cold_start_runs)
+
+            def keep(record: dict[str, Any]) -> None:
+                # The runs so far, so a run cut by its time limit keeps the starts that finished.
+                self.system["cold_start"] = record
+                run = record["runs"][-1] if record["runs"] else None
+                if run is not None:
+                    total = "ERROR" if run["error"] else f"{run['total_s']:.1f} s"
+                    print(f"  cold start {len(record['runs'])} ({run['cache']}): {total}", flush=True)
+
+            keep(
+                system_bench.measure_cold_start(
+                    self.pipe,
+                    workdir=workdir,
+                    engine_options=options,
+                    runs=tuple(args.cold_start_runs),
+                    on_run=keep,
+                )
             )
             return
         engine = self.production_engine()

@@ -756,6 +756,7 @@ def measure_cold_start(
     release: Callable[[], None] | None = None,
     timeout_s: float = 540.0,
     drop_page_cache: bool = True,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Cold start of a worker from a local checkpoint.
 
@@ -834,6 +835,23 @@ def measure_cold_start(
     env["PYTHONPYCACHEPREFIX"] = str(cache / "pycache")
     dropped = True
     results: list[dict[str, Any]] = []
+
+    def recorded() -> dict[str, Any]:
+        return {
+            "kind": "cold_start",
+            "checkpoint": str(checkpoint),
+            "checkpoint_files": files,
+            "checkpoint_bytes": size,
+            "save_s": round(save_s, 2),
+            "sync_s": round(sync_s, 2),
+            "engine_options": engine_options,
+            "page_cache_dropped": drop_page_cache and dropped,
+            "target_warm_s": MAX_COLD_START_WARM_S,
+            "runs": list(results),
+            **_cold_start_table(results),
+            "error": None,
+        }
+
     for run in runs:
         if run == "empty":
             shutil.rmtree(cache, ignore_errors=True)
@@ -855,7 +873,13 @@ def measure_cold_start(
         warm = run != "empty"
         result["meets_target"] = None if not warm or total is None else total <= MAX_COLD_START_WARM_S
         results.append(result)
+        if on_run is not None:
+            on_run(recorded())
+    return recorded()
 
+
+def _cold_start_table(results: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """The cold starts' table (a row per run, its stages in seconds) and a note per run on its imports."""
     header = (
         f"{'cache':6s} {'python+imports':>14s} {'from_pretrained':>15s} {'to device':>9s} {'warm-up':>8s} "
         f"{'1st frame':>9s} {'total s':>8s} {'then other modes':>16s}"
@@ -880,21 +904,7 @@ def measure_cold_start(
         for result in results
         if result["error"] is None
     ]
-    return {
-        "kind": "cold_start",
-        "notes": notes,
-        "checkpoint": str(checkpoint),
-        "checkpoint_files": files,
-        "checkpoint_bytes": size,
-        "save_s": round(save_s, 2),
-        "sync_s": round(sync_s, 2),
-        "engine_options": engine_options,
-        "page_cache_dropped": drop_page_cache and dropped,
-        "target_warm_s": MAX_COLD_START_WARM_S,
-        "runs": results,
-        "table": table,
-        "error": None,
-    }
+    return {"table": table, "notes": notes}
 
 
 def _since_spawn(spawned_at: float) -> float:

@@ -103,3 +103,27 @@ def test_a_run_ended_by_its_time_limit_still_writes_what_it_measured(tmp_path) -
     assert {("mode:exact", "render_frames"), ("mode:exact", "render")} <= measured
     assert not any(phase.startswith("style:") for phase, _ in measured)
     assert f"wrote what was measured to {path}" in output
+
+
+def test_a_cold_start_cut_by_its_time_limit_keeps_the_starts_that_finished(tmp_path) -> None:
+    command = [sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--steps", "2", "--batch", "1"]
+    command += ["--modes", "exact", "--sections", "cold-start", "--cold-start-runs", "empty", "warm"]
+    command += ["--cold-start-dir", str(tmp_path / "cold"), "--out", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.strip().startswith("cold start 1 (empty)"):
+            process.send_signal(signal.SIGTERM)  # while the second start's child is running
+            break
+    output = "".join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    (path,) = tmp_path.glob("*-tiny-cpu.json")
+    saved = json.loads(path.read_text())
+    assert saved["cut"] == "terminated in section cold-start"
+    (run,) = saved["cold_start"]["runs"]
+    assert run["cache"] == "empty"
+    assert run["error"] is None
+    assert run["total_s"] > 0
+    assert len(saved["cold_start"]["table"]) == 2  # the header and the finished start

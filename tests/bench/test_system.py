@@ -79,16 +79,20 @@ def test_websocket_on_loopback_with_its_levers(engine: Flux2Engine) -> None:
 
 def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
     released = []
+    reported: list[dict] = []
     result = system.measure_cold_start(
         engine,
         workdir=tmp_path,
         engine_options={"compile": False, "device": "cpu", "max_batch": 1},
         runs=("empty",),
         release=lambda: released.append(True),
+        on_run=reported.append,
     )
 
     json.dumps(result)
     assert released == [True]
+    # The caller was given the record as it stood after the start: what it keeps if it is cut short.
+    assert reported == [result]
     checkpoint = tmp_path / "checkpoint"
     assert result["checkpoint"] == str(checkpoint)
     assert (checkpoint / "model_index.json").is_file()
