@@ -6,6 +6,8 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -82,45 +84,44 @@ def test_the_style_section_measures_its_levers_only_when_asked(tmp_path, flag: s
     assert ("lever-fp8" in modes) is (flag == "--levers")
 
 
-def test_a_run_ended_by_its_time_limit_still_writes_what_it_measured(tmp_path) -> None:
+def _bench_terminated_at(tmp_path: Path, options: list[str], at: Callable[[str], bool]) -> dict:
+    """Run the bench on the tiny CPU model and send it SIGTERM (what `timeout` sends) at the first line of
+    output that `at` accepts; the record it wrote on its way out."""
     command = [sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--steps", "2", "--batch", "1"]
-    command += ["--iters", "1", "--warmup", "0", "--no-components", "--modes", "exact", "turbo"]
-    command += ["--sections", "modes", "style", "--out", str(tmp_path)]
+    command += [*options, "--out", str(tmp_path)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if line.lstrip().startswith("mode:exact") and " render " in line:
-            process.send_signal(signal.SIGTERM)  # what `timeout` sends, here in the middle of a section
+        if at(line.strip()):
+            process.send_signal(signal.SIGTERM)
             break
     output = "".join(lines) + process.communicate(timeout=120)[0]
     assert process.returncode == 128 + signal.SIGTERM, output
     (path,) = tmp_path.glob("*-tiny-cpu.json")
-    saved = json.loads(path.read_text())
+    assert f"wrote what was measured to {path}" in output
+    return json.loads(path.read_text())
+
+
+def test_a_run_ended_by_its_time_limit_still_writes_what_it_measured(tmp_path) -> None:
+    options = ["--iters", "1", "--warmup", "0", "--no-components", "--modes", "exact", "turbo"]
+    options += ["--sections", "modes", "style"]
+    # In the middle of the modes section.
+    saved = _bench_terminated_at(
+        tmp_path, options, lambda line: line.startswith("mode:exact") and " render " in line
+    )
     assert saved["cut"] == "terminated in section modes"
     measured = {(row["phase"], row["case"]) for row in saved["rows"]}
     assert {("mode:exact", "render_frames"), ("mode:exact", "render")} <= measured
     assert not any(phase.startswith("style:") for phase, _ in measured)
-    assert f"wrote what was measured to {path}" in output
 
 
 def test_a_cold_start_cut_by_its_time_limit_keeps_the_starts_that_finished(tmp_path) -> None:
-    command = [sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--steps", "2", "--batch", "1"]
-    command += ["--modes", "exact", "--sections", "cold-start", "--cold-start-runs", "empty", "warm"]
-    command += ["--cold-start-dir", str(tmp_path / "cold"), "--out", str(tmp_path)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert process.stdout is not None
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.strip().startswith("cold start 1 (empty)"):
-            process.send_signal(signal.SIGTERM)  # while the second start's child is running
-            break
-    output = "".join(lines) + process.communicate(timeout=120)[0]
-    assert process.returncode == 128 + signal.SIGTERM, output
-    (path,) = tmp_path.glob("*-tiny-cpu.json")
-    saved = json.loads(path.read_text())
+    options = ["--modes", "exact", "--sections", "cold-start", "--cold-start-runs", "empty", "warm"]
+    options += ["--cold-start-dir", str(tmp_path / "cold")]
+    # While the second start's child is running.
+    saved = _bench_terminated_at(tmp_path, options, lambda line: line.startswith("cold start 1 (empty)"))
     assert saved["cut"] == "terminated in section cold-start"
     (run,) = saved["cold_start"]["runs"]
     assert run["cache"] == "empty"
