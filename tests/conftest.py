@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -138,6 +139,16 @@ def page(browser: object) -> Iterator[object]:
     context.set_default_timeout(15_000)
     opened = context.new_page()
     yield opened
+    close_context(context)
+
+
+def close_context(context: Any) -> None:
+    """Close a browser context with its request routes removed first. A routed request that arrives while
+    the context closes is held by Playwright, and the close waits for the route's handler, which waits for
+    that request: both wait for good. Routes removed without waiting for their handlers cannot."""
+    for opened in context.pages:
+        opened.unroute_all(behavior="ignoreErrors")
+    context.unroute_all(behavior="ignoreErrors")
     context.close()
 
 

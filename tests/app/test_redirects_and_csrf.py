@@ -19,7 +19,7 @@ from litestar.response import Response
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from billing.metadata import decode_metadata
-from tests.conftest import AppProcess, sign_in
+from tests.conftest import AppProcess, close_context, sign_in
 from tests.live_server import serve
 
 CSRF_FIELD = re.compile(r'name="_csrf_token" value="([^"]+)"')
@@ -128,7 +128,7 @@ def test_a_browser_signing_in_with_an_off_site_next_stays_on_the_app(
         assert urlsplit(page.url).netloc == origin, (target, page.url)
         assert urlsplit(page.url).path != "/sign-in", (target, "the redirect did not land")
         assert "__session" in {cookie["name"] for cookie in context.cookies()}, target  # and signed in
-        context.close()
+        close_context(context)
 
 
 # ---- CSRF ----------------------------------------------------------------------------------------------
