@@ -186,12 +186,19 @@ class Verdict:
             self.fail(f"{name}: the ledger pruned streams, the soak cannot check them all")
         issued = {ticket.stream_id for ticket in user.tickets}
         self.stats["most_tickets_per_user"] = max(self.stats["most_tickets_per_user"], len(issued))
-        if set(ledger) != issued:
-            self.fail(f"{name}: ledger streams {sorted(ledger)} are not the tickets issued {sorted(issued)}")
+        if not set(ledger) <= issued:
+            self.fail(f"{name}: ledger streams {sorted(set(ledger) - issued)} were never issued to the user")
         billed_total = lowest = highest = crashes = 0
         for ticket in user.tickets:
             entry = ledger.get(ticket.stream_id)
             if entry is None:
+                # A ticket that was never presented holds nothing once it expires, so its reservation is
+                # dropped if the user's next write comes after that (billing/ledger_store.py). One that
+                # was presented was claimed, and a claim is written before the stream starts.
+                if ticket.served:
+                    self.fail(f"{name} {ticket.stream_id}: streamed, but the ledger has no entry for it")
+                else:
+                    self.stats["unpresented_tickets_left_out"] += 1
                 continue
             self.check_single_service(name, ticket)
             billed = entry.seconds
