@@ -287,7 +287,7 @@ class Bench:
                 modes=tuple(self.args.modes),
                 custom_modes={
                     **(LEVER_MODES if self.args.levers else {}),
-                    **(self.style_lever_modes() if self.style_levers else {}),
+                    **self.style_lever_modes(),
                 },
                 # The pipeline is given; these say where the modes' smaller decoders come from: random
                 # weights for random model weights, else the published repos or the paths given.
@@ -318,15 +318,13 @@ class Bench:
             self.engine = engine
         return self.engine
 
-    @property
-    def style_levers(self) -> bool:
-        """Whether the style section measures its lever modes (each one more set of compiled shapes)."""
-        return (self.args.levers or self.args.style_levers) and "style" in self.args.sections
-
     def style_lever_modes(self) -> dict[str, ModeRecipe]:
-        """The approximate production modes with the style image read at STYLE_LEVER_SIZE², and those with
+        """The style section's lever modes when it measures them (each one more set of compiled shapes):
+        the approximate production modes with the style image read at STYLE_LEVER_SIZE², and those with
         style_kv_once with the style image's keys and values computed per frame instead."""
         levers: dict[str, ModeRecipe] = {}
+        if not ((self.args.levers or self.args.style_levers) and "style" in self.args.sections):
+            return levers
         for mode in self.args.modes:
             label, recipe = MODE_RECIPES[mode]
             if not label.approximate:
@@ -339,7 +337,7 @@ class Bench:
     def measure_modes(self) -> None:
         print("section modes", flush=True)
         engine = self.production_engine()
-        style_levers = self.style_lever_modes() if self.style_levers else {}
+        style_levers = self.style_lever_modes()
         for mode in engine.modes:
             if mode.id in style_levers:
                 continue  # the same as its base mode without a style image; the style section has it
@@ -368,7 +366,7 @@ class Bench:
         print("section style", flush=True)
         engine = self.production_engine()
         steps, prompt, seed, style = self.args.steps[0], self.prompts[0], self.seeds[0], self.style
-        levers = self.style_lever_modes() if self.style_levers else {}
+        levers = self.style_lever_modes()
         for mode in engine.modes:
             if mode.id in LEVER_MODES:
                 continue
@@ -528,19 +526,16 @@ class Bench:
             def keep(record: dict[str, Any]) -> None:
                 # The runs so far, so a run cut by its time limit keeps the starts that finished.
                 self.system["cold_start"] = record
-                run = record["runs"][-1] if record["runs"] else None
-                if run is not None:
-                    total = "ERROR" if run["error"] else f"{run['total_s']:.1f} s"
-                    print(f"  cold start {len(record['runs'])} ({run['cache']}): {total}", flush=True)
+                run = record["runs"][-1]
+                total = "ERROR" if run["error"] else f"{run['total_s']:.1f} s"
+                print(f"  cold start {len(record['runs'])} ({run['cache']}): {total}", flush=True)
 
-            keep(
-                system_bench.measure_cold_start(
-                    self.pipe,
-                    workdir=workdir,
-                    engine_options=options,
-                    runs=tuple(args.cold_start_runs),
-                    on_run=keep,
-                )
+            self.system["cold_start"] = system_bench.measure_cold_start(
+                self.pipe,
+                workdir=workdir,
+                engine_options=options,
+                runs=tuple(args.cold_start_runs),
+                on_run=keep,
             )
             return
         engine = self.production_engine()

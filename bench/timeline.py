@@ -118,9 +118,8 @@ def summarize(intervals: Sequence[Interval]) -> dict[str, Any]:
 
     # One sweep in start order: a gap opens wherever the next activity starts after every earlier one
     # has ended.
-    gaps: list[
-        tuple[float, float, str, str]
-    ] = []  # (gap µs, offset µs from the window's start, before, after)
+    # (gap µs, offset µs from the window's start, before, after)
+    gaps: list[tuple[float, float, str, str]] = []
     busy = 0.0
     stretch_start, stretch_end, closing = device[0].start_us, device[0].end_us, device[0].name
     for interval in device[1:]:

@@ -9,7 +9,7 @@ a capture (docs/performance.md, "Replayed vs launched outputs").
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 Denoise = Callable[..., torch.Tensor]
+
+
+def batch_rows(rows: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """The rows' cached tensors as one batch along ``dim``; a single row is the cached tensor itself, not a
+    copy, so a captured graph whose input buffer already holds it does not copy it again (``_holds``)."""
+    return rows[0] if len(rows) == 1 else torch.cat(list(rows), dim=dim)
 
 
 class FrameGraph:

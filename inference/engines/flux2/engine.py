@@ -35,7 +35,7 @@ from inference.engines.base import FrameJob
 from inference.engines.flux2.checkpoint import build_pipeline
 from inference.engines.flux2.compiled import compile_transformers, compile_vae
 from inference.engines.flux2.config import Flux2Config
-from inference.engines.flux2.cuda_graphs import FrameGraphs
+from inference.engines.flux2.cuda_graphs import FrameGraphs, batch_rows
 from inference.engines.flux2.decoders import build_decoders, compile_decoder
 from inference.engines.flux2.frames import decode_jpegs, encode_jpegs, gradient_frame, resize
 from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
@@ -338,14 +338,12 @@ class Flux2Engine:
         return self._frame_graphs.replay((graph_mode, steps, batch_size), denoise, (frames, *conditioning))
 
     def _conditioning(self, prompts: Sequence[str], seeds: Sequence[int], recipe: ModeRecipe) -> Conditioning:
-        # A single row is the cached tensor itself (or a view of it), not a copy: a captured graph that
-        # already holds it in its input buffer does not copy it again (cuda_graphs.py).
         # 1. The prompts' embeddings (cached per prompt), cut to the tokens the recipe attends to
-        prompt_embeds = _rows([self.prompt_embeds(prompt) for prompt in prompts])
+        prompt_embeds = batch_rows([self.prompt_embeds(prompt) for prompt in prompts])
         if recipe.text_tokens < prompt_embeds.shape[1]:
             prompt_embeds = prompt_embeds[:, : recipe.text_tokens]
         # 2. The initial noise, fixed per seed
-        noise = _rows([self._noise(seed, prompt_embeds.dtype) for seed in seeds])
+        noise = batch_rows([self._noise(seed, prompt_embeds.dtype) for seed in seeds])
         return Conditioning(prompt_embeds, noise)
 
     def _denoise(
@@ -599,11 +597,6 @@ class Flux2Engine:
     def encode_jpegs(self, images: torch.Tensor) -> list[bytes]:
         """JPEG bytes of float images in [0, 1] (B, 3, H, W), rounded to 8 bits as diffusers' PIL output."""
         return encode_jpegs(images, self.config.jpeg_quality)
-
-
-def _rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One batch of the rows' tensors (1, ...) each: the tensor itself for one row."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
 
 
 def _group_jobs(

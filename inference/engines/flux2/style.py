@@ -17,6 +17,7 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 from diffusers import Flux2KleinPipeline
 
+from inference.engines.flux2.cuda_graphs import batch_rows
 from inference.style_image import StyleImage
 
 # Encodes uint8 RGB images (B, 3, S, S) at size² as packed reference latents (B, tokens, C).
@@ -62,7 +63,7 @@ class StyleLatents:
 
     def batch(self, styles: Sequence[StyleImage], size: int) -> torch.Tensor:
         """(B, tokens, C): one row per job, in order."""
-        return torch.cat([self.latents(style, size) for style in styles])
+        return batch_rows([self.latents(style, size) for style in styles])
 
 
 class StyleKV:
@@ -85,9 +86,7 @@ class StyleKV:
         self, styles: Sequence[StyleImage], keys: Sequence[Hashable], compute: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
         """(layers, 2, B, tokens, heads, head_dim) for the rows' ``styles`` under their ``keys``. When a row
-        has none yet, ``compute()`` makes the whole batch's (rows are independent) and each row is kept.
-        One row's is returned as the very tensor kept, so a CUDA graph that took it last time need not
-        copy it again."""
+        has none yet, ``compute()`` makes the whole batch's (rows are independent) and each row is kept."""
         found = [self._kv.get(style, {}).get(key) for style, key in zip(styles, keys, strict=True)]
         if any(kv is None for kv in found):
             stacked = compute()
@@ -96,6 +95,4 @@ class StyleKV:
             found = [stacked] if len(styles) == 1 else [row.clone() for row in stacked.split(1, dim=2)]
             for style, key, kv in zip(styles, keys, found, strict=True):
                 self._kv.setdefault(style, {})[key] = kv
-        if len(found) == 1:
-            return found[0]  # type: ignore[return-value]
-        return torch.cat(found, dim=2)  # type: ignore[arg-type]
+        return batch_rows(found, dim=2)  # type: ignore[arg-type]
