@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from inference.preload import preload_checkpoint
 from inference.readahead import checkpoint_readahead
 
 if TYPE_CHECKING:
@@ -897,19 +898,32 @@ def _cold_start_table(results: Sequence[dict[str, Any]]) -> dict[str, list[str]]
             f"{to_device:9.1f} {stages['warm_up']:8.1f} {stages['first_frame']:9.2f} {result['total_s']:8.1f}"
             f" {_fmt(result.get('deferred_warm_up_s'), '16.1f'):>16s}"
         )
-    # The imports stage by library: what a bytecode cache (or its absence) moves.
-    notes = [
-        f"{result['cache']:6s} imports: "
-        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.get("imports", {}).items())
-        for result in results
-        if result["error"] is None
-    ]
+    # The imports stage by library (what a bytecode cache, or its absence, moves), and when the text encoder
+    # loading beside the rest was done.
+    notes = []
+    for result in results:
+        if result["error"] is not None:
+            continue
+        note = f"{result['cache']:6s} imports: " + ", ".join(
+            f"{name} {seconds:.1f} s" for name, seconds in result.get("imports", {}).items()
+        )
+        if preload := result.get("preload"):
+            note += f"; preload from {preload['started']:.1f} s: " + ", ".join(
+                f"{name} {mark:.1f} s" for name, mark in preload["on_device"].items()
+            )
+        if text := result.get("text_encoder"):
+            note += f"; text encoder read {text['started']:.1f} -> {text['loaded']:.1f} s"
+        notes.append(note)
     return {"table": table, "notes": notes}
 
 
 def _since_spawn(spawned_at: float) -> float:
+    return _perf_since_spawn(time.perf_counter(), spawned_at)
+
+
+def _perf_since_spawn(perf: float, spawned_at: float) -> float:
     # Wall clocks agree across processes; after this module's start the monotonic clock takes over.
-    return (_STARTED_WALL - spawned_at) + (time.perf_counter() - _STARTED_PERF)
+    return (_STARTED_WALL - spawned_at) + (perf - _STARTED_PERF)
 
 
 def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | None) -> dict[str, Any]:
@@ -924,6 +938,12 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
     import torch
 
     import_marks = {"torch": _since_spawn(spawned)}
+    device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    preload = preload_started = None
+    if readahead is not None and device.startswith("cuda"):
+        # As the worker does: the weights read onto the GPU while diffusers is imported.
+        preload_started = _since_spawn(spawned)
+        preload = preload_checkpoint(model, device)
     import transformers  # noqa: F401 (timed alone: the text encoder's library)
 
     import_marks["transformers"] = _since_spawn(spawned)
@@ -946,15 +966,18 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
         sync()
     marks["device_init"] = _since_spawn(spawned)
 
-    # load() is one call (from_pretrained, then the move to the device); the loader is wrapped to note
-    # when its first half returns, so the engine's own loading code is what gets timed.
+    # load() is one call (from_pretrained, then the engine's set-up); the loader is wrapped to note when
+    # its first half returns, so the engine's own loading code is what gets timed. The text encoder's
+    # from_pretrained, on a thread of its own beside the rest (checkpoint.py), is timed by the engine.
     marks["from_pretrained"] = None
     original = Flux2KleinPipeline.from_pretrained
     own = Flux2KleinPipeline.__dict__.get("from_pretrained")
+    main_thread = threading.current_thread()
 
     def timed_from_pretrained(*args: Any, **kwargs: Any) -> Any:
         pipe = original(*args, **kwargs)
-        marks["from_pretrained"] = _since_spawn(spawned)
+        if threading.current_thread() is main_thread:
+            marks["from_pretrained"] = _since_spawn(spawned)
         return pipe
 
     Flux2KleinPipeline.from_pretrained = staticmethod(timed_from_pretrained)  # type: ignore[method-assign, assignment]
@@ -967,6 +990,7 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
         else:
             Flux2KleinPipeline.from_pretrained = own  # type: ignore[method-assign]
     marks["to_device"] = _since_spawn(spawned)
+    text_encoder_load = engine.text_encoder_load
     engine.warm_up()
     marks["warm_up"] = _since_spawn(spawned)
     # A prompt warm_up() did not see: a user's first frame pays for encoding its prompt too.
@@ -1014,6 +1038,24 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
         "torch": torch.__version__,
         "peak_gpu_memory_gib": _round(peak),
         "compile_times": compiled,
+        # When the weights' preload started, and when each component was on the device (seconds since spawn).
+        "preload": None
+        if preload is None or preload_started is None
+        else {
+            "started": _round(preload_started, 3),
+            "on_device": {
+                Path(folder).name: _round(preload_started + seconds, 3)
+                for folder, seconds in preload.seconds.items()
+            },
+        },
+        # When the text encoder's load, beside the rest, started and ended (seconds since spawn); None for
+        # weights built rather than loaded.
+        "text_encoder": None
+        if text_encoder_load is None or text_encoder_load.finished is None
+        else {
+            "started": _round(_perf_since_spawn(text_encoder_load.started, spawned), 3),
+            "loaded": _round(_perf_since_spawn(text_encoder_load.finished, spawned), 3),
+        },
         "readahead": None
         if readahead is None
         else {

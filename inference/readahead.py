@@ -28,17 +28,27 @@ _RANGE: Final = 256 << 20  # the share of a file one reader takes at a time
 _WEIGHT_SUFFIXES: Final = (".safetensors", ".bin", ".pt", ".pth")
 # Of the memory the kernel reports available, how much the files may take: the loader needs some too.
 _MEMORY_SHARE: Final = 0.8
+# The order a checkpoint's components are loaded in (inference/engines/flux2/checkpoint.py): the text
+# encoder loads beside the warm-up, so its bytes are wanted last.
+LOAD_ORDER: Final = ("vae", "transformer", "text_encoder")
 
 
-def weight_files(directory: str | Path) -> list[Path]:
+def weight_files(directory: str | Path, first: Sequence[str] = LOAD_ORDER) -> list[Path]:
     """The weight files of the components of the diffusers checkpoint in ``directory`` (one folder per
-    component; files beside them, such as a repo's single-file checkpoints, are not the loader's), largest
-    first, so the readers start on what takes longest."""
+    component; files beside them, such as a repo's single-file checkpoints, are not the loader's) in the
+    order the loader wants them: those of the components in ``first``, in that order, then the others
+    largest first."""
     root = Path(directory)
     if not root.is_dir():
         return []
     files = [path for path in root.glob("*/**/*") if path.suffix in _WEIGHT_SUFFIXES and path.is_file()]
-    return sorted(files, key=lambda path: path.stat().st_size, reverse=True)
+
+    def order(path: Path) -> tuple[int, int]:
+        component = path.relative_to(root).parts[0]
+        rank = first.index(component) if component in first else len(first)
+        return rank, -path.stat().st_size
+
+    return sorted(files, key=order)
 
 
 def cached_checkpoint(model: str, cache_dir: str | Path | None) -> Path | None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from inference.engines.base import Engine
+from inference.preload import preload_checkpoint
 from inference.readahead import checkpoint_readahead
 
 if TYPE_CHECKING:
@@ -45,11 +46,18 @@ def flux2_options(config: WorkerConfig, device: str | None = None) -> dict[str, 
 
 
 def _flux2(config: WorkerConfig, device: str | None = None) -> Engine:
-    if config.weights not in ("random", "tiny"):
+    model = config.model_path or config.model_id
+    loads = config.weights not in ("random", "tiny")
+    if loads:
         # The checkpoint is read into the page cache while torch and diffusers are imported (seconds each).
-        checkpoint_readahead(config.model_path or config.model_id, config.cache_dir)
-    module = importlib.import_module("inference.engines.flux2")  # imports torch and diffusers
+        checkpoint_readahead(model, config.cache_dir)
+    torch = importlib.import_module("torch")
     use_device(device)
+    target = device or config.device or ("cuda" if torch.cuda.is_available() else None)
+    if loads and target is not None and target.startswith("cuda"):
+        # And its first components are read onto the GPU while diffusers is imported (inference/preload.py).
+        preload_checkpoint(model, target, config.cache_dir)
+    module = importlib.import_module("inference.engines.flux2")  # imports diffusers
     return module.create_flux2_engine(**flux2_options(config, device))
 
 

@@ -122,6 +122,12 @@ def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
     assert list(run["imports"]) == ["torch", "transformers", "diffusers", "engine"]
     assert sum(run["imports"].values()) == pytest.approx(run["stages"]["imports"], abs=0.01)
     assert result["notes"][0].startswith("empty  imports: torch")
+    # The text encoder loaded on its own thread beside the rest: started within load(), before the rest's
+    # from_pretrained returned, and done by the first frame.
+    text = run["text_encoder"]
+    assert run["marks"]["device_init"] <= text["started"] <= run["marks"]["from_pretrained"]
+    assert text["started"] <= text["loaded"] <= run["marks"]["first_frame"]
+    assert "text encoder read" in result["notes"][0]
     # The checkpoint's weights were read ahead while the child imported its libraries, as a worker does.
     weights = list(checkpoint.glob("*/*.safetensors"))
     assert run["readahead"]["files"] == len(weights)

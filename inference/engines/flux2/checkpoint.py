@@ -1,17 +1,32 @@
 """Where the engine's pipeline comes from: a diffusers-format checkpoint (a local folder, or downloaded
-from the Hugging Face Hub), or the klein architecture built with random weights."""
+from the Hugging Face Hub), or the klein architecture built with random weights.
+
+A checkpoint is loaded in two halves. The transformer, the VAE and the scheduler come first: they are all
+that compiling and warming the engine needs. The text encoder (about half of the bytes, Qwen3-4B) and its
+tokenizer are read on a thread of their own meanwhile (``TextEncoderLoad``), so reading and moving them
+overlaps the warm-up instead of coming before it. The readahead reads the files in the same order
+(``inference.readahead.LOAD_ORDER``), and a preload started before diffusers was imported
+(``inference.preload``) may already hold the weights on the device: the models are then built around its
+tensors rather than read again."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
+import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+import diffusers
 import torch
 from diffusers import Flux2KleinPipeline
 
 from inference.engines.flux2.config import Flux2Config
 from inference.engines.flux2.klein_config import KLEIN_4B, TINY, build_random_components
+from inference.preload import DeviceReader, component_files, take_preloaded
 
 logger = logging.getLogger(__name__)
 
@@ -26,30 +41,166 @@ CHECKPOINT_PATTERNS: Final = (
 )
 
 
-def build_pipeline(config: Flux2Config, device: torch.device, dtype: torch.dtype) -> Flux2KleinPipeline:
-    """The pipeline ``config`` names, on ``device`` in ``dtype``."""
+# The components the second half of a checkpoint's load reads (``TextEncoderLoad``), and the others.
+TEXT_COMPONENTS: Final = ("text_encoder", "tokenizer")
+_FIRST_COMPONENTS: Final = ("transformer", "vae", "scheduler")
+
+
+def build_pipeline(
+    config: Flux2Config, device: torch.device, dtype: torch.dtype
+) -> tuple[Flux2KleinPipeline, TextEncoderLoad | None]:
+    """The pipeline ``config`` names, on ``device`` in ``dtype``. Built with random weights it is complete
+    (and the second item None); loaded from a checkpoint its text encoder and tokenizer are None until the
+    returned ``TextEncoderLoad`` has them."""
     if config.tiny or config.random_weights:
         architecture = TINY if config.tiny else KLEIN_4B
         logger.info("building %s with random weights on %s (%s)", architecture.name, device, dtype)
         components = build_random_components(
             architecture, device=device, dtype=dtype, seed=config.weights_seed
         )
-        return Flux2KleinPipeline(**components, is_distilled=True)
+        return Flux2KleinPipeline(**components, is_distilled=True), None
     path = download_checkpoint(
         config.model,
         cache_dir=config.cache_dir,
         revision=config.revision,
         local_files_only=config.local_files_only,
     )
+    text = TextEncoderLoad(path, device, dtype)
+    preloaded = _preloaded_models(path, device, dtype)
+    pipe = _load_components(path, device, dtype, skip=TEXT_COMPONENTS, given=preloaded)
+    return pipe, text
+
+
+def _preloaded_models(path: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """The first half's models whose weights a preload already put on ``device``, built around them."""
+    index = json.loads((path / "model_index.json").read_text())
+    models: dict[str, torch.nn.Module] = {}
+    for name in _FIRST_COMPONENTS:
+        library, class_name = index.get(name, (None, None))
+        if library != "diffusers" or not hasattr(diffusers, class_name):
+            continue
+        state = take_preloaded(path / name, device)
+        if state is not None:
+            models[name] = model_from_state(getattr(diffusers, class_name), path / name, state, dtype)
+    return models
+
+
+def model_from_state(
+    cls: Any, folder: Path, state: dict[str, torch.Tensor], dtype: torch.dtype
+) -> torch.nn.Module:
+    """The diffusers model of ``folder``'s config with ``state``'s tensors as its weights (taken, not
+    copied), cast to ``dtype`` as ``from_pretrained(dtype=...)`` casts them; strict: a missing or unexpected
+    weight raises."""
+    keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            wanted = torch.float32 if any(part in keep for part in name.split(".")) else dtype
+            state[name] = tensor.to(wanted)
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(folder))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _load_components(
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    skip: tuple[str, ...],
+    given: dict[str, torch.nn.Module] | None = None,
+) -> Flux2KleinPipeline:
+    """The checkpoint's pipeline without the components in ``skip`` (None there) and with those ``given``:
+    every other component is loaded by ``Flux2KleinPipeline.from_pretrained`` as a whole pipeline's would be,
+    whichever half it is in."""
+    without: dict[str, Any] = {**dict.fromkeys(skip), **(given or {})}
     if device.type == "cuda":
         # Read straight into device memory: loaded plainly, every weight is first materialised in host memory
         # and then copied again by .to(), and how long that takes varies with the host's free memory.
         with torch.cuda.device(device):
             return Flux2KleinPipeline.from_pretrained(
-                path, torch_dtype=dtype, is_distilled=True, device_map="cuda"
+                path, dtype=dtype, is_distilled=True, device_map="cuda", **without
             )
-    pipe = Flux2KleinPipeline.from_pretrained(path, torch_dtype=dtype, is_distilled=True)
+    pipe = Flux2KleinPipeline.from_pretrained(path, dtype=dtype, is_distilled=True, **without)
     return pipe.to(device)
+
+
+class TextEncoderLoad:
+    """A checkpoint's text encoder and tokenizer. A thread of their own, started when this is made, reads
+    the text encoder's weights into device memory (or takes them from a preload) and loads the tokenizer;
+    ``result()`` then builds the model around those tensors on the calling thread.
+
+    Only tensors are read off the calling thread: diffusers' and transformers' loaders change process-wide
+    state while they build a model (the default dtype, patched constructors), so a model built on another
+    thread could corrupt whatever the engine is building or compiling meanwhile."""
+
+    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+        self.started = time.perf_counter()
+        self.finished: float | None = None  # perf_counter() when the thread's part ended, either way
+        self.path = path
+        self.dtype = dtype
+        if device.type == "cuda" and device.index is None:
+            # "cuda" means the calling thread's current device; the loading thread's would be device 0.
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self._index = json.loads((path / "model_index.json").read_text())
+        self._read: Future[tuple[dict[str, torch.Tensor] | None, Any]] = Future()
+        self._built: tuple[Any, Any] | None = None
+        threading.Thread(target=self._load, name="text-encoder-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            state = take_preloaded(self.path / "text_encoder", self.device) or self._read_weights()
+            tokenizer = _component_class(self._index, "tokenizer").from_pretrained(self.path / "tokenizer")
+        except BaseException as error:  # handed to whoever waits, on their thread
+            self.finished = time.perf_counter()
+            self._read.set_exception(error)
+        else:
+            self.finished = time.perf_counter()
+            self._read.set_result((state, tokenizer))
+
+    def _read_weights(self) -> dict[str, torch.Tensor] | None:
+        folder = self.path / "text_encoder"
+        files = component_files(folder)
+        if files is None:
+            return None
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # this thread's current device is its own
+            reader = DeviceReader(self.device)
+            state: dict[str, torch.Tensor] = {}
+            for file in files:
+                state.update(reader.read(file))
+        except Exception as error:  # the loader reads it again in result(), and reports what is wrong
+            logger.warning("could not read %s ahead (from_pretrained will load it): %s", folder, error)
+            return None
+        return state
+
+    def done(self) -> bool:
+        return self._read.done()
+
+    def result(self) -> tuple[Any, Any]:
+        """(text encoder, tokenizer): waits for the thread, then builds the model (once)."""
+        if self._built is None:
+            state, tokenizer = self._read.result()
+            cls = _component_class(self._index, "text_encoder")
+            folder = self.path / "text_encoder"
+            device_map = str(self.device) if self.device.type == "cuda" else None
+            if state is None:  # not plain safetensors: the loader reads it (and reports what is wrong)
+                model = cls.from_pretrained(folder, dtype=self.dtype, device_map=device_map)
+            else:
+                config = cls.config_class.from_pretrained(folder)
+                model = cls.from_pretrained(
+                    None, config=config, state_dict=state, dtype=self.dtype, device_map=device_map
+                )
+            self._built = (model.eval(), tokenizer)
+        return self._built
+
+
+def _component_class(index: dict[str, Any], name: str) -> Any:
+    """The class model_index.json names for component ``name`` (its library's attribute)."""
+    library, class_name = index[name]
+    return getattr(importlib.import_module(library), class_name)
 
 
 def download_checkpoint(

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from typing import Any, NamedTuple
@@ -32,7 +33,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu,
 from diffusers.utils.torch_utils import randn_tensor
 
 from inference.engines.base import FrameJob
-from inference.engines.flux2.checkpoint import build_pipeline
+from inference.engines.flux2.checkpoint import TextEncoderLoad, build_pipeline
 from inference.engines.flux2.compiled import compile_transformers, compile_vae
 from inference.engines.flux2.config import Flux2Config
 from inference.engines.flux2.cuda_graphs import FrameGraphs, batch_rows
@@ -48,6 +49,9 @@ from inference.protocol import MAX_STEPS, MIN_STEPS, OUTPUT_SIZE, RenderMode
 from inference.style_image import StyleImage, style_image_from_pixels
 
 logger = logging.getLogger(__name__)
+
+# The prompt of the throw-away frames that warm the engine up.
+WARM_UP_PROMPT = "warm-up"
 
 
 class Conditioning(NamedTuple):
@@ -83,6 +87,8 @@ class Flux2Engine:
 
         self.pipe: Flux2KleinPipeline | None = None
         self._staged: Flux2KleinPipeline | None = None  # weights read by load_on_cpu(), not yet moved
+        # The text encoder of a checkpoint, still loading beside the rest (checkpoint.py); None once joined.
+        self.text_encoder_load: TextEncoderLoad | None = None
         self.transformers: Transformers | None = None
         # The LoRA adapters sessions may choose (loaded with the weights; the worker's `ready` lists them).
         self.adapters = tuple(spec.info() for spec in config.loras)
@@ -112,9 +118,20 @@ class Flux2Engine:
                 if staged is not None:
                     self._attach(staged.to(self.device))
                 else:
-                    self._attach(build_pipeline(self.config, self.device, self.dtype))
+                    pipe, self.text_encoder_load = build_pipeline(self.config, self.device, self.dtype)
+                    self._attach(pipe)
             assert self.pipe is not None
             return self.pipe
+
+    def _with_text_encoder(self) -> Flux2KleinPipeline:
+        """The pipeline with its text encoder and tokenizer, waiting for them if they are still loading."""
+        pipe = self.load()
+        with self._load_lock:
+            if self.text_encoder_load is not None:
+                text_encoder, tokenizer = self.text_encoder_load.result()
+                pipe.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+                self.text_encoder_load = None
+        return pipe
 
     def load_on_cpu(self) -> None:
         """Read the weights into host memory without touching the device, for ``load()`` to move later: what
@@ -122,7 +139,11 @@ class Flux2Engine:
         taken."""
         with self._load_lock:
             if self.pipe is None and self._staged is None:
-                self._staged = build_pipeline(self.config, torch.device("cpu"), self.dtype)
+                pipe, text = build_pipeline(self.config, torch.device("cpu"), self.dtype)
+                if text is not None:  # a snapshot holds all of it
+                    text_encoder, tokenizer = text.result()
+                    pipe.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+                self._staged = pipe
 
     def _attach(self, pipe: Flux2KleinPipeline) -> None:
         pipe.set_progress_bar_config(disable=True)
@@ -191,9 +212,32 @@ class Flux2Engine:
         compile on first use (seconds from a warm compile cache, tens of seconds from an empty one), once
         for batch size 1 and once for a symbolic batch size that serves the rest. The first frame comes
         alone, so only batch size 1 is warmed here; the larger batches of the default mode are a deferred
-        task too."""
+        task too.
+
+        The text encoder may still be loading meanwhile (checkpoint.py): the throw-away frames then take a
+        stand-in embedding of the right shape, since compiling and capturing depend on shapes only. The
+        warm-up returns once the text encoder is loaded too, so a worker whose text encoder cannot load
+        fails to start."""
         self.load()
-        self.warm_up_mode(self.modes[0].id, batch_sizes=(1,))
+        with self._warm_up_embedding():
+            self.warm_up_mode(self.modes[0].id, batch_sizes=(1,))
+        self._with_text_encoder()
+
+    @contextmanager
+    def _warm_up_embedding(self) -> Iterator[None]:
+        load = self.text_encoder_load
+        if load is None or load.done():
+            yield
+            return
+        assert self.pipe is not None
+        width = self.pipe.transformer.config.joint_attention_dim
+        stand_in = torch.zeros(1, MAX_SEQUENCE_LENGTH, width, device=self.device, dtype=self.dtype)
+        self._prompt_cache[WARM_UP_PROMPT] = stand_in
+        try:
+            yield
+        finally:
+            if self._prompt_cache.get(WARM_UP_PROMPT) is stand_in:
+                del self._prompt_cache[WARM_UP_PROMPT]
 
     def deferred_warm_ups(self) -> list[Callable[[], None]]:
         """Tasks for the scheduler to run while no frame is waiting: one per mode not warmed yet (a mode
@@ -217,7 +261,8 @@ class Flux2Engine:
         # The warm-up frame's gradient, flipped, as a throw-away style image (OUTPUT_SIZE == its size).
         style = style_image_from_pixels(gradient_frame(torch.device("cpu"))[0].permute(2, 1, 0).numpy())
         steps = max(2, self.config.steps)
-        self.render([FrameJob("warm-up", 0, self._warm_up_jpeg(), "warm-up", steps, 0, mode, style=style)])
+        jpeg = self._warm_up_jpeg()
+        self.render([FrameJob("warm-up", 0, jpeg, WARM_UP_PROMPT, steps, 0, mode, style=style)])
 
     def warm_up_mode(self, mode: str, batch_sizes: Sequence[int] | None = None) -> None:
         """Render throw-away frames of ``mode`` at each batch size that compiles a graph of its own (those
@@ -230,7 +275,7 @@ class Flux2Engine:
         # At least 2 steps: reference K/V reuse runs a different transformer call from the second step on.
         steps = max(2, self.config.steps)
         for size in sizes:
-            jobs = [FrameJob("warm-up", 0, jpeg, "warm-up", steps, seed, mode) for seed in range(size)]
+            jobs = [FrameJob("warm-up", 0, jpeg, WARM_UP_PROMPT, steps, seed, mode) for seed in range(size)]
             self.render(jobs)
             if size > 1 and self.adapters:
                 # Rows with different adapters run the LoRA branches, a graph of their own: warmed here so a
@@ -243,7 +288,7 @@ class Flux2Engine:
 
     def _capture_graph(self, mode: str, steps: int) -> None:
         if (mode, steps, 1) not in self._frame_graphs:
-            self.render([FrameJob("warm-up", 0, self._warm_up_jpeg(), "warm-up", steps, 0, mode)])
+            self.render([FrameJob("warm-up", 0, self._warm_up_jpeg(), WARM_UP_PROMPT, steps, 0, mode)])
 
     def _warm_up_jpeg(self) -> bytes:
         return self.encode_jpegs(gradient_frame(self.device).to(torch.float32) / 255)[0]
@@ -487,7 +532,7 @@ class Flux2Engine:
         if embeds is not None:
             self._prompt_cache.move_to_end(prompt)
             return embeds
-        pipe = self.load()
+        pipe = self._with_text_encoder()
         # Encoded alone, not batched with other new prompts, so a prompt's embedding never depends on
         # which other prompts arrived in the same batch.
         embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(

@@ -1,12 +1,27 @@
 """What a worker's first frame waits for: the default mode at batch size 1 only (the larger batches, and the
-other modes, are warmed while idle), and weights read into host memory first (a memory snapshot's half of
-the load) end up on the engine's device."""
+other modes, are warmed while idle); weights read into host memory first (a memory snapshot's half of
+the load) end up on the engine's device; a checkpoint's text encoder loads beside the warm-up, and the
+frames are those of the pipeline loaded whole."""
 
 from __future__ import annotations
 
+import importlib
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
+from diffusers import Flux2KleinPipeline
+from safetensors import SafetensorError
 
 from inference.engines.flux2 import Flux2Config, Flux2Engine
+from inference.engines.flux2.klein_config import TINY, build_random_components
+from inference.preload import preload_checkpoint
 
 
 def _batch_sizes(engine: Flux2Engine) -> tuple[list[int], object]:
@@ -47,3 +62,149 @@ def test_weights_read_on_the_cpu_first_are_moved_to_the_device_by_load() -> None
     assert engine.render_frames(frame, ["ink"], steps=2, seeds=[1]).shape == (1, 3, 512, 512)
     engine.load_on_cpu()  # after load(): nothing more to read
     assert engine.load() is pipe
+
+
+# ------------------------------------------------------------------ a checkpoint loaded in two halves
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny architecture saved as a diffusers checkpoint, as a worker reads one."""
+    path = tmp_path_factory.mktemp("checkpoint")
+    components = build_random_components(TINY, seed=3)
+    Flux2KleinPipeline(**components, is_distilled=True).save_pretrained(path)
+    return path
+
+
+def _checkpoint_engine(path: Path) -> Flux2Engine:
+    return Flux2Engine(
+        Flux2Config(model=str(path), local_files_only=True, device="cpu", modes=("exact",), compile=False)
+    )
+
+
+@contextmanager
+def _text_encoder_held(checkpoint: Path, release: threading.Event) -> Iterator[list[str]]:
+    """Hold the text encoder's half of the load (its tokenizer's loader, transformers', called on the load's
+    own thread) until ``release`` is set; yields the names of the threads that loaded a tokenizer."""
+    library, name = json.loads((checkpoint / "model_index.json").read_text())["tokenizer"]
+    tokenizer_class = getattr(importlib.import_module(library), name)
+    original = tokenizer_class.from_pretrained
+    own = tokenizer_class.__dict__.get("from_pretrained")
+    loaders: list[str] = []
+
+    def held(_cls: type, *args: Any, **kwargs: Any) -> Any:
+        loaders.append(threading.current_thread().name)
+        assert release.wait(60), "the text encoder was never released"
+        return original(*args, **kwargs)
+
+    tokenizer_class.from_pretrained = classmethod(held)
+    try:
+        yield loaders
+    finally:
+        if own is None:
+            del tokenizer_class.from_pretrained  # the inherited classmethod again
+        else:
+            tokenizer_class.from_pretrained = own
+
+
+def test_a_checkpoint_renders_the_same_frames_as_the_pipeline_loaded_whole(checkpoint: Path) -> None:
+    engine = _checkpoint_engine(checkpoint)
+    engine.warm_up()
+    assert engine.text_encoder_load is None  # joined by the warm-up
+    assert engine.pipe is not None
+    assert engine.pipe.text_encoder is not None
+    whole = Flux2KleinPipeline.from_pretrained(checkpoint, dtype=torch.float32, is_distilled=True)
+    reference = Flux2Engine(Flux2Config(device="cpu", modes=("exact",), compile=False), pipeline=whole)
+    frame = torch.full((1, 3, 512, 512), 90, dtype=torch.uint8)
+    frame[:, 1, :256] = 200
+    for prompt in ("ink", "warm-up"):  # the warm-up's prompt too: its embedding is the real one now
+        ours = engine.render_frames(frame, [prompt], steps=2, seeds=[5])
+        assert torch.equal(ours, reference.render_frames(frame, [prompt], steps=2, seeds=[5])), prompt
+
+
+def test_the_warm_up_compiles_while_the_text_encoder_is_still_loading(checkpoint: Path) -> None:
+    engine = _checkpoint_engine(checkpoint)
+    release = threading.Event()
+    seen: list[tuple[bool, float]] = []  # per transformer call: text encoder loaded?, largest |embedding|
+    with _text_encoder_held(checkpoint, release) as loaders:
+        engine.load()
+        assert engine.transformers is not None
+        assert engine.pipe is not None
+        assert engine.pipe.text_encoder is None  # still loading, on its own thread
+
+        def record(_module: object, _args: object, kwargs: dict[str, Any], _output: object) -> None:
+            load = engine.text_encoder_load
+            seen.append((load is None or load.done(), kwargs["encoder_hidden_states"].abs().max().item()))
+            release.set()  # the warm-up got this far without the text encoder: let it finish loading
+
+        hook = engine.transformers.exact.register_forward_hook(record, with_kwargs=True)
+        try:
+            engine.warm_up()
+        finally:
+            hook.remove()
+    assert loaders == ["text-encoder-load"]
+    # The first transformer call ran before the text encoder had loaded, on a stand-in embedding.
+    assert seen[0] == (False, 0.0)
+    # warm_up() returned with the text encoder loaded, and the stand-in is gone: "warm-up" as a user's prompt
+    # is encoded like any other.
+    assert engine.text_encoder_load is None
+    assert engine.pipe.text_encoder is not None
+    assert engine.prompt_embeds("warm-up").abs().max().item() > 0
+
+
+def test_a_text_encoder_that_cannot_load_fails_the_warm_up_with_its_error(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (weights,) = (broken / "text_encoder").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as an interrupted download leaves it
+    engine = _checkpoint_engine(broken)
+    engine.load()  # the transformer and the VAE are fine
+    # The loader's own error, not a missing attribute later on; and a frame gets it too, not a None encoder.
+    with pytest.raises(SafetensorError, match="header"):
+        engine.warm_up()
+    with pytest.raises(SafetensorError, match="header"):
+        engine.prompt_embeds("ink")
+
+
+def test_weights_preloaded_before_diffusers_was_imported_render_what_the_loader_renders(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    own = tmp_path / "checkpoint"  # a preload is once per process and checkpoint
+    shutil.copytree(checkpoint, own)
+    preload = preload_checkpoint(str(own), "cpu")
+    assert preload is not None
+    engine = _checkpoint_engine(own)
+    engine.warm_up()
+    # The engine took every component's weights from the preload (each is handed over once) ...
+    components = ("text_encoder", "transformer", "vae")
+    assert sorted(Path(folder).name for folder in preload.seconds) == list(components)
+    assert all(preload.take(own / name) is None for name in components)
+    # ... and its models are the loader's, weight for weight, and render the same frames.
+    whole = Flux2KleinPipeline.from_pretrained(own, dtype=torch.float32, is_distilled=True)
+    assert engine.pipe is not None
+    for name in components:
+        ours, theirs = getattr(engine.pipe, name).state_dict(), getattr(whole, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
+        assert not getattr(engine.pipe, name).training
+    reference = Flux2Engine(Flux2Config(device="cpu", modes=("exact",), compile=False), pipeline=whole)
+    frame = torch.full((1, 3, 512, 512), 60, dtype=torch.uint8)
+    assert torch.equal(
+        engine.render_frames(frame, ["ink"], steps=2, seeds=[2]),
+        reference.render_frames(frame, ["ink"], steps=2, seeds=[2]),
+    )
+
+
+def test_a_transformer_the_preload_could_not_read_fails_the_load_with_the_loaders_error(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, broken)
+    (weights,) = (broken / "transformer").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    preload_checkpoint(str(broken), "cpu")
+    # diffusers' loader reads it again and names the file that is broken.
+    with pytest.raises(OSError, match=r"transformer/diffusion_pytorch_model\.safetensors"):
+        _checkpoint_engine(broken).load()
