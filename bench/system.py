@@ -699,6 +699,11 @@ def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def _spawn_cold_start_child(
     checkpoint: Path, options: dict[str, Any], env: dict[str, str], timeout_s: float
 ) -> dict[str, Any]:
@@ -727,14 +732,19 @@ def _spawn_cold_start_child(
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_group(process)
         stdout, stderr = process.communicate()
         return {
             "error": f"timed out after {timeout_s:.0f} s",
             "stderr_tail": _tail(stderr),
             "wall_s": round(time.time() - spawned_at, 2),
         }
+    except BaseException:
+        # The bench itself is ending (SIGTERM from a time limit): the child, in a session of its own, would
+        # otherwise go on holding the GPU after the bench has gone.
+        _kill_group(process)
+        process.wait()
+        raise
     wall_s = round(time.time() - spawned_at, 2)
     lines = [line for line in stdout.splitlines() if line.startswith(COLD_START_MARKER)]
     if process.returncode != 0 or not lines:

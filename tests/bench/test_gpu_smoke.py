@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,3 +130,42 @@ def test_a_cold_start_cut_by_its_time_limit_keeps_the_starts_that_finished(tmp_p
     assert run["error"] is None
     assert run["total_s"] > 0
     assert len(saved["cold_start"]["table"]) == 2  # the header and the finished start
+
+
+def test_a_bench_ended_while_a_cold_start_runs_ends_that_start_too(tmp_path) -> None:
+    """The child runs in a session of its own (so that a timeout can end inductor's workers with it); when
+    the bench is ended by SIGTERM, it must not go on holding the device."""
+    marker = tmp_path / "checkpoint-of-this-test"
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys\n"
+            "from pathlib import Path\n"
+            "from bench import system\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+            f"system._spawn_cold_start_child(Path({str(marker)!r}), {{}}, dict(os.environ), 120)\n",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _cold_start_children(marker):
+            assert runner.poll() is None, "the bench ended before its cold-start child started"
+            assert time.monotonic() < deadline, "no cold-start child started"
+            time.sleep(0.05)
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=30) == 143
+        assert not _cold_start_children(marker)
+    finally:
+        runner.kill()
+
+
+def _cold_start_children(marker: Path) -> list[str]:
+    """Command lines of running cold-start children whose arguments name ``marker``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = b" ".join(cmdline.read_bytes().split(b"\0"))
+            if b"cold-start-child" in argv and str(marker).encode() in argv:
+                found.append(argv.decode())
+    return found
