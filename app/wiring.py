@@ -29,7 +29,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from chargebee import Chargebee
 from clerk_backend_api import Clerk
@@ -103,6 +103,9 @@ def chargebee_config(settings: Settings) -> ChargebeeConfig:
         domain=settings.chargebee_domain,
         protocol=protocol,
     )
+
+
+IN_PROCESS_STOP_GRACE_SECONDS: Final = 1.0
 
 
 def in_process_worker(settings: Settings) -> Worker:
@@ -265,7 +268,10 @@ class Stylecast(InitPlugin):
             state.clerk = clerk
             if worker is not None:
                 await worker.start()
-                stack.push_async_callback(worker.stop)
+                # By the time the lifespan ends, this process's server has stopped listening, so a final
+                # usage report still being retried cannot reach the app: a short grace, not the 10 s a
+                # remote worker gives a restarting app (the sandbox's Ctrl-C waited for nothing).
+                stack.push_async_callback(worker.stop, IN_PROCESS_STOP_GRACE_SECONDS)
             accounts = AccountStore(clerk)
             chargebee: Chargebee = create_chargebee_client(chargebee_config(settings))
             state.accounts = accounts
