@@ -785,7 +785,9 @@ def measure_cold_start(
     "sync_s", "engine_options", "page_cache_dropped", "target_warm_s", "runs": [{"cache", "cache_dir",
     "cache_files_before", "cache_files_after", "cache_bytes_after", "marks" (seconds since spawn, per
     stage), "stages" (seconds per stage), "total_s", "first_frame_bytes", "device", "dtype", "torch",
-    "peak_gpu_memory_gib", "wall_s", "error", "stderr_tail", "meets_target"}], "table", "error"}``. A run
+    "peak_gpu_memory_gib", "readahead", "preload" (when each component's weights were on the GPU),
+    "text_encoder" (when its read began and ended), "wall_s", "error", "stderr_tail", "meets_target"}],
+    "table", "notes", "error"}``. A run
     whose child fails has ``error`` and the tail of the child's stderr instead of its stages; ``error`` at
     the top is set only when the checkpoint could not be written."""
     for name in ("model", "local_files_only", "tiny", "random_weights", "pipeline"):

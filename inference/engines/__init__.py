@@ -53,9 +53,10 @@ def _flux2(config: WorkerConfig, device: str | None = None) -> Engine:
         checkpoint_readahead(model, config.cache_dir)
     torch = importlib.import_module("torch")
     use_device(device)
-    target = device or config.device or ("cuda" if torch.cuda.is_available() else None)
-    if loads and target is not None and target.startswith("cuda"):
-        # And its first components are read onto the GPU while diffusers is imported (inference/preload.py).
+    target = device or config.device or "cuda"
+    # And its weights are read onto the GPU while diffusers is imported (inference/preload.py); not where no
+    # GPU is attached yet (a memory snapshot reads them into host memory, Flux2Engine.load_on_cpu).
+    if loads and target.startswith("cuda") and torch.cuda.is_available():
         preload_checkpoint(model, target, config.cache_dir)
     module = importlib.import_module("inference.engines.flux2")  # imports diffusers
     return module.create_flux2_engine(**flux2_options(config, device))
