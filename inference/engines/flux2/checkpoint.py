@@ -130,9 +130,10 @@ class TextEncoderLoad:
     the text encoder's weights into device memory (or takes them from a preload) and loads the tokenizer;
     ``result()`` then builds the model around those tensors on the calling thread.
 
-    Only tensors are read off the calling thread: diffusers' and transformers' loaders change process-wide
-    state while they build a model (the default dtype, patched constructors), so a model built on another
-    thread could corrupt whatever the engine is building or compiling meanwhile."""
+    Only tensors (and the tokenizer, which builds no model) are read off the calling thread: diffusers' and
+    transformers' loaders change process-wide state while they build a model (the default dtype, patched
+    constructors), so a model built on another thread could corrupt whatever the engine is building or
+    compiling meanwhile."""
 
     def __init__(self, path: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.started = time.perf_counter()
