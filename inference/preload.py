@@ -97,10 +97,16 @@ class Preload:
         import torch
 
         started = time.perf_counter()
-        device = torch.device(self.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        reader = DeviceReader(device)
+        try:
+            device = torch.device(self.device)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            reader = DeviceReader(device)
+        except Exception as error:  # no pinned memory, no device: every component is left to the loader
+            logger.warning("could not start the preload (from_pretrained will load it all): %s", error)
+            for ready in self._ready.values():
+                ready.set()
+            return
         for folder in self.folders:
             key = str(folder)
             state: dict[str, torch.Tensor] | None = None

@@ -82,3 +82,13 @@ def test_what_the_preload_cannot_read_is_left_to_the_loader(tmp_path: Path, capl
     assert "from_pretrained will load it" in caplog.text
     # Not on disk (not downloaded yet): nothing to preload.
     assert preload_checkpoint(str(tmp_path / "absent"), "cpu") is None
+
+
+def test_a_preload_that_cannot_start_leaves_every_component_to_the_loader(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "checkpoint" / "vae"
+    folder.mkdir(parents=True)
+    save_file(_tensors(), folder / "diffusion_pytorch_model.safetensors")
+    with caplog.at_level("WARNING", logger="inference.preload"):
+        preload = Preload([folder], "no-such-device").start()
+        assert preload.take(folder) is None  # answered at once, not waited for forever
+    assert "from_pretrained will load it all" in caplog.text
