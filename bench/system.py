@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from inference.preload import preload_checkpoint
+from inference.preload import preload_on_gpu
 from inference.readahead import checkpoint_readahead
 
 if TYPE_CHECKING:
@@ -950,12 +950,9 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
     import torch
 
     import_marks = {"torch": _since_spawn(spawned)}
-    device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    preload = preload_started = None
-    if readahead is not None and device.startswith("cuda"):
-        # As the worker does: the weights read onto the GPU while diffusers is imported.
-        preload_started = _since_spawn(spawned)
-        preload = preload_checkpoint(model, device)
+    # As the worker does (inference.engines): the weights read onto the GPU while diffusers is imported.
+    preload_started = _since_spawn(spawned)
+    preload = preload_on_gpu(model, options.get("device")) if readahead is not None else None
     import transformers  # noqa: F401 (timed alone: the text encoder's library)
 
     import_marks["transformers"] = _since_spawn(spawned)
@@ -1052,7 +1049,7 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
         "compile_times": compiled,
         # When the weights' preload started, and when each component was on the device (seconds since spawn).
         "preload": None
-        if preload is None or preload_started is None
+        if preload is None
         else {
             "started": _round(preload_started, 3),
             "on_device": {

@@ -98,10 +98,7 @@ class Preload:
 
         started = time.perf_counter()
         try:
-            device = torch.device(self.device)
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            reader = DeviceReader(device)
+            reader = DeviceReader(torch.device(self.device))
         except Exception as error:  # no pinned memory, no device: every component is left to the loader
             logger.warning("could not start the preload (from_pretrained will load it all): %s", error)
             for ready in self._ready.values():
@@ -109,17 +106,9 @@ class Preload:
             return
         for folder in self.folders:
             key = str(folder)
-            state: dict[str, torch.Tensor] | None = None
-            try:
-                files = component_files(folder)
-                if files is not None:
-                    state = {}
-                    for path in files:
-                        state.update(reader.read(path))
-                    self.seconds[key] = time.perf_counter() - started
-            except Exception as error:  # a head start only: from_pretrained loads it and reports the error
-                logger.warning("could not preload %s (from_pretrained will load it): %s", folder, error)
-                state = None
+            state = reader.read_component(folder)
+            if state is not None:
+                self.seconds[key] = time.perf_counter() - started
             with self._lock:
                 self._states[key] = state
             self._ready[key].set()
@@ -128,7 +117,8 @@ class Preload:
 class DeviceReader:
     """Reads safetensors files into tensors of their own on ``device``: a file's bytes go through two
     alternating host buffers of ``chunk`` bytes into each tensor's bytes. On CUDA the buffers are pinned and
-    the copies run on a stream of the reader's own, so reading the next chunk overlaps copying the last."""
+    the copies run on a stream of the reader's own, so reading the next chunk overlaps copying the last.
+    Made on the thread that reads: on CUDA, ``device`` becomes that thread's current device."""
 
     def __init__(self, device: torch.device, chunk: int = _CHUNK) -> None:
         import torch
@@ -136,10 +126,28 @@ class DeviceReader:
         self.device = device
         self.chunk = chunk
         self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.set_device(device)
         self.buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
         if self.cuda:
             self.stream = torch.cuda.Stream(device)
             self.copied = [torch.cuda.Event() for _ in range(2)]
+
+    def read_component(self, folder: Path) -> dict[str, torch.Tensor] | None:
+        """The state dict of a model folder's safetensors (``component_files``); None when they are not
+        plain safetensors or cannot be read, which leaves the component to ``from_pretrained`` (a head start
+        only: the loader reads it again and reports what is wrong with a file)."""
+        files = component_files(folder)
+        if files is None:
+            return None
+        state: dict[str, torch.Tensor] = {}
+        try:
+            for path in files:
+                state.update(self.read(path))
+        except Exception as error:
+            logger.warning("could not preload %s (from_pretrained will load it): %s", folder, error)
+            return None
+        return state
 
     def read(self, path: Path) -> dict[str, torch.Tensor]:
         import torch
@@ -227,6 +235,18 @@ def preload_checkpoint(
         if started is None:
             started = _started[key] = Preload([directory / name for name in components], device).start()
         return started
+
+
+def preload_on_gpu(model: str, device: str | None, cache_dir: str | Path | None = None) -> Preload | None:
+    """``preload_checkpoint`` onto ``device`` (None: the current CUDA device) where that is a GPU that is
+    attached; None elsewhere: on a CPU the loader's own reads cost the same, and while a memory snapshot is
+    taken no GPU is attached yet (``Flux2Engine.load_on_cpu`` reads into host memory then)."""
+    import torch
+
+    target = device or "cuda"
+    if not target.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return preload_checkpoint(model, target, cache_dir)
 
 
 def take_preloaded(folder: Path, device: str | torch.device) -> dict[str, torch.Tensor] | None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from inference.engines.base import Engine
-from inference.preload import preload_checkpoint
+from inference.preload import preload_on_gpu
 from inference.readahead import checkpoint_readahead
 
 if TYPE_CHECKING:
@@ -49,16 +49,12 @@ def _flux2(config: WorkerConfig, device: str | None = None) -> Engine:
     model = config.model_path or config.model_id
     loads = config.weights not in ("random", "tiny")
     if loads:
-        # The checkpoint is read into the page cache while torch and diffusers are imported (seconds each).
+        # The checkpoint is read into the page cache while torch and diffusers are imported (seconds each),
+        # and once torch is, onto the GPU while diffusers is imported (inference/preload.py).
         checkpoint_readahead(model, config.cache_dir)
-    torch = importlib.import_module("torch")
+        preload_on_gpu(model, device or config.device, config.cache_dir)
     use_device(device)
-    target = device or config.device or "cuda"
-    # And its weights are read onto the GPU while diffusers is imported (inference/preload.py); not where no
-    # GPU is attached yet (a memory snapshot reads them into host memory, Flux2Engine.load_on_cpu).
-    if loads and target.startswith("cuda") and torch.cuda.is_available():
-        preload_checkpoint(model, target, config.cache_dir)
-    module = importlib.import_module("inference.engines.flux2")  # imports diffusers
+    module = importlib.import_module("inference.engines.flux2")  # imports torch and diffusers
     return module.create_flux2_engine(**flux2_options(config, device))
 
 

@@ -26,7 +26,7 @@ from diffusers import Flux2KleinPipeline
 
 from inference.engines.flux2.config import Flux2Config
 from inference.engines.flux2.klein_config import KLEIN_4B, TINY, build_random_components
-from inference.preload import DeviceReader, component_files, take_preloaded
+from inference.preload import DeviceReader, device_name, take_preloaded
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +65,17 @@ def build_pipeline(
         revision=config.revision,
         local_files_only=config.local_files_only,
     )
-    text = TextEncoderLoad(path, device, dtype)
-    preloaded = _preloaded_models(path, device, dtype)
+    index = json.loads((path / "model_index.json").read_text())
+    text = TextEncoderLoad(path, index, device, dtype)
+    preloaded = _preloaded_models(path, index, device, dtype)
     pipe = _load_components(path, device, dtype, skip=TEXT_COMPONENTS, given=preloaded)
     return pipe, text
 
 
-def _preloaded_models(path: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+def _preloaded_models(
+    path: Path, index: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.nn.Module]:
     """The first half's models whose weights a preload already put on ``device``, built around them."""
-    index = json.loads((path / "model_index.json").read_text())
     models: dict[str, torch.nn.Module] = {}
     for name in _FIRST_COMPONENTS:
         library, class_name = index.get(name, (None, None))
@@ -135,23 +137,23 @@ class TextEncoderLoad:
     constructors), so a model built on another thread could corrupt whatever the engine is building or
     compiling meanwhile."""
 
-    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, path: Path, index: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        """``index``: the checkpoint's model_index.json."""
         self.started = time.perf_counter()
         self.finished: float | None = None  # perf_counter() when the thread's part ended, either way
         self.path = path
         self.dtype = dtype
-        if device.type == "cuda" and device.index is None:
-            # "cuda" means the calling thread's current device; the loading thread's would be device 0.
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
-        self._index = json.loads((path / "model_index.json").read_text())
+        # "cuda" means the calling thread's current device; the loading thread's would be device 0.
+        self.device = torch.device(device_name(device))
+        self._index = index
         self._read: Future[tuple[dict[str, torch.Tensor] | None, Any]] = Future()
         self._built: tuple[Any, Any] | None = None
         threading.Thread(target=self._load, name="text-encoder-load", daemon=True).start()
 
     def _load(self) -> None:
         try:
-            state = take_preloaded(self.path / "text_encoder", self.device) or self._read_weights()
+            folder = self.path / "text_encoder"
+            state = take_preloaded(folder, self.device) or DeviceReader(self.device).read_component(folder)
             tokenizer = _component_class(self._index, "tokenizer").from_pretrained(self.path / "tokenizer")
         except BaseException as error:  # handed to whoever waits, on their thread
             self.finished = time.perf_counter()
@@ -159,23 +161,6 @@ class TextEncoderLoad:
         else:
             self.finished = time.perf_counter()
             self._read.set_result((state, tokenizer))
-
-    def _read_weights(self) -> dict[str, torch.Tensor] | None:
-        folder = self.path / "text_encoder"
-        files = component_files(folder)
-        if files is None:
-            return None
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)  # this thread's current device is its own
-            reader = DeviceReader(self.device)
-            state: dict[str, torch.Tensor] = {}
-            for file in files:
-                state.update(reader.read(file))
-        except Exception as error:  # the loader reads it again in result(), and reports what is wrong
-            logger.warning("could not read %s ahead (from_pretrained will load it): %s", folder, error)
-            return None
-        return state
 
     def done(self) -> bool:
         return self._read.done()
@@ -196,6 +181,11 @@ class TextEncoderLoad:
                 )
             self._built = (model.eval(), tokenizer)
         return self._built
+
+    def attach_to(self, pipe: Flux2KleinPipeline) -> None:
+        """Give ``pipe`` the text encoder and tokenizer (``result()``)."""
+        text_encoder, tokenizer = self.result()
+        pipe.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 def _component_class(index: dict[str, Any], name: str) -> Any:

@@ -128,8 +128,7 @@ class Flux2Engine:
         pipe = self.load()
         with self._load_lock:
             if self.text_encoder_load is not None:
-                text_encoder, tokenizer = self.text_encoder_load.result()
-                pipe.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+                self.text_encoder_load.attach_to(pipe)
                 self.text_encoder_load = None
         return pipe
 
@@ -141,8 +140,7 @@ class Flux2Engine:
             if self.pipe is None and self._staged is None:
                 pipe, text = build_pipeline(self.config, torch.device("cpu"), self.dtype)
                 if text is not None:  # a snapshot holds all of it
-                    text_encoder, tokenizer = text.result()
-                    pipe.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+                    text.attach_to(pipe)
                 self._staged = pipe
 
     def _attach(self, pipe: Flux2KleinPipeline) -> None:

@@ -82,6 +82,21 @@ def _checkpoint_engine(path: Path) -> Flux2Engine:
     )
 
 
+def _loaded_whole(path: Path) -> tuple[Flux2KleinPipeline, Flux2Engine]:
+    """The checkpoint loaded as one diffusers pipeline, and an engine rendering with it: the reference."""
+    whole = Flux2KleinPipeline.from_pretrained(path, dtype=torch.float32, is_distilled=True)
+    return whole, Flux2Engine(Flux2Config(device="cpu", modes=("exact",), compile=False), pipeline=whole)
+
+
+def _with_a_cut_file(checkpoint: Path, copy: Path, component: str) -> Path:
+    """A copy of ``checkpoint`` whose ``component`` weights are cut short, as an interrupted download
+    leaves them."""
+    shutil.copytree(checkpoint, copy)
+    (weights,) = (copy / component).glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return copy
+
+
 @contextmanager
 def _text_encoder_held(checkpoint: Path, release: threading.Event) -> Iterator[list[str]]:
     """Hold the text encoder's half of the load (its tokenizer's loader, transformers', called on the load's
@@ -113,8 +128,7 @@ def test_a_checkpoint_renders_the_same_frames_as_the_pipeline_loaded_whole(check
     assert engine.text_encoder_load is None  # joined by the warm-up
     assert engine.pipe is not None
     assert engine.pipe.text_encoder is not None
-    whole = Flux2KleinPipeline.from_pretrained(checkpoint, dtype=torch.float32, is_distilled=True)
-    reference = Flux2Engine(Flux2Config(device="cpu", modes=("exact",), compile=False), pipeline=whole)
+    _, reference = _loaded_whole(checkpoint)
     frame = torch.full((1, 3, 512, 512), 90, dtype=torch.uint8)
     frame[:, 1, :256] = 200
     for prompt in ("ink", "warm-up"):  # the warm-up's prompt too: its embedding is the real one now
@@ -155,11 +169,7 @@ def test_the_warm_up_compiles_while_the_text_encoder_is_still_loading(checkpoint
 def test_a_text_encoder_that_cannot_load_fails_the_warm_up_with_its_error(
     checkpoint: Path, tmp_path: Path
 ) -> None:
-    broken = tmp_path / "broken"
-    shutil.copytree(checkpoint, broken)
-    (weights,) = (broken / "text_encoder").glob("*.safetensors")
-    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as an interrupted download leaves it
-    engine = _checkpoint_engine(broken)
+    engine = _checkpoint_engine(_with_a_cut_file(checkpoint, tmp_path / "checkpoint", "text_encoder"))
     engine.load()  # the transformer and the VAE are fine
     # The loader's own error, not a missing attribute later on; and a frame gets it too, not a None encoder.
     with pytest.raises(SafetensorError, match="header"):
@@ -182,14 +192,13 @@ def test_weights_preloaded_before_diffusers_was_imported_render_what_the_loader_
     assert sorted(Path(folder).name for folder in preload.seconds) == list(components)
     assert all(preload.take(own / name) is None for name in components)
     # ... and its models are the loader's, weight for weight, and render the same frames.
-    whole = Flux2KleinPipeline.from_pretrained(own, dtype=torch.float32, is_distilled=True)
+    whole, reference = _loaded_whole(own)
     assert engine.pipe is not None
     for name in components:
         ours, theirs = getattr(engine.pipe, name).state_dict(), getattr(whole, name).state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
         assert not getattr(engine.pipe, name).training
-    reference = Flux2Engine(Flux2Config(device="cpu", modes=("exact",), compile=False), pipeline=whole)
     frame = torch.full((1, 3, 512, 512), 60, dtype=torch.uint8)
     assert torch.equal(
         engine.render_frames(frame, ["ink"], steps=2, seeds=[2]),
@@ -200,10 +209,7 @@ def test_weights_preloaded_before_diffusers_was_imported_render_what_the_loader_
 def test_a_transformer_the_preload_could_not_read_fails_the_load_with_the_loaders_error(
     checkpoint: Path, tmp_path: Path
 ) -> None:
-    broken = tmp_path / "checkpoint"
-    shutil.copytree(checkpoint, broken)
-    (weights,) = (broken / "transformer").glob("*.safetensors")
-    weights.write_bytes(weights.read_bytes()[:1000])
+    broken = _with_a_cut_file(checkpoint, tmp_path / "checkpoint", "transformer")
     preload_checkpoint(str(broken), "cpu")
     # diffusers' loader reads it again and names the file that is broken.
     with pytest.raises(OSError, match=r"transformer/diffusion_pytorch_model\.safetensors"):
