@@ -283,6 +283,7 @@ class Bench:
                 steps=self.args.steps[0],
                 compile=self.args.compile,
                 compile_scope=self.args.compile_scope,
+                whole_graph_modes=tuple(self.args.whole_graph_modes),
                 cuda_graphs=self.args.cuda_graphs,
                 modes=tuple(self.args.modes),
                 custom_modes={
@@ -502,6 +503,7 @@ class Bench:
             options = {
                 "compile": args.compile,
                 "compile_scope": args.compile_scope,
+                "whole_graph_modes": list(args.whole_graph_modes),
                 "cuda_graphs": args.cuda_graphs,
                 "modes": list(args.modes),
                 "max_batch": max(args.batch),
@@ -739,6 +741,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA yes"
     )
     parser.add_argument("--compile-scope", default="blocks", choices=COMPILE_SCOPES)
+    parser.add_argument(
+        "--whole-graph-modes",
+        nargs="*",
+        default=list(Flux2Config.whole_graph_modes),
+        help="modes whose transformer is also compiled as one graph (none given: every mode by blocks)",
+    )
     parser.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,

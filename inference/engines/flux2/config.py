@@ -15,7 +15,7 @@ import torch
 
 from inference.adapters import AdapterSpec
 from inference.engines.flux2.compiled import COMPILE_SCOPES
-from inference.engines.flux2.recipes import DEFAULT_MODES, ModeRecipe, offered_modes
+from inference.engines.flux2.recipes import DEFAULT_MODES, MODE_RECIPES, ModeRecipe, offered_modes
 
 DEFAULT_MODEL: Final = "black-forest-labs/FLUX.2-klein-4B"
 _DTYPES: Final = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -60,6 +60,10 @@ class Flux2Config:
     # as a compiled Flux2KleinPipeline's do; the math stays the pipeline's.
     compile: bool | None = None
     compile_scope: str = "blocks"  # one of compiled.COMPILE_SCOPES
+    # Modes whose transformer is compiled as one graph besides its blocks (compiled.whole_graph): a faster
+    # frame for a longer first compilation, worth it for the fastest mode (docs/performance.md, "Levers").
+    # Ids of modes not offered are ignored, so the default holds whether or not flash is offered.
+    whole_graph_modes: Sequence[str] = ("flash",)
     # Replay each frame's GPU work as one captured CUDA graph (cuda_graphs.py); None: when compiled on CUDA.
     cuda_graphs: bool | None = None
     # Fuse the exact transformer's q/k/v projections (the FP8 copy's always are).
@@ -71,6 +75,9 @@ class Flux2Config:
 
     def __post_init__(self) -> None:
         offered_modes(self.modes, self.custom_modes)  # raises for unknown, duplicate or no modes
+        unknown = [m for m in self.whole_graph_modes if m not in MODE_RECIPES and m not in self.custom_modes]
+        if unknown:
+            raise ValueError(f"whole_graph_modes names unknown modes {unknown}")
         if self.compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {self.compile_scope!r}")
         if self.steps < 1:

@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from inference.engines.base import FrameJob
 from inference.engines.flux2.checkpoint import TextEncoderLoad, build_pipeline
-from inference.engines.flux2.compiled import compile_transformers, compile_vae
+from inference.engines.flux2.compiled import compile_vae
 from inference.engines.flux2.config import Flux2Config
 from inference.engines.flux2.cuda_graphs import FrameGraphs, batch_rows
 from inference.engines.flux2.decoders import build_decoders, compile_decoder
@@ -196,8 +196,11 @@ class Flux2Engine:
         if self.compile:
             for decoder in self.decoders.values():
                 compile_decoder(decoder)
-            compile_transformers(
-                self.transformers.exact, self.transformers.fp8, scope=self.config.compile_scope
+            self.transformers.compile(
+                scope=self.config.compile_scope,
+                whole_graph_recipes=[
+                    self._recipes[mode] for mode in self.config.whole_graph_modes if mode in self._recipes
+                ],
             )
             compile_vae(vae)
 
@@ -405,7 +408,7 @@ class Flux2Engine:
         reads a tensor's values on the host, so it can be captured as a CUDA graph (the caches it reads
         from are filled by a first, uncaptured call)."""
         assert self.transformers is not None
-        transformer = self.transformers.for_recipe(recipe)
+        transformer = self.transformers.for_denoising(recipe)
         batch_size = frames.shape[0]
         timesteps, sigmas = self._schedule(steps)
         text_ids = self._txt_ids(prompt_embeds)

@@ -2,7 +2,8 @@
 
 The checkpoint's bf16 transformer serves the modes without FP8, so they stay exact; the modes with FP8 run
 on a quantized copy (fp8.py). Whatever changes the transformer for a mode or a session is set up here,
-once per copy, and everything that calls it goes through ``Transformers.for_recipe``.
+once per copy, and everything that calls it goes through ``Transformers.for_recipe`` (setting it up) or
+``Transformers.for_denoising`` (calling it in the denoising loop).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 
+from inference.engines.flux2.compiled import Backend, compile_transformers, whole_graph
 from inference.engines.flux2.fp8 import quantized_copy
 from inference.engines.flux2.kv_reuse import use_kv_attention
 from inference.engines.flux2.lora import LoraBank, LoraSelection, MultiLoraLinear, apply_lora
@@ -39,6 +41,8 @@ class Transformers:
             quantized_copy(exact) if any(recipe.fp8 for recipe in recipes) else None
         )
         self.lora: LoraSelection | None = None
+        # Recipes whose denoising loop calls their copy compiled as one graph (``compile``), by copy.
+        self._whole_graph: dict[ModeRecipe, torch.nn.Module] = {}
         self._lora_layers: dict[int, list[MultiLoraLinear]] = {}
         if lora is not None and lora.targets:
             # After the FP8 copy is made: it quantizes the base layers, the branches stay in the model dtype,
@@ -56,6 +60,28 @@ class Transformers:
             assert self.fp8 is not None
             return self.fp8
         return self.exact
+
+    def for_denoising(self, recipe: ModeRecipe) -> torch.nn.Module:
+        """What the recipe's denoising loop calls: its copy, or that copy compiled as one graph."""
+        whole = self._whole_graph.get(recipe)
+        return self.for_recipe(recipe) if whole is None else whole
+
+    def compile(
+        self, *, scope: str, whole_graph_recipes: Iterable[ModeRecipe] = (), backend: Backend = "inductor"
+    ) -> None:
+        """Compile both copies in place by ``scope`` (compiled.COMPILE_SCOPES); the recipes in
+        ``whole_graph_recipes`` denoise with their copy compiled as one graph besides (compiled.whole_graph),
+        which under the "full" scope it already is."""
+        compile_transformers(self.exact, self.fp8, scope=scope, backend=backend)
+        self._whole_graph.clear()
+        if scope == "full":
+            return
+        graphs: dict[int, torch.nn.Module] = {}
+        for recipe in whole_graph_recipes:
+            copy = self.for_recipe(recipe)
+            if id(copy) not in graphs:
+                graphs[id(copy)] = whole_graph(copy, backend=backend)
+            self._whole_graph[recipe] = graphs[id(copy)]
 
     def prepare_lora(self, recipe: ModeRecipe) -> None:
         """Bring the adapted layers of the recipe's transformer to what the LoRA selection asks for the next

@@ -333,3 +333,74 @@ def test_a_compile_scope_compiles_each_block_or_each_whole_transformer(scope: st
         else:
             assert transformer._compiled_call_impl is not None
             assert not any(compiled_blocks)
+
+
+class _GraphRecorder:
+    """A torch.compile backend that runs each graph eagerly and keeps the module paths of its parameters."""
+
+    def __init__(self) -> None:
+        self.graphs: list[set[str]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs.append({node.name for node in gm.graph.nodes if node.op == "placeholder"})
+        return gm.forward
+
+    def blocks_in(self, graph: set[str]) -> set[str]:
+        """Which blocks' weights a graph reads: {"transformer_blocks_0", "single_transformer_blocks_0"}."""
+        found = set()
+        for name in graph:
+            for kind in ("single_transformer_blocks", "transformer_blocks"):
+                marker = f"{kind}_modules_"
+                if marker in name and not (kind == "transformer_blocks" and "single_" + marker in name):
+                    index = name.split(marker, 1)[1].split("_", 1)[0]
+                    found.add(f"{kind}_{index}")
+                    break
+        return found
+
+
+def test_a_whole_graph_mode_runs_its_transformer_as_one_graph_and_the_others_by_blocks() -> None:
+    engine = create_flux2_engine(tiny=True, device="cpu", modes=("turbo", "flash"), compile=False)
+    engine.load()
+    frames = _as_tensor(_frame(7))
+    modes = ("turbo", "flash")
+    eager = {mode: engine.render_frames(frames, ["clay"], steps=2, seeds=[3], mode=mode) for mode in modes}
+    recorder = _GraphRecorder()
+    flash, turbo = engine._recipe("flash"), engine._recipe("turbo")
+    engine.transformers.compile(scope="blocks", whole_graph_recipes=[flash], backend=recorder)
+    every_block = {f"transformer_blocks_{i}" for i in range(TINY.transformer["num_layers"])} | {
+        f"single_transformer_blocks_{i}" for i in range(TINY.transformer["num_single_layers"])
+    }
+
+    # flash: each distinct transformer call (the first step with the reference, the later ones without it)
+    # is one graph that reads every block's weights: the blocks are traced inline.
+    output = engine.render_frames(frames, ["clay"], steps=2, seeds=[3], mode="flash")
+    assert torch.equal(output, eager["flash"])
+    assert len(recorder.graphs) == 2
+    assert all(recorder.blocks_in(graph) == every_block for graph in recorder.graphs)
+
+    # turbo, on the same FP8 copy, goes through its blocks compiled one by one: one block's weights a graph.
+    recorder.graphs.clear()
+    output = engine.render_frames(frames, ["clay"], steps=2, seeds=[3], mode="turbo")
+    assert torch.equal(output, eager["turbo"])
+    assert recorder.graphs
+    assert all(len(recorder.blocks_in(graph)) <= 1 for graph in recorder.graphs)
+    assert engine.transformers.for_denoising(turbo) is engine.transformers.fp8
+
+
+def test_only_the_whole_graph_modes_denoise_with_a_graph_of_their_own() -> None:
+    engine = create_flux2_engine(tiny=True, device="cpu", modes=("exact", "turbo", "flash"), compile=True)
+    engine.load()
+    transformers = engine.transformers
+    whole = transformers.for_denoising(engine._recipe("flash"))
+    assert whole is not transformers.fp8
+    assert whole._orig_mod is transformers.fp8  # the same weights, compiled as one graph
+    assert transformers.for_denoising(engine._recipe("turbo")) is transformers.fp8
+    assert transformers.for_denoising(engine._recipe("exact")) is transformers.exact
+    # None named: every mode denoises through its blocks.
+    engine = create_flux2_engine(
+        tiny=True, device="cpu", modes=("flash",), compile=True, whole_graph_modes=()
+    )
+    engine.load()
+    assert engine.transformers.for_denoising(engine._recipe("flash")) is engine.transformers.fp8
+    with pytest.raises(ValueError, match="whole_graph_modes names unknown modes"):
+        create_flux2_engine(tiny=True, device="cpu", whole_graph_modes=("fastest",))
