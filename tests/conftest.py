@@ -61,7 +61,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker: the order the main worker runs its tests in
-        items.sort(key=lambda item: not item.nodeid.startswith(MAIN_FIRST))  # stable: each part keeps its order
+        items.sort(key=lambda item: not item.nodeid.startswith(MAIN_FIRST))  # stable: parts keep their order
 
 
 @dataclass
