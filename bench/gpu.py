@@ -78,7 +78,7 @@ from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Config, Fl
 from inference.engines.flux2.compiled import COMPILE_SCOPES
 from inference.engines.flux2.decoders import random_decoder, save_decoder
 from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
-from inference.protocol import OUTPUT_SIZE
+from inference.protocol import MAX_CLIENT_FPS, OUTPUT_SIZE
 from inference.style_image import StyleImage, style_image_from_pixels
 
 # Modes measured one approximation at a time (--levers), next to the production modes they make up.
@@ -555,6 +555,7 @@ class Bench:
                         engine,
                         sessions=tuple(args.sessions),
                         seconds=args.seconds,
+                        fps=args.camera_fps,
                         mode=mode,
                         steps=steps,
                         levers=args.levers,
@@ -754,6 +755,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="replay each frame as a CUDA graph (default: when compiled on CUDA)",
     )
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4], help="concurrent sessions")
+    parser.add_argument(
+        "--camera-fps",
+        type=float,
+        default=float(MAX_CLIENT_FPS),
+        help="the websocket clients' camera: the fastest a client may send, so that one session of a mode "
+        "faster than 30 FPS can get all of it",
+    )
     parser.add_argument("--seconds", type=float, default=8.0, help="per sessions/websocket case")
     parser.add_argument(
         "--system-modes",

@@ -45,6 +45,7 @@ from inference.pacing import FramePacer
 from inference.protocol import (
     MAX_CLIENT_FPS,
     MAX_UNACKED,
+    TYPICAL_CAMERA_FPS,
     Ack,
     Admitted,
     Error,
@@ -357,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument(
-        "--fps", type=float, default=float(MAX_CLIENT_FPS), help="camera rate: frames a second at most"
+        "--fps",
+        type=float,
+        default=float(TYPICAL_CAMERA_FPS),
+        help=f"camera rate: frames a second at most (<= {MAX_CLIENT_FPS})",
     )
     parser.add_argument(
         "--pacing",
@@ -375,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--every", type=float, default=8.0, help="seconds between arrivals")
     args = parser.parse_args(argv)
+    if not 0 < args.fps <= MAX_CLIENT_FPS:
+        parser.error(f"--fps must be in (0, {MAX_CLIENT_FPS}]: no client sends faster (docs/protocol.md)")
     secret = os.environ.get("STREAM_SECRET", "")
     if not secret:
         print(

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench import loadgen
-from inference.protocol import MAX_CLIENT_FPS
+from inference.protocol import TYPICAL_CAMERA_FPS
 
 # Issue #19's targets for N replicas against one (stated for 2 H200s).
 MIN_SOLO_SPEEDUP: Final = 1.8
@@ -324,7 +324,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--preview-delay", type=float, default=0.1, help="preview: seconds per frame")
     parser.add_argument("--seconds", type=float, default=8.0, help="per case")
-    parser.add_argument("--fps", type=float, default=float(MAX_CLIENT_FPS), help="camera frames per second")
+    parser.add_argument(
+        "--fps", type=float, default=float(TYPICAL_CAMERA_FPS), help="camera frames per second"
+    )
     parser.add_argument("--out", default="bench/results", help="folder for the JSON record ('' for none)")
     return parser.parse_args(argv)
 

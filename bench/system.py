@@ -3,7 +3,7 @@
 * ``measure_sessions``: N simulated clients (one prompt each) feeding a real ``Scheduler`` around the
   already-loaded engine; per-session and aggregate delivered FPS, fairness, submit-to-deliver latency.
 * ``measure_websocket``: the real worker app (``create_inference_app``) served by uvicorn on loopback in
-  this process, driven by ``bench.loadgen.run_load`` (JPEG frames at up to 30 fps with the studio's
+  this process, driven by ``bench.loadgen.run_load`` (JPEG frames at up to ``fps`` a second with the studio's
   flow control and pacing); delivered FPS, send-to-receive latency and each frame's wait next to the
   engine's own time per frame, and optionally the levers (camera rate, per-message deflate).
 * ``measure_cold_start``: the pipeline written with ``save_pretrained`` to local disk, then a fresh child
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from inference.preload import preload_on_gpu
+from inference.protocol import TYPICAL_CAMERA_FPS
 from inference.readahead import checkpoint_readahead
 
 if TYPE_CHECKING:
@@ -306,7 +307,7 @@ def measure_sessions(
     seconds: float,
     mode: str = "",
     steps: int = 2,
-    fps: float = 30.0,
+    fps: float = TYPICAL_CAMERA_FPS,
     settle_seconds: float = 0.5,
     ready_timeout: float = 900.0,
 ) -> dict[str, Any]:
@@ -450,7 +451,7 @@ def measure_websocket(
     seconds: float,
     mode: str = "",
     steps: int = 2,
-    fps: float = 30.0,
+    fps: float = TYPICAL_CAMERA_FPS,
     engine_iters: int = 5,
     ready_timeout: float = 900.0,
     levers: bool = False,

@@ -25,8 +25,12 @@ MAX_FRAME_JPEG_BYTES: Final = 1024 * 1024
 MAX_TEXT_MESSAGE_BYTES: Final = 16 * 1024  # a 500-char prompt is at most ~3 KiB of escaped JSON
 # Flow control: a client keeps at most this many of its frames unacknowledged (`Ack`).
 MAX_UNACKED: Final = 2
-# A client never sends more input frames a second than this (docs/protocol.md, "Flow control").
-MAX_CLIENT_FPS: Final = 30
+# A client never sends more input frames a second than this, nor more than its camera produces
+# (docs/protocol.md, "Flow control"). 60 is the fastest common webcam; a mode that renders faster than 30
+# frames a second shows that rate to one viewer only through a camera that keeps up.
+MAX_CLIENT_FPS: Final = 60
+# What a webcam usually delivers: the load generator's camera, unless told otherwise.
+TYPICAL_CAMERA_FPS: Final = 30
 # Output frames are OUTPUT_SIZE x OUTPUT_SIZE JPEGs; input frames are center-cropped and resized to it.
 OUTPUT_SIZE: Final = 512
 # Style images (client -> worker, a binary message of kind STYLE_IMAGE): the file's bytes, which a browser

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from app.settings import LIVE_ALSO_REQUIRED, LIVE_KEYS
+from inference.protocol import TYPICAL_CAMERA_FPS
 from tests.live_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # under pytest 9, which no longer reads the node ids they rewrite: hence a scheduler of our own.)
 SIDE_TESTS = (
     "tests/studio/test_session_refresh_browser.py",  # ~85 s, mostly waiting for its token to expire
+    "tests/studio/test_camera_rate_browser.py",  # ~15 s; rates it asserts hold under load
     "tests/bench/test_gpu_smoke.py",  # ~100 s of bench processes on the tiny model
     "tests/bench/test_system.py",  # ~45 s, a cold start in a child process
     "tests/inference/engines/flux2/test_lora.py",  # ~30 s, torch.compile on the CPU
@@ -141,8 +143,15 @@ def chromium_available() -> bool:
 
 
 @pytest.fixture
-def browser() -> Iterator[object]:
-    """Headless Debian Chromium with a fake webcam. In CI a missing browser is a failure, not a skip.
+def camera_fps() -> int:
+    """The fake webcam's frame rate: a typical webcam's, unless a test parametrizes ``camera_fps``."""
+    return TYPICAL_CAMERA_FPS
+
+
+@pytest.fixture
+def browser(camera_fps: int) -> Iterator[object]:
+    """Headless Debian Chromium with a fake webcam (``camera_fps`` frames a second; Chromium's own default
+    is 20). In CI a missing browser is a failure, not a skip.
 
     Per test, not per session: Playwright's sync API keeps an event loop running on the main thread
     while it is started, which would break `asyncio.run()` in every later test."""
@@ -164,7 +173,7 @@ def browser() -> Iterator[object]:
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
-                "--use-fake-device-for-media-stream",
+                f"--use-fake-device-for-media-stream=fps={camera_fps}",
                 "--use-fake-ui-for-media-stream",
                 "--autoplay-policy=no-user-gesture-required",
             ],

@@ -1,13 +1,13 @@
 // Stylecast studio: webcam → GPU worker → styled canvas, speaking the protocol in docs/protocol.md.
 //
-// Hot-path rules: frames are captured with the async canvas.toBlob (never toDataURL), at most
-// MAX_CAPTURE_FPS a second, and at most MAX_UNACKED frames are on the wire unacknowledged at any time (the
-// worker acks a frame as soon as it waits for the GPU, keeping one per session: no queue can grow). When
-// the worker's `ready` says `pace`, the Pacer times each capture to reach the worker just before the GPU
-// is free for this session (one frame per turn, hardly any wait); otherwise frames go at camera rate and
-// the GPU finds one at most a camera interval old. Output frames are decoded with createImageBitmap and
-// drawn in requestAnimationFrame, and the HUD updates a few text nodes a few times a second — nothing per
-// frame touches the DOM.
+// Hot-path rules: frames are captured with the async canvas.toBlob (never toDataURL), never faster than the
+// camera delivers them (at most MAX_CAPTURE_FPS a second), and at most MAX_UNACKED frames are on the wire
+// unacknowledged at any time (the worker acks a frame as soon as it waits for the GPU, keeping one per
+// session: no queue can grow). When the worker's `ready` says `pace`, the Pacer times each capture to reach
+// the worker just before the GPU is free for this session (one frame per turn, hardly any wait); otherwise
+// frames go at camera rate and the GPU finds one at most a camera interval old. Output frames are decoded
+// with createImageBitmap and drawn in requestAnimationFrame, and the HUD updates a few text nodes a few
+// times a second — nothing per frame touches the DOM.
 
 import { holdNavigation, refreshSession } from "/static/session.js";
 
@@ -15,6 +15,7 @@ import { holdNavigation, refreshSession } from "/static/session.js";
 // holds these to it): frame size, flow control, limits, the frame header's layout and the close codes.
 const SIZE = 512;
 const MAX_UNACKED = 2;
+const MAX_CAPTURE_FPS = 60; // and never more than the camera produces
 const MAX_PROMPT_CHARS = 500;
 const MAX_SEED = 0xffffffff;
 const MAX_FRAME_ID = 0xffffffff;
@@ -33,7 +34,7 @@ const CLOSE_WORKER_FULL = 4503;
 const CLOSE_NORMAL = 1000;
 
 // The studio's own choices.
-const MAX_CAPTURE_FPS = 30;
+const DEFAULT_CAMERA_FPS = 30; // when the browser does not say how fast the camera runs
 const CAPTURE_SLACK_MS = 4; // display frames are not exactly 1/60 s apart: 2 of them still count as 1/30 s
 const JPEG_QUALITY = 0.8;
 const PARAMS_DEBOUNCE_MS = 250;
@@ -198,7 +199,8 @@ const session = {
   lastCaptureAt: 0,
   capturing: false,
   pace: false, // the worker's `ready` asked for paced frames
-  pacer: new Pacer(MAX_CAPTURE_FPS), // a new one per connection
+  cameraFps: DEFAULT_CAMERA_FPS, // the camera's frame rate, as its track reports it
+  pacer: new Pacer(DEFAULT_CAMERA_FPS), // a new one per connection
   captureTimer: 0,
   reconnectAttempt: 0,
   reconnectTimer: 0,
@@ -256,10 +258,21 @@ function formatClock(seconds) {
 async function openCamera() {
   if (session.stream) return session.stream;
   setStatus("camera");
+  // A camera that can run faster than 30 frames a second is asked to: a mode that renders faster than
+  // that shows its rate only to a camera that keeps up. Resolution still weighs as much in the browser's
+  // choice, so a camera fast only at a small size stays at the larger one.
   const stream = await navigator.mediaDevices.getUserMedia({
-    video: { width: { ideal: SIZE }, height: { ideal: SIZE }, facingMode: "user" },
+    video: {
+      width: { ideal: SIZE },
+      height: { ideal: SIZE },
+      frameRate: { ideal: MAX_CAPTURE_FPS },
+      facingMode: "user",
+    },
     audio: false,
   });
+  const reported = stream.getVideoTracks()[0]?.getSettings().frameRate;
+  session.cameraFps = Math.min(MAX_CAPTURE_FPS, reported > 0 ? reported : DEFAULT_CAMERA_FPS);
+  session.pacer = new Pacer(session.cameraFps);
   session.stream = stream;
   camera.srcObject = stream;
   camera.dataset.live = "";
@@ -297,7 +310,7 @@ function forgetStaleFrames(now) {
 function forgetFrames() {
   session.unacked.clear();
   session.sentAt.clear();
-  session.pacer = new Pacer(MAX_CAPTURE_FPS);
+  session.pacer = new Pacer(session.cameraFps);
   clearTimeout(session.captureTimer);
 }
 
@@ -318,7 +331,7 @@ function maybeCapture() {
   if (session.unacked.size >= MAX_UNACKED) return;
   if (session.pace) {
     if (now < session.pacer.due()) return armCaptureTimer();
-  } else if (now - session.lastCaptureAt < 1000 / MAX_CAPTURE_FPS - CAPTURE_SLACK_MS) {
+  } else if (now - session.lastCaptureAt < 1000 / session.cameraFps - CAPTURE_SLACK_MS) {
     return;
   }
   if (!drawCameraSquare()) return;
