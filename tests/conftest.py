@@ -214,4 +214,3 @@ def sign_in(page: object, base_url: str, email: str, next_path: str = "/studio")
     page.fill("input[name=email]", email)  # type: ignore[attr-defined]
     page.click("[data-testid=sign-in]")  # type: ignore[attr-defined]
     page.wait_for_url(f"{base_url}{next_path}*")  # type: ignore[attr-defined]
-
