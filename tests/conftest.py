@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -198,6 +199,12 @@ def close_context(context: Any) -> None:
     for opened in context.pages:
         opened.unroute_all(behavior="ignoreErrors")
     context.unroute_all(behavior="ignoreErrors")
+    # Each page left for a blank one first, so no socket, camera, poll or request of the app's is still in
+    # flight when the context closes (a studio that had streamed, signed out and stopped once held a close
+    # for minutes).
+    for opened in context.pages:
+        with contextlib.suppress(Exception):
+            opened.goto("about:blank", timeout=5_000)
     context.close()
 
 
