@@ -26,47 +26,6 @@ ARTIFACTS = ROOT / "test-artifacts"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-# The suite runs on two pytest-xdist workers (pyproject's addopts: `-n 2`), because a few long tests spend
-# most of their time waiting (the session-refresh test waits out a real 60 s token) or in child processes
-# that import torch; on a 2-core machine the rest of the suite runs beside them. The "side" worker takes
-# those; the "main" worker takes everything else, starting with tests no timing depends on, so that the
-# tests which measure rates or latency on the CPU (the preview engine's frame rate, pacing, admission, the
-# soak's billing) run once the side worker has finished. (xdist's own `xdist_group` marks do not group
-# under pytest 9, which no longer reads the node ids they rewrite: hence a scheduler of our own.)
-SIDE_TESTS = (
-    "tests/studio/test_session_refresh_browser.py",  # ~85 s, mostly waiting for its token to expire
-    "tests/studio/test_camera_rate_browser.py",  # ~15 s; rates it asserts hold under load
-    "tests/bench/test_gpu_smoke.py",  # ~100 s of bench processes on the tiny model
-    "tests/bench/test_system.py",  # ~45 s, a cold start in a child process
-    "tests/inference/engines/flux2/test_lora.py",  # ~30 s, torch.compile on the CPU
-)
-# Longer than the side worker's tests together (~260 s on this machine), and timing-free.
-MAIN_FIRST = (
-    "tests/app/",
-    "tests/sandbox/",
-    "tests/test_install.py",
-    "tests/test_import_layers.py",
-    "tests/inference/engines/",
-)
-
-
-@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under `-p no:xdist`
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Two work units, "side" and "main", each run whole by one worker."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class SideAndMain(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "side" if nodeid.startswith(SIDE_TESTS) else "main"
-
-    return SideAndMain(config, log)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if hasattr(config, "workerinput"):  # an xdist worker: the order the main worker runs its tests in
-        items.sort(key=lambda item: not item.nodeid.startswith(MAIN_FIRST))  # stable: parts keep their order
-
-
 @dataclass
 class AppProcess:
     url: str
