@@ -200,7 +200,7 @@ const session = {
   capturing: false,
   pace: false, // the worker's `ready` asked for paced frames
   cameraFps: DEFAULT_CAMERA_FPS, // the camera's frame rate, as its track reports it
-  pacer: new Pacer(DEFAULT_CAMERA_FPS), // a new one per connection
+  pacer: new Pacer(DEFAULT_CAMERA_FPS), // a new one per connection, at the camera's rate (forgetFrames)
   captureTimer: 0,
   reconnectAttempt: 0,
   reconnectTimer: 0,
@@ -272,7 +272,6 @@ async function openCamera() {
   });
   const reported = stream.getVideoTracks()[0]?.getSettings().frameRate;
   session.cameraFps = Math.min(MAX_CAPTURE_FPS, reported > 0 ? reported : DEFAULT_CAMERA_FPS);
-  session.pacer = new Pacer(session.cameraFps);
   session.stream = stream;
   camera.srcObject = stream;
   camera.dataset.live = "";

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -335,6 +336,10 @@ def test_a_compile_scope_compiles_each_block_or_each_whole_transformer(scope: st
             assert not any(compiled_blocks)
 
 
+# How dynamo names a block's parameter: "L_self_modules_single_transformer_blocks_modules_0_..."
+BLOCK_PARAMETER = re.compile(r"(single_)?transformer_blocks_modules_(\d+)_")
+
+
 class _GraphRecorder:
     """A torch.compile backend that runs each graph eagerly and keeps the module paths of its parameters."""
 
@@ -347,15 +352,8 @@ class _GraphRecorder:
 
     def blocks_in(self, graph: set[str]) -> set[str]:
         """Which blocks' weights a graph reads: {"transformer_blocks_0", "single_transformer_blocks_0"}."""
-        found = set()
-        for name in graph:
-            for kind in ("single_transformer_blocks", "transformer_blocks"):
-                marker = f"{kind}_modules_"
-                if marker in name and not (kind == "transformer_blocks" and "single_" + marker in name):
-                    index = name.split(marker, 1)[1].split("_", 1)[0]
-                    found.add(f"{kind}_{index}")
-                    break
-        return found
+        found = (BLOCK_PARAMETER.search(name) for name in graph)
+        return {f"{match[1] or ''}transformer_blocks_{match[2]}" for match in found if match}
 
 
 def test_a_whole_graph_mode_runs_its_transformer_as_one_graph_and_the_others_by_blocks() -> None:
