@@ -10,10 +10,15 @@ import time
 from collections.abc import Callable
 
 import httpx
+import jwt
+from clerk_backend_api import Clerk
 from websockets.exceptions import ConnectionClosed
 
 from app.auth import SESSION_COOKIE
+from app.settings import SANDBOX_CLERK_PREFIX, load_settings
+from billing.metadata import decode_metadata
 from inference.protocol import CloseCode, Ready, Usage
+from inference.tickets import verify_ticket
 from tests.conftest import AppProcess
 from tests.inference.helpers import OutputFrame, StreamClient, webcam_jpeg
 
@@ -75,14 +80,27 @@ def test_a_ticket_from_the_app_streams_once(start_app: Callable[..., AppProcess]
     assert later.close_code == CloseCode.BAD_TICKET
     assert [m for m in later.received if isinstance(m, Ready | Usage | OutputFrame)] == []
 
-    # The account was charged for the one stream only, once its final report was in.
+    # The account was charged for the one stream only, once its final report was in: one ledger entry, the
+    # ticket's, closed, holding at least what the worker told the client before it left (its final report
+    # may add the second the client no longer saw), and the account's counter is exactly that entry.
+    user_id = jwt.decode(browser.cookies[SESSION_COOKIE], options={"verify_signature": False})["sub"]
+    settings = load_settings({}, state_dir=app.state_dir, dotenv=None)
+    clerk = Clerk(bearer_auth=settings.clerk_secret_key, server_url=f"{app.url}{SANDBOX_CLERK_PREFIX}")
     deadline = time.monotonic() + 20
     while True:
-        meter = browser.get("/partials/usage-meter", headers={"HX-Request": "true"})
-        left = SECONDS_LEFT.search(meter.text)
-        assert left, meter.text
-        if int(left.group(1)) == FREE_SECONDS - billed:
+        user = clerk.users.get(user_id=user_id)
+        metadata = decode_metadata(user.public_metadata, user.private_metadata)
+        streams = metadata.private.streams
+        if streams and all(entry.final for entry in streams.values()):
             break
-        assert time.monotonic() < deadline, (left.group(1), billed)
+        assert time.monotonic() < deadline, streams
         time.sleep(0.2)
+    ((stream_id, entry),) = streams.items()
+    assert stream_id == verify_ticket(settings.stream_secret, ticket).stream_id
+    assert billed <= entry.seconds <= billed + 1
+    assert metadata.public.free_seconds_used == entry.seconds
+    meter = browser.get("/partials/usage-meter", headers={"HX-Request": "true"})
+    left = SECONDS_LEFT.search(meter.text)
+    assert left, meter.text
+    assert int(left.group(1)) == FREE_SECONDS - entry.seconds
     browser.close()
