@@ -25,6 +25,88 @@ CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# The suite runs on two pytest-xdist workers (pyproject's addopts: `-n 2`): most tests leave one of this
+# 2-core machine's cores idle. Tests that assert a rate, a latency or a time window measured on the CPU
+# would measure the other worker's load instead, so they wait until every other test has run and then run
+# one after another on one worker, with the other stopped (`ParallelThenAlone`).
+TIMED_TESTS = (
+    "tests/soak/",
+    "tests/studio/test_camera_rate_browser.py",
+    "tests/studio/test_frame_header_browser.py",
+    "tests/studio/test_studio_browser.py",
+    "tests/studio/test_studio_readouts.py",
+    "tests/inference/test_admission.py",
+    "tests/inference/test_pacing.py",
+    "tests/inference/test_replicas.py",
+    "tests/inference/test_replicas_bench.py",
+    "tests/inference/test_replicas_ws.py",
+    "tests/inference/test_scheduler.py",
+    "tests/inference/test_stream.py",
+    "tests/inference/test_ws_flow_control.py",
+    "tests/bench/test_app_load_smoke.py",
+    "tests/bench/test_loadgen.py",
+    "tests/bench/test_preview.py",
+    "tests/bench/test_system.py",
+    "tests/bench/test_timeline.py",
+    "tests/billing/test_ledger_store.py",
+    "tests/billing/test_write_budget_e2e.py",
+    "tests/sandbox/test_clerk_emulator.py",
+    "tests/sandbox/test_session_token_cost.py",
+    "tests/app/test_collector.py",
+)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under `-p no:xdist` or `-n 0`
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScheduling
+
+    class ParallelThenAlone(LoadScheduling):
+        """xdist's load balancing for the untimed tests, a few at a time so that the workers finish
+        together; then TIMED_TESTS, all to the first worker that runs out of work, and the others stopped.
+        (A worker holds its last test back until it is sent more or told to stop, so "out of work" is one
+        test left.)"""
+
+        timed: list[int] | None = None
+
+        def schedule(self) -> None:
+            if self.collection is None and self._check_nodes_have_same_collection():
+                collection = next(iter(self.node2collection.values()))
+                timed = [nodeid.startswith(TIMED_TESTS) for nodeid in collection]
+                self.timed = [index for index, is_timed in enumerate(timed) if is_timed]
+                untimed = [index for index, is_timed in enumerate(timed) if not is_timed]
+                self.collection = collection
+                self.maxschedchunk = self.maxschedchunk or len(collection)
+                self.pending[:] = untimed
+                for node in self.nodes:
+                    self._send_tests(node, 2)
+                if not self.pending:
+                    self._hand_over_timed(self.nodes[0])
+                return
+            super().schedule()
+
+        def check_schedule(self, node: Any, duration: float = 0) -> None:
+            if node.shutting_down:
+                return
+            if self.pending:
+                if len(self.node2pending[node]) < 2:
+                    self._send_tests(node, 2 - len(self.node2pending[node]))
+            elif self.timed:
+                if len(self.node2pending[node]) <= 1:
+                    self._hand_over_timed(node)
+            else:
+                node.shutdown()
+
+        def _hand_over_timed(self, node: Any) -> None:
+            assert self.timed is not None
+            timed, self.timed = self.timed, []
+            if timed:
+                self.node2pending[node].extend(timed)
+                node.send_runtest_some(timed)
+            for each in self.nodes:
+                each.shutdown()
+
+    return ParallelThenAlone(config, log)
+
 
 @dataclass
 class AppProcess:
