@@ -29,7 +29,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # 2-core machine's cores idle. Tests that assert a rate, a latency or a time window measured on the CPU
 # would measure the other worker's load instead, so they wait until every other test has run and then run
 # one after another on one worker, with the other stopped (`ParallelThenAlone`).
-TIMED_TESTS = (
+TIMED_TESTS = (  # node id prefixes: a file, or one test of it
     "tests/soak/",
     "tests/studio/test_camera_rate_browser.py",
     "tests/studio/test_frame_header_browser.py",
@@ -46,7 +46,8 @@ TIMED_TESTS = (
     "tests/bench/test_app_load_smoke.py",
     "tests/bench/test_loadgen.py",
     "tests/bench/test_preview.py",
-    "tests/bench/test_system.py",
+    "tests/bench/test_system.py::test_sessions_through_the_scheduler",
+    "tests/bench/test_system.py::test_websocket_on_loopback_with_its_levers",
     "tests/bench/test_timeline.py",
     "tests/billing/test_ledger_store.py",
     "tests/billing/test_write_budget_e2e.py",
