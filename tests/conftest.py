@@ -15,8 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from clerk_backend_api import Clerk
 
-from app.settings import LIVE_ALSO_REQUIRED, LIVE_KEYS
+from app.settings import LIVE_ALSO_REQUIRED, LIVE_KEYS, SANDBOX_CLERK_PREFIX, load_settings
 from inference.protocol import TYPICAL_CAMERA_FPS
 from tests.live_server import free_port
 
@@ -118,6 +119,11 @@ class AppProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def clerk(self) -> Clerk:
+        """The real Clerk SDK against this app's sandbox Clerk, with the secret key its state holds."""
+        settings = load_settings({}, state_dir=self.state_dir, dotenv=None)
+        return Clerk(bearer_auth=settings.clerk_secret_key, server_url=f"{self.url}{SANDBOX_CLERK_PREFIX}")
 
 
 def clean_environment(**overrides: str) -> dict[str, str]:

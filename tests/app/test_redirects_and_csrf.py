@@ -5,7 +5,6 @@ signed-in user's checkout, portal and sign-out posts need the CSRF token, from a
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,7 +12,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from clerk_backend_api import Clerk
 from litestar import Litestar, get
 from litestar.response import Response
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
@@ -57,14 +55,9 @@ def signed_in_client(app: AppProcess, email: str) -> httpx.Client:
     return client
 
 
-def clerk_for(app: AppProcess) -> Clerk:
-    secrets = json.loads((app.state_dir / "sandbox-secrets.json").read_text())
-    return Clerk(bearer_auth=secrets["clerk_secret_key"], server_url=f"{app.url}/sandbox/clerk/v1")
-
-
 def customer_of(app: AppProcess, email: str) -> str | None:
     """The ChargeBee customer the app recorded for this user (a checkout or portal visit records one)."""
-    users = clerk_for(app).users.list(request={"email_address": [email]})
+    users = app.clerk().users.list(request={"email_address": [email]})
     assert users is not None
     assert len(users) == 1
     metadata = decode_metadata(users[0].public_metadata, users[0].private_metadata)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 import httpx
 import jwt
 import pytest
-from clerk_backend_api import Clerk
 
 from tests.conftest import AppProcess, save_screenshot, sign_in
 
@@ -48,8 +47,7 @@ def test_sign_in_creates_the_user_once_and_sets_a_session(start_app: Callable[..
     app.process.terminate()
     app.process.wait(timeout=15)
     restarted = start_app(state_dir=app.state_dir)
-    secrets = json.loads((app.state_dir / "sandbox-secrets.json").read_text())
-    clerk = Clerk(bearer_auth=secrets["clerk_secret_key"], server_url=f"{restarted.url}/sandbox/clerk/v1")
+    clerk = restarted.clerk()
     users = clerk.users.list(request={"email_address": ["ada@example.com"]})
     assert users is not None
     assert [user.email_addresses[0].email_address for user in users] == ["ada@example.com"]
@@ -84,8 +82,7 @@ def test_sign_out_revokes_the_session(start_app: Callable[..., AppProcess]) -> N
             f"/sandbox/clerk/v1/client/sessions/{session_id}/tokens", headers={"Origin": app.url}
         )
         assert refreshed.status_code == 401
-    secrets = json.loads((app.state_dir / "sandbox-secrets.json").read_text())
-    clerk = Clerk(bearer_auth=secrets["clerk_secret_key"], server_url=f"{app.url}/sandbox/clerk/v1")
+    clerk = app.clerk()
     assert clerk.sessions.get(session_id=session_id).status == "revoked"
 
 

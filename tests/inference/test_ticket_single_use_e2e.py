@@ -11,11 +11,10 @@ from collections.abc import Callable
 
 import httpx
 import jwt
-from clerk_backend_api import Clerk
 from websockets.exceptions import ConnectionClosed
 
 from app.auth import SESSION_COOKIE
-from app.settings import SANDBOX_CLERK_PREFIX, load_settings
+from app.settings import load_settings
 from billing.metadata import decode_metadata
 from inference.protocol import CloseCode, Ready, Usage
 from inference.tickets import verify_ticket
@@ -85,7 +84,7 @@ def test_a_ticket_from_the_app_streams_once(start_app: Callable[..., AppProcess]
     # may add the second the client no longer saw), and the account's counter is exactly that entry.
     user_id = jwt.decode(browser.cookies[SESSION_COOKIE], options={"verify_signature": False})["sub"]
     settings = load_settings({}, state_dir=app.state_dir, dotenv=None)
-    clerk = Clerk(bearer_auth=settings.clerk_secret_key, server_url=f"{app.url}{SANDBOX_CLERK_PREFIX}")
+    clerk = app.clerk()
     deadline = time.monotonic() + 20
     while True:
         user = clerk.users.get(user_id=user_id)

@@ -33,7 +33,7 @@ from clerk_backend_api import Clerk
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.settings import SANDBOX_CLERK_PREFIX, Settings, load_settings
+from app.settings import Settings, load_settings
 from app.wiring import plan_catalogue
 from billing.metadata import BillingMetadata, decode_metadata
 from billing.plans import PlanId
@@ -112,7 +112,7 @@ def test_many_users_many_workers_a_crash_and_plan_changes_bill_exactly_what_was_
             list(pool.map(lambda worker: worker.start(), workers))
         soak = Soak(PLAN, app.url, workers, webcam_jpeg(160, 120))
         run_in_thread(lambda: soak.run(settings.chargebee_item_price_ultra, victim=workers[1]))
-        clerk = Clerk(bearer_auth=settings.clerk_secret_key, server_url=f"{app.url}{SANDBOX_CLERK_PREFIX}")
+        clerk = app.clerk()
         stored = wait_until_reported(soak, clerk)
         report = Verdict(soak, stored, settings)
         report.check()
@@ -450,8 +450,7 @@ def test_delivered_bounds_always_hold_what_the_worker_counts(steps: list[tuple[f
 def test_the_access_log_shows_an_emulator_429(start_app: Callable[..., AppProcess]) -> None:
     """The soak's 429 check reads the app's access log: a 429 the Clerk emulator answers shows in it."""
     app = start_app(LOG_LEVEL="INFO")
-    settings = load_settings({}, state_dir=app.state_dir, dotenv=None)
-    clerk = Clerk(bearer_auth=settings.clerk_secret_key, server_url=f"{app.url}{SANDBOX_CLERK_PREFIX}")
+    clerk = app.clerk()
     user = clerk.users.create(email_address=["limits@example.com"])
     answers = []
     for index in range(12):  # Clerk allows 10 metadata writes per user per 10 s
