@@ -205,6 +205,7 @@ async def run_session(
                     if isinstance(message, Ack):
                         result.acks += 1
                         unacked.pop(message.frame, None)
+                        pacer.acknowledged(message.round_ms)
                     elif isinstance(message, Error):
                         result.errors[message.code.value] += 1
                         if message.frame is not None:

@@ -9,16 +9,24 @@ where `replicas` is how many engine replicas are rendering (one per GPU): a roun
 is spread over all of them, and a session alone has a frame on each (inference/scheduler.py).
 
 A new session (which starts in the engine's default mode) is admitted only while that rate, counting it,
-stays at or above MIN_SESSION_FPS. The costs are the engine's measured render times per mode (the median
-of the latest frames, so one slow frame, e.g. a mode compiling on first use, does not close the doors);
+stays at or above MIN_SESSION_FPS. The costs are measured per mode: the time a replica spends on a frame,
+its render and the loop around it (the median of the latest frames, so one slow frame, e.g. a mode
+compiling on first use or a new prompt being encoded, does not close the doors);
 a mode not yet measured counts as the cheapest measured one, and with nothing measured (a cold engine)
 sessions are admitted. A worker always takes a session when it has none, so a slow engine still serves one.
+
+The same arithmetic gives the round, sum(c_i) / replicas: how often each streaming session gets a turn,
+which the worker tells paced clients in every `ack` (inference/pacing.py). There c_i is what session i's
+own latest frames cost (a prompt, a step count or a style image costs more or less than its mode's
+median), and a session whose frames come further apart than its turns (a camera slower than its share)
+takes only the turns it uses.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from typing import Final
 
 # Frames per mode that the median is taken over.
@@ -66,6 +74,17 @@ class Admission:
             return None
         total = sum(cost for cost in costs if cost is not None)
         return float("inf") if total <= 0 else self.replicas / total
+
+    def round_seconds(self, streams: Sequence[tuple[float, float | None]]) -> float | None:
+        """How long one round of these streaming sessions takes, each rendering one frame, over the
+        replicas. A stream is what one of its frames costs (seconds of a replica) and, for a session that
+        uses only some of its turns (its frames come further apart than its turns), how far apart its
+        frames come; None: it uses every turn. None when nothing is streaming."""
+        if not streams:
+            return None
+        every_turn = sum(cost for cost, _ in streams) / self.replicas
+        used = sum(cost * min(1.0, every_turn / interval) if interval else cost for cost, interval in streams)
+        return used / self.replicas
 
     def admits(self, modes_in_use: list[str], new_mode: str) -> bool:
         """Whether a session starting in `new_mode` may join sessions rendering in `modes_in_use`."""

@@ -7,13 +7,19 @@ it, about half a camera interval on average, and most frames are replaced unrend
 header says how long its input waited for the engine (the worker measures it: arrival to render start;
 the client cannot, since an output's own transfer time would count as waiting). The next frame is moved
 by (most of) the difference between that wait and a small target (a margin that grows with the jitter of
-the waits), and the interval follows the time between outputs, never shorter than the camera's. For its
+the waits). The interval is the worker's round, which every `ack` carries (how long a turn of every
+streaming session takes, from the modes' measured render times), never shorter than the camera's
+interval; until the worker says it, the time between outputs stands in. The client cannot tell the round
+from its outputs alone: when one session's late frame leaves the engine idle, every session's outputs come
+further apart, each pacer takes the longer gaps for its interval, and four sessions that start with long
+first renders (each prompt is encoded on its session's first frame) can settle into a cycle that leaves
+the engine idle a quarter of the time (docs/performance.md, run AE). For its
 first few outputs a session sends one frame at a time (the next when the last comes back): sessions that
 start together would otherwise fill the engine's line with frames that each wait a whole round before
 any of them knows the interval.
 
-A worker with N engine replicas needs nothing else: a session alone there gets a turn N times as often,
-which its outputs show, and the worker reports a late frame's wait as the idle replica's time over N (the
+A worker with N engine replicas needs nothing else: its round is spread over the N (a session alone there
+gets a turn N times as often), and it reports a late frame's wait as the idle replica's time over N (the
 capacity lost), so the correction below moves a one-frame-per-render start to one frame per render / N
 within a few outputs instead of to the camera's rate (inference/scheduler.py).
 
@@ -50,7 +56,8 @@ MAX_GAP: Final = 2.0
 class FramePacer:
     def __init__(self, camera_fps: float) -> None:
         self.camera_interval = 1.0 / camera_fps
-        self.interval = self.camera_interval  # the session's service interval, as its outputs show it
+        self.round = 0.0  # the worker's round, from its latest ack (0: not said)
+        self.measured = self.camera_interval  # the time between outputs, less the engine's idle time
         self.wait = 0.0  # running average of how long rendered frames waited for the engine
         self.jitter = 0.0  # running average of the waits' deviation from that
         self.correction = 0.0  # the next send's shift, from the latest output; used once
@@ -64,6 +71,14 @@ class FramePacer:
         self._last_output_at: float | None = None
         self._gaps = 0
         self._waits = 0
+
+    @property
+    def interval(self) -> float:
+        """The session's service interval: the worker's round, or until it says one the time between
+        outputs; never shorter than the camera's interval."""
+        if self.round > 0:
+            return max(self.camera_interval, self.round)
+        return self.measured
 
     @property
     def margin(self) -> float:
@@ -82,7 +97,7 @@ class FramePacer:
             # The engine's time idle for this frame is not part of the session's turn: counted in, a frame
             # late by that much would set the pace at one frame per round trip.
             gap = at - self._last_output_at - max(0.0, -waited)
-            self.interval = max(self.camera_interval, self.interval + share * (gap - self.interval))
+            self.measured = max(self.camera_interval, self.measured + share * (gap - self.measured))
         self._last_output_at = at
         # Jitter is how much the waits of a settled pace vary: a wait far from the margin is the pace still
         # settling (or a missed turn), which the correction below takes care of. It starts from none and
@@ -97,6 +112,10 @@ class FramePacer:
         gain = GAIN if self._last_sent_id > frame_id else GAIN_NOTHING_IN_FLIGHT
         limit = self.interval / 2
         self.correction = min(max(gain * (waited - self.margin), -limit), limit)
+
+    def acknowledged(self, round_ms: int) -> None:
+        """An `ack` arrived; it says the worker's round (0: not known)."""
+        self.round = round_ms / 1000
 
     def due(self) -> float:
         """When the next frame should be sent (-inf: now). Ask again after each output: it moves."""

@@ -57,6 +57,10 @@ class RenderResult:
     # long before the frame arrived (it came late for its turn), divided by the replicas ready then.
     waited_ms: int = 0
     batch_size: int = 1  # frames rendered by that engine call (its render_ms is theirs together)
+    # The replica's time that call took, from when it was free (or, when it idled, the first frame came)
+    # to the call's end: the render and what the loop spends around it. What a round of sessions is made
+    # of (inference/admission.py), where render_ms alone would promise turns more often than they come.
+    cycle_seconds: float = 0.0
     # A newer frame of the same session finished first (on another replica): not to be shown.
     late: bool = False
 
@@ -319,6 +323,7 @@ class Scheduler:
     def _render(self, replica: _Replica, engine: Engine, batch: list[_Pending]) -> None:
         assert self._hooks is not None
         started = time.perf_counter()
+        began = max(replica.free_since, min(item.submitted_at for item in batch))
         try:
             outputs = engine.render([item.job for item in batch])
             if len(outputs) != len(batch):
@@ -351,7 +356,12 @@ class Scheduler:
             else:
                 waited = started - item.submitted_at
             result = RenderResult(
-                item.job, jpeg, render_ms, waited_ms=round(waited * 1000), batch_size=len(batch)
+                item.job,
+                jpeg,
+                render_ms,
+                waited_ms=round(waited * 1000),
+                batch_size=len(batch),
+                cycle_seconds=finished - began,
             )
             results.append((item, result))
         self._hand_on(results)

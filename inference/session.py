@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import re
+import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -71,6 +72,23 @@ TICK_SECONDS: Final = 0.2
 # Acks and errors queued beyond this are dropped, so a client that floods frames or garbage without reading
 # its socket cannot grow our memory. A client that follows the flow control has at most two acks queued.
 MAX_QUEUED_MESSAGES: Final = 64
+# A session that sent no frame for this long is not streaming (a hidden tab, a stall): its turns are not
+# part of the round that paced clients are told. Also the longest gap between frames that counts towards
+# its frame interval.
+STREAMING_GAP_SECONDS: Final = 2.0
+# Share of each new gap in the running average of the time between a session's frames.
+FRAME_INTERVAL_SMOOTHING: Final = 0.25
+# A session whose frames come more than this many of the rounds it was told apart uses only some of its
+# turns (its camera is slower than its share). Within it, it is taken to use every turn: a paced session's
+# frames come once a round, give or take its corrections, and counting only part of its turns would tell
+# every session a round shorter than it is. Compared with the running average of the rounds it was told
+# (smoothed like its frame interval), not with the round now: after another session leaves, its frames
+# come at the old, longer round for a few more frames, and both averages follow the change alike.
+SLOW_STREAM_ROUNDS: Final = 1.5
+# A session's cost per frame is the median of its latest frames (its prompt, steps and style image cost
+# what they cost), once it has this many; before that, its mode's median across the worker.
+OWN_COST_FRAMES: Final = 5
+MIN_OWN_COST_FRAMES: Final = 3
 # Close reasons are limited to 123 bytes by RFC 6455.
 MAX_CLOSE_REASON: Final = 120
 _session_ids = itertools.count(1)
@@ -90,6 +108,8 @@ class SessionServices:
     admission: Admission  # told how long each frame of a mode took to render
     reporter: UsageReporter | None  # posts the stream's billable seconds to the app; None: not reported
     clock: Clock  # the billing clock
+    # How long a round of the worker's streaming sessions takes (Admission.round_seconds); None: not known.
+    round_seconds: Callable[[], float | None] = lambda: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +212,11 @@ class StreamSession:
         self._usage: ReportedStream | None = None
         # Monotonic time of the last valid frame (or of the start): the idle timeout counts from it.
         self._last_frame_at = time.monotonic()
+        self._frames = 0
+        # Running average of the time between its valid frames; None until there are two.
+        self.frame_interval: float | None = None
+        self._told_round: float | None = None  # running average of the rounds its acks said, in seconds
+        self._costs: deque[float] = deque(maxlen=OWN_COST_FRAMES)  # replica seconds of its latest frames
         self.ended = asyncio.Event()
 
     async def run(self, engine: Engine | None = None) -> None:
@@ -360,7 +385,7 @@ class StreamSession:
         except ProtocolError as exc:
             self._error(exc.code, exc.message, frame=frame_id)
             return
-        self._last_frame_at = time.monotonic()
+        self._count_frame(time.monotonic())
         job = FrameJob(
             self.session_id,
             frame_id,
@@ -375,13 +400,58 @@ class StreamSession:
         )
         if self.services.scheduler.submit(job, self._on_rendered):
             metrics.frames_dropped.labels("input").inc()
-        self._queue_droppable(Ack(frame=frame_id))
+        self._queue_droppable(Ack(frame=frame_id, round_ms=self._round_ms()))
+
+    def _count_frame(self, now: float) -> None:
+        gap = now - self._last_frame_at
+        if self._frames and gap <= STREAMING_GAP_SECONDS:
+            if self.frame_interval is None:
+                self.frame_interval = gap
+            else:
+                self.frame_interval += FRAME_INTERVAL_SMOOTHING * (gap - self.frame_interval)
+        self._frames += 1
+        self._last_frame_at = now
+
+    def streaming(self, now: float) -> bool:
+        """Whether the session sends frames: one came within STREAMING_GAP_SECONDS of `now`."""
+        return self._frames > 0 and now - self._last_frame_at <= STREAMING_GAP_SECONDS
+
+    @property
+    def frame_cost(self) -> float | None:
+        """What one of its frames costs, in seconds of a replica; None while nothing was measured."""
+        if len(self._costs) >= MIN_OWN_COST_FRAMES:
+            return statistics.median(self._costs)
+        default = self.engine.modes[0].id if self.engine is not None else ""
+        return self.services.admission.frame_seconds(self.mode or default)
+
+    @property
+    def partial_turns_interval(self) -> float | None:
+        """How far apart its frames come when that is further than the rounds it was told (a camera slower
+        than its share of the engine); None: it uses every turn."""
+        interval, told = self.frame_interval, self._told_round
+        if interval is None or told is None or interval <= SLOW_STREAM_ROUNDS * told:
+            return None
+        return interval
+
+    def _round_ms(self) -> int:
+        """The round that paced clients steer by; 0 when the worker batches or has not measured it."""
+        if self.engine is None or self.engine.max_batch != 1:
+            return 0
+        seconds = self.services.round_seconds()
+        if seconds is None:
+            return 0
+        if self._told_round is None:
+            self._told_round = seconds
+        else:
+            self._told_round += FRAME_INTERVAL_SMOOTHING * (seconds - self._told_round)
+        return round(seconds * 1000)
 
     def _on_rendered(self, result: RenderResult) -> None:
         if result.jpeg is not None:
-            seconds_per_frame = result.render_ms / 1000 / max(result.batch_size, 1)
+            seconds_per_frame = result.cycle_seconds / max(result.batch_size, 1)
             default = self.engine.modes[0].id if self.engine is not None else ""
             self.services.admission.observe(result.job.mode or default, seconds_per_frame)
+            self._costs.append(seconds_per_frame)
         if result.late:  # a newer frame of this session, rendered on another replica, was handed on first
             self.services.metrics.frames_dropped.labels("late").inc()
             return

@@ -46,8 +46,8 @@ const STYLE_FILE_TYPES = ["image/jpeg", "image/png", "image/webp"];
 const STYLE_SEND_SIDE = 512;
 const STYLE_SEND_QUALITY = 0.9;
 
-// When to send the next frame: one per service interval, timed by how long the last rendered frame
-// waited for the engine (the worker says so in the output's header). The algorithm and its parameters
+// When to send the next frame: one per service interval (the worker's round, which each `ack` says), timed
+// by how long the last rendered frame waited for the engine (the worker says so in the output's header). The algorithm and its parameters
 // are inference/pacing.py's (the reasoning is there and in docs/protocol.md; the same test holds the
 // parameters to it, in milliseconds where pacing.py has seconds). Times in milliseconds of
 // performance.now().
@@ -67,7 +67,8 @@ const PACING = {
 class Pacer {
   constructor(cameraFps) {
     this.cameraInterval = 1000 / cameraFps;
-    this.interval = this.cameraInterval;
+    this.round = 0; // the worker's round, from its latest ack (0: not said)
+    this.measured = this.cameraInterval; // the time between outputs, less the engine's idle time
     this.wait = 0;
     this.jitter = 0;
     this.correction = 0;
@@ -79,6 +80,11 @@ class Pacer {
     this.lastOutputAt = null;
     this.gaps = 0;
     this.waits = 0;
+  }
+
+  // The worker's round, or until it says one the time between outputs; never below the camera's interval.
+  get interval() {
+    return this.round > 0 ? Math.max(this.cameraInterval, this.round) : this.measured;
   }
 
   get margin() {
@@ -93,7 +99,7 @@ class Pacer {
       this.gaps += 1;
       const share = Math.max(PACING.intervalSmoothing, 1 / this.gaps);
       const gap = at - this.lastOutputAt - Math.max(0, -waited); // the engine's idle time is not the turn's
-      this.interval = Math.max(this.cameraInterval, this.interval + share * (gap - this.interval));
+      this.measured = Math.max(this.cameraInterval, this.measured + share * (gap - this.measured));
     }
     this.lastOutputAt = at;
     if (this.outputs > PACING.settlingOutputs && Math.abs(waited - this.margin) <= PACING.maxMarginMs) {
@@ -108,6 +114,10 @@ class Pacer {
     const gain = this.lastSentId > frameId ? PACING.gain : PACING.gainNothingInFlight;
     const limit = this.interval / 2;
     this.correction = Math.min(Math.max(gain * (waited - this.margin), -limit), limit);
+  }
+
+  acknowledged(roundMs) {
+    this.round = roundMs;
   }
 
   due() {
@@ -438,6 +448,7 @@ function onText(data) {
       break;
     case "ack":
       session.unacked.delete(message.frame); // off the wire: the next camera frame may go
+      session.pacer.acknowledged(message.round_ms ?? 0);
       armCaptureTimer();
       break;
     case "warming":

@@ -65,6 +65,27 @@ def test_a_cold_engine_admits_and_one_slow_frame_does_not_close_the_doors() -> N
     assert admission.frame_seconds("fast") == pytest.approx(TURBO_ON_AN_H200)
 
 
+def test_a_round_is_every_streaming_sessions_frame_over_the_replicas() -> None:
+    admission = Admission(min_session_fps=12)
+    exact, turbo = (EXACT_ON_AN_H200, None), (TURBO_ON_AN_H200, None)
+    assert admission.round_seconds([exact] * 4) == pytest.approx(4 * EXACT_ON_AN_H200)
+    assert admission.round_seconds([exact, turbo]) == pytest.approx(EXACT_ON_AN_H200 + TURBO_ON_AN_H200)
+    admission.replicas = 2  # a round is spread over both: a session alone has a frame on each
+    assert admission.round_seconds([exact]) == pytest.approx(EXACT_ON_AN_H200 / 2)
+    assert admission.round_seconds([exact] * 4) == pytest.approx(2 * EXACT_ON_AN_H200)
+    assert admission.round_seconds([]) is None  # nothing streams
+
+
+def test_a_session_slower_than_its_turns_counts_only_the_turns_it_uses() -> None:
+    admission = Admission(min_session_fps=12)
+    # Two turbo sessions: a turn every 2/30 s each. A 10 FPS camera uses half of its turns...
+    every_turn = 2 * TURBO_ON_AN_H200
+    round_seconds = admission.round_seconds([(TURBO_ON_AN_H200, None), (TURBO_ON_AN_H200, 0.1)])
+    assert round_seconds == pytest.approx(TURBO_ON_AN_H200 + TURBO_ON_AN_H200 * every_turn / 0.1)
+    # ...so the other session gets a turn more often than one in two renders.
+    assert TURBO_ON_AN_H200 < round_seconds < every_turn
+
+
 def _stream_until_measured(client: StreamClient, frames: int = 4) -> None:
     jpeg = webcam_jpeg(160, 120)
     for frame_id in range(1, frames + 1):

@@ -6,7 +6,10 @@ batch ends, latency is about one render, and every session gets its fair share."
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
+
+import pytest
 
 from bench.loadgen import run_load
 from inference.protocol import Ack
@@ -23,6 +26,10 @@ from tests.inference.helpers import (
 RENDER_DELAY_SECONDS = 0.06  # per engine call, on top of the preview filters' own CPU time
 
 
+def is_ack_of(message: object, frame_id: int) -> bool:
+    return isinstance(message, Ack) and message.frame == frame_id
+
+
 def test_each_valid_frame_is_acked_before_its_output_and_replaced_frames_get_none() -> None:
     jpeg = webcam_jpeg(320, 240)
     with (
@@ -33,7 +40,7 @@ def test_each_valid_frame_is_acked_before_its_output_and_replaced_frames_get_non
         # Like a camera at 25 fps with at most two frames unacknowledged: the sender never waits for output.
         for frame_id in range(1, 16):
             client.send_frame(frame_id, jpeg)
-            client.receive_until(lambda message, frame_id=frame_id: message == Ack(frame=frame_id), timeout=5)
+            client.receive_until(lambda message, frame_id=frame_id: is_ack_of(message, frame_id), timeout=5)
             time.sleep(0.04)
         client.frame(15, timeout=5)  # the last frame is always rendered
 
@@ -44,13 +51,80 @@ def test_each_valid_frame_is_acked_before_its_output_and_replaced_frames_get_non
     # A 200 ms engine renders some of 15 frames sent 40 ms apart; the others were replaced while waiting.
     assert 3 <= len(outputs) < 10
     for frame_id in outputs:  # the ack of a frame always comes before its output
-        ack_at = client.received.index(Ack(frame=frame_id))
+        ack_at = next(index for index, message in enumerate(client.received) if is_ack_of(message, frame_id))
         output_at = next(
             index
             for index, message in enumerate(client.received)
             if isinstance(message, OutputFrame) and message.frame_id == frame_id
         )
         assert ack_at < output_at
+
+
+def stream_in_turns(clients: list[StreamClient], jpeg: bytes, first_id: int, frames: int) -> list[int]:
+    """Each client sends a frame and waits for its output, `frames` times in turn; the round each last ack
+    said, in milliseconds."""
+    for frame_id in range(first_id, first_id + frames):
+        for client in clients:
+            client.send_frame(frame_id, jpeg)
+        for client in clients:
+            client.frame(frame_id, timeout=5)
+    return [
+        next(m.round_ms for m in reversed(client.received) if is_ack_of(m, first_id + frames - 1))
+        for client in clients
+    ]
+
+
+def test_acks_tell_the_round_of_the_sessions_streaming_now() -> None:
+    jpeg = webcam_jpeg(320, 240)
+    with (
+        running_worker(worker_config(preview_delay_seconds=0.1)) as running,
+        StreamClient.connect(running.ws_url) as first,
+        StreamClient.connect(running.ws_url) as second,
+    ):
+        first.start(new_ticket())
+        second.start(new_ticket())
+        assert stream_in_turns([first], jpeg, 1, 1) == [0]  # nothing rendered yet: not known
+        alone = stream_in_turns([first], jpeg, 2, 5)[0]
+        together = stream_in_turns([first, second], jpeg, 7, 6)
+        time.sleep(2.2)  # the second session stops streaming; its turns leave the round
+        alone_again = stream_in_turns([first], jpeg, 13, 2)[0]
+    render_ms = statistics.median(m.render_ms for m in first.messages(OutputFrame))
+    second_ms = statistics.median(m.render_ms for m in second.messages(OutputFrame))
+    assert alone == pytest.approx(render_ms, rel=0.2), (alone, render_ms)
+    for told in together:  # one frame of each session a round
+        assert told == pytest.approx(render_ms + second_ms, rel=0.2), (together, render_ms, second_ms)
+    assert alone_again == pytest.approx(render_ms, rel=0.2), (alone_again, render_ms)
+
+
+def test_a_session_whose_camera_is_slower_than_its_turns_leaves_the_others_a_shorter_round() -> None:
+    jpeg = webcam_jpeg(320, 240)
+    with (
+        running_worker(worker_config(preview_delay_seconds=0.1)) as running,
+        StreamClient.connect(running.ws_url) as fast,
+        StreamClient.connect(running.ws_url) as slow,
+    ):
+        fast.start(new_ticket())
+        slow.start(new_ticket())
+        for turn in range(1, 25):  # the slow session sends a frame every fourth turn of the fast one
+            clients = [fast, slow] if turn % 4 == 1 else [fast]
+            stream_in_turns(clients, jpeg, turn, 1)
+        told = [ack.round_ms for ack in fast.messages(Ack)][-4:]
+    render_ms = statistics.median(m.render_ms for m in fast.messages(OutputFrame))
+    # Both sessions every turn would be a round of two renders; the slow one uses about a third of its
+    # turns, so the fast one is told a round of about one and a third.
+    for round_ms in told:
+        assert 1.15 * render_ms <= round_ms <= 1.7 * render_ms, (told, render_ms)
+
+
+def test_a_worker_that_batches_sessions_says_no_round() -> None:
+    jpeg = webcam_jpeg(320, 240)
+    with (
+        running_worker(worker_config(preview_delay_seconds=0.05, max_batch=2)) as running,
+        StreamClient.connect(running.ws_url) as client,
+    ):
+        assert client.start(new_ticket()).pace is False
+        stream_in_turns([client], jpeg, 1, 4)
+    assert [ack.round_ms for ack in client.messages(Ack)] == [0, 0, 0, 0]
 
 
 def test_a_paced_session_gets_the_engine_rate_with_less_latency_than_at_camera_rate() -> None:

@@ -7,6 +7,8 @@ import itertools
 import json
 import re
 import statistics
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from inference.engines.preview import PreviewEngine
+from inference.protocol import pack_frame, unpack_frame
 from tests.conftest import AppProcess, save_screenshot, sign_in
 from tests.inference.helpers import mean_abs_diff
 from tests.studio.wire import WireLog, difference, output_colour, start_streaming, wait_until
@@ -164,6 +167,56 @@ def test_a_slow_engine_gets_paced_frames_at_about_one_render_of_latency(
         arrivals = [at for _, at in wire.received][len(wire.received) // 2 :]
     gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert statistics.median(gaps) < 1.3 * render_seconds, (gaps, render_seconds)
+
+
+def test_a_paced_studio_sends_once_a_round_as_the_worker_says(
+    start_app: Callable[..., AppProcess], page: Any
+) -> None:
+    """The studio's interval is the round in each ack, not the time between outputs. The relay says a
+    round of about four of this engine's renders (as with three more sessions streaming), and that each
+    frame waited the margin (on time): the studio sends a frame a round, where the time between outputs
+    alone (one render and the way there and back) would pace it at one a render."""
+    app = start_app(PREVIEW_DELAY_MS="100")
+    told_ms = 500
+    sent_at: list[float] = []
+    lock = threading.Lock()
+
+    def relay(route: Any) -> None:
+        server = route.connect_to_server()
+
+        def to_worker(message: str | bytes) -> None:
+            if isinstance(message, bytes):
+                with lock:
+                    sent_at.append(time.monotonic())
+            server.send(message)
+
+        def to_page(message: str | bytes) -> None:
+            if isinstance(message, str) and json.loads(message).get("type") == "ack":
+                message = json.dumps({**json.loads(message), "round_ms": told_ms})
+            elif isinstance(message, bytes):  # each frame waited the margin: on time, nothing to correct
+                frame = unpack_frame(message)
+                message = pack_frame(frame.frame_id, frame.jpeg, frame.render_ms, waited_ms=4)
+            route.send(message)
+
+        route.on_message(to_worker)
+        server.on_message(to_page)
+
+    page.route_web_socket(re.compile(r"^wss?://"), relay)
+    sign_in(page, app.url, "round@example.com")
+    page.click("[data-testid=start]")
+    page.wait_for_selector("[data-testid=status][data-state=streaming]", timeout=30_000)
+
+    def sent() -> int:
+        with lock:
+            return len(sent_at)
+
+    wait_until(page, lambda: sent() >= 12, 60, "twelve frames sent")
+    page.click("[data-testid=stop]")
+    with lock:
+        settled = sent_at[5:]  # after the first outputs, sent one at a time
+    gaps = [later - earlier for earlier, later in itertools.pairwise(settled)]
+    # A frame a round (each moved by a few milliseconds of correction), not one a render (~0.11 s).
+    assert 0.8 * told_ms / 1000 <= statistics.median(gaps) <= 1.2 * told_ms / 1000, gaps
 
 
 def test_a_batching_worker_gets_frames_at_camera_rate(
