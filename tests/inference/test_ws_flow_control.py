@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -74,15 +76,22 @@ def stream_in_turns(clients: list[StreamClient], jpeg: bytes, first_id: int, fra
     ]
 
 
-def test_acks_tell_the_round_of_the_sessions_streaming_now() -> None:
-    jpeg = webcam_jpeg(320, 240)
+@contextmanager
+def two_sessions(render_delay_seconds: float) -> Iterator[tuple[StreamClient, StreamClient]]:
+    """Two sessions started on one worker whose engine takes `render_delay_seconds` more per frame."""
     with (
-        running_worker(worker_config(preview_delay_seconds=0.1)) as running,
+        running_worker(worker_config(preview_delay_seconds=render_delay_seconds)) as running,
         StreamClient.connect(running.ws_url) as first,
         StreamClient.connect(running.ws_url) as second,
     ):
         first.start(new_ticket())
         second.start(new_ticket())
+        yield first, second
+
+
+def test_acks_tell_the_round_of_the_sessions_streaming_now() -> None:
+    jpeg = webcam_jpeg(320, 240)
+    with two_sessions(0.1) as (first, second):
         assert stream_in_turns([first], jpeg, 1, 1) == [0]  # nothing rendered yet: not known
         alone = stream_in_turns([first], jpeg, 2, 5)[0]
         together = stream_in_turns([first, second], jpeg, 7, 6)
@@ -98,13 +107,7 @@ def test_acks_tell_the_round_of_the_sessions_streaming_now() -> None:
 
 def test_a_session_whose_camera_is_slower_than_its_turns_leaves_the_others_a_shorter_round() -> None:
     jpeg = webcam_jpeg(320, 240)
-    with (
-        running_worker(worker_config(preview_delay_seconds=0.1)) as running,
-        StreamClient.connect(running.ws_url) as fast,
-        StreamClient.connect(running.ws_url) as slow,
-    ):
-        fast.start(new_ticket())
-        slow.start(new_ticket())
+    with two_sessions(0.1) as (fast, slow):
         for turn in range(1, 25):  # the slow session sends a frame every fourth turn of the fast one
             clients = [fast, slow] if turn % 4 == 1 else [fast]
             stream_in_turns(clients, jpeg, turn, 1)

@@ -9,7 +9,6 @@ sends, byte for byte, before passing it on to the real worker."""
 from __future__ import annotations
 
 import io
-import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +17,8 @@ import pytest
 from PIL import Image
 
 from inference.protocol import FRAME_HEADER, FRAME_HEADER_BYTES, unpack_frame
-from tests.conftest import AppProcess, sign_in
-from tests.studio.wire import wait_until
+from tests.conftest import AppProcess
+from tests.studio.wire import begin_streaming, relay_sockets, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -32,28 +31,20 @@ def test_the_studio_writes_frame_headers_as_the_protocol_defines_them(
     from_worker: list[bytes] = []
     lock = threading.Lock()
 
-    def relay(route: Any) -> None:
-        server = route.connect_to_server()
+    def to_worker(message: str | bytes) -> str | bytes:
+        if isinstance(message, bytes):
+            with lock:
+                from_page.append(message)
+        return message
 
-        def to_worker(message: str | bytes) -> None:
-            if isinstance(message, bytes):
-                with lock:
-                    from_page.append(message)
-            server.send(message)
+    def to_page(message: str | bytes) -> str | bytes:
+        if isinstance(message, bytes):
+            with lock:
+                from_worker.append(message)
+        return message
 
-        def to_page(message: str | bytes) -> None:
-            if isinstance(message, bytes):
-                with lock:
-                    from_worker.append(message)
-            route.send(message)
-
-        route.on_message(to_worker)
-        server.on_message(to_page)
-
-    page.route_web_socket(re.compile(r"^wss?://"), relay)
-    sign_in(page, app.url, "bytes@example.com")
-    page.click("[data-testid=start]")
-    page.wait_for_selector("[data-testid=status][data-state=streaming]", timeout=30_000)
+    relay_sockets(page, to_worker, to_page)
+    begin_streaming(page, app, "bytes@example.com")
 
     def counts() -> tuple[int, int]:
         with lock:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import re
 import statistics
 import threading
 import time
@@ -22,7 +21,15 @@ from inference.engines.preview import PreviewEngine
 from inference.protocol import pack_frame, unpack_frame
 from tests.conftest import AppProcess, save_screenshot, sign_in
 from tests.inference.helpers import mean_abs_diff
-from tests.studio.wire import WireLog, difference, output_colour, start_streaming, wait_until
+from tests.studio.wire import (
+    WireLog,
+    begin_streaming,
+    difference,
+    output_colour,
+    relay_sockets,
+    start_streaming,
+    wait_until,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -181,30 +188,22 @@ def test_a_paced_studio_sends_once_a_round_as_the_worker_says(
     sent_at: list[float] = []
     lock = threading.Lock()
 
-    def relay(route: Any) -> None:
-        server = route.connect_to_server()
+    def to_worker(message: str | bytes) -> str | bytes:
+        if isinstance(message, bytes):
+            with lock:
+                sent_at.append(time.monotonic())
+        return message
 
-        def to_worker(message: str | bytes) -> None:
-            if isinstance(message, bytes):
-                with lock:
-                    sent_at.append(time.monotonic())
-            server.send(message)
+    def to_page(message: str | bytes) -> str | bytes:
+        if isinstance(message, str) and json.loads(message).get("type") == "ack":
+            return json.dumps({**json.loads(message), "round_ms": told_ms})
+        if isinstance(message, bytes):  # each frame waited the margin: on time, nothing to correct
+            frame = unpack_frame(message)
+            return pack_frame(frame.frame_id, frame.jpeg, frame.render_ms, waited_ms=4)
+        return message
 
-        def to_page(message: str | bytes) -> None:
-            if isinstance(message, str) and json.loads(message).get("type") == "ack":
-                message = json.dumps({**json.loads(message), "round_ms": told_ms})
-            elif isinstance(message, bytes):  # each frame waited the margin: on time, nothing to correct
-                frame = unpack_frame(message)
-                message = pack_frame(frame.frame_id, frame.jpeg, frame.render_ms, waited_ms=4)
-            route.send(message)
-
-        route.on_message(to_worker)
-        server.on_message(to_page)
-
-    page.route_web_socket(re.compile(r"^wss?://"), relay)
-    sign_in(page, app.url, "round@example.com")
-    page.click("[data-testid=start]")
-    page.wait_for_selector("[data-testid=status][data-state=streaming]", timeout=30_000)
+    relay_sockets(page, to_worker, to_page)
+    begin_streaming(page, app, "round@example.com")
 
     def sent() -> int:
         with lock:
@@ -286,33 +285,23 @@ def test_choosing_a_quality_mode_applies_it_live(start_app: Callable[..., AppPro
     """The sandbox's preview engine has one mode, so the socket is relayed through the test, which offers
     the page three modes like FLUX.2's and keeps the preview worker from seeing mode ids it lacks."""
     app = start_app()
-    connections: list[str] = []
     params: list[dict[str, Any]] = []
 
-    def relay(route: Any) -> None:
-        connections.append(route.url)
-        server = route.connect_to_server()
+    def to_worker(message: str | bytes) -> str | bytes:
+        if isinstance(message, str) and json.loads(message).get("type") == "params":
+            sent = json.loads(message)
+            params.append(dict(sent))
+            sent.pop("mode", None)
+            return json.dumps(sent)
+        return message
 
-        def to_worker(message: str | bytes) -> None:
-            if isinstance(message, str) and json.loads(message).get("type") == "params":
-                sent = json.loads(message)
-                params.append(dict(sent))
-                sent.pop("mode", None)
-                message = json.dumps(sent)
-            server.send(message)
+    def to_page(message: str | bytes) -> str | bytes:
+        if isinstance(message, str) and json.loads(message).get("type") == "ready":
+            return json.dumps({**json.loads(message), "modes": FLUX_LIKE_MODES, "mode": "exact"})
+        return message
 
-        def to_page(message: str | bytes) -> None:
-            if isinstance(message, str) and json.loads(message).get("type") == "ready":
-                message = json.dumps({**json.loads(message), "modes": FLUX_LIKE_MODES, "mode": "exact"})
-            route.send(message)
-
-        route.on_message(to_worker)
-        server.on_message(to_page)
-
-    page.route_web_socket(re.compile(r"^wss?://"), relay)
-    sign_in(page, app.url, "quality@example.com")
-    page.click("[data-testid=start]")
-    page.wait_for_selector("[data-testid=status][data-state=streaming]", timeout=30_000)
+    connections = relay_sockets(page, to_worker, to_page)
+    begin_streaming(page, app, "quality@example.com")
 
     select = page.locator("[data-testid=mode]")
     expect(select).to_be_enabled()

@@ -4,6 +4,7 @@ it, waiting inside Playwright, reading the output canvas, and starting a stream.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import threading
 import time
@@ -139,10 +140,42 @@ def difference(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def start_streaming(page: Any, app: AppProcess, email: str) -> WireLog:
-    wire = WireLog()
-    wire.attach(page)
+def begin_streaming(page: Any, app: AppProcess, email: str) -> None:
+    """Sign in as `email`, press Start and wait until the studio streams."""
     sign_in(page, app.url, email)
     page.click("[data-testid=start]")
     page.wait_for_selector("[data-testid=status][data-state=streaming]", timeout=30_000)
+
+
+def start_streaming(page: Any, app: AppProcess, email: str) -> WireLog:
+    wire = WireLog()
+    wire.attach(page)
+    begin_streaming(page, app, email)
     return wire
+
+
+Relayed = str | bytes
+
+
+def _unchanged(message: Relayed) -> Relayed:
+    return message
+
+
+def relay_sockets(
+    page: Any,
+    to_worker: Callable[[Relayed], Relayed] = _unchanged,
+    to_page: Callable[[Relayed], Relayed] = _unchanged,
+) -> list[str]:
+    """Relay the page's WebSockets through the test: each message the page sends goes on as `to_worker`
+    returns it, and each the worker sends as `to_page` returns it (both run on Playwright's thread).
+    Returns the list of the sockets' URLs, which fills as they open."""
+    urls: list[str] = []
+
+    def relay(route: Any) -> None:
+        urls.append(route.url)
+        server = route.connect_to_server()
+        route.on_message(lambda message: server.send(to_worker(message)))
+        server.on_message(lambda message: route.send(to_page(message)))
+
+    page.route_web_socket(re.compile(r"^wss?://"), relay)
+    return urls
