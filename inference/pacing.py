@@ -8,7 +8,7 @@ header says how long its input waited for the engine (the worker measures it: ar
 the client cannot, since an output's own transfer time would count as waiting). The next frame is moved
 by (most of) the difference between that wait and a small target (a margin that grows with the jitter of
 the waits). The interval is the worker's round, which every `ack` carries (how long a turn of every
-streaming session takes, from the modes' measured render times), never shorter than the camera's
+streaming session takes, from what each one's latest frames cost), never shorter than the camera's
 interval; until the worker says it, the time between outputs stands in. The client cannot tell the round
 from its outputs alone: when one session's late frame leaves the engine idle, every session's outputs come
 further apart, each pacer takes the longer gaps for its interval, and four sessions that start with long

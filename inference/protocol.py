@@ -195,8 +195,8 @@ class Ack(msgspec.Struct, tag="ack", tag_field="type", frozen=True):
     count it as off the wire. Flow control: a client keeps at most MAX_UNACKED frames unacknowledged."""
 
     frame: int
-    # How long one round of the sessions streaming on this worker takes, each rendering one frame (its
-    # mode's measured cost; a session whose camera is slower than its turns, only the turns it uses), over
+    # How long one round of the sessions streaming on this worker takes, each rendering one frame (at what
+    # its latest frames cost; a session whose camera is slower than its turns, only the turns it uses), over
     # the engine replicas: how often a paced client gets a turn (docs/protocol.md, "Pacing"). 0 when the
     # worker does not know yet (nothing rendered) or batches sessions (`ready.pace` is false).
     round_ms: NonNegative = 0

@@ -118,6 +118,11 @@ class _Close:
     reason: str
 
 
+def _smoothed(average: float | None, sample: float) -> float:
+    """A running average (FRAME_INTERVAL_SMOOTHING) with `sample` taken in; the first sample starts it."""
+    return sample if average is None else average + FRAME_INTERVAL_SMOOTHING * (sample - average)
+
+
 def _unknown_mode(mode: str, engine: Engine) -> str:
     offered = ", ".join(repr(option.id) for option in engine.modes)
     return f"unknown mode {mode!r}; the {engine.name} engine offers {offered}"
@@ -405,10 +410,7 @@ class StreamSession:
     def _count_frame(self, now: float) -> None:
         gap = now - self._last_frame_at
         if self._frames and gap <= STREAMING_GAP_SECONDS:
-            if self.frame_interval is None:
-                self.frame_interval = gap
-            else:
-                self.frame_interval += FRAME_INTERVAL_SMOOTHING * (gap - self.frame_interval)
+            self.frame_interval = _smoothed(self.frame_interval, gap)
         self._frames += 1
         self._last_frame_at = now
 
@@ -421,8 +423,7 @@ class StreamSession:
         """What one of its frames costs, in seconds of a replica; None while nothing was measured."""
         if len(self._costs) >= MIN_OWN_COST_FRAMES:
             return statistics.median(self._costs)
-        default = self.engine.modes[0].id if self.engine is not None else ""
-        return self.services.admission.frame_seconds(self.mode or default)
+        return self.services.admission.frame_seconds(self._mode_id())
 
     @property
     def partial_turns_interval(self) -> float | None:
@@ -440,11 +441,12 @@ class StreamSession:
         seconds = self.services.round_seconds()
         if seconds is None:
             return 0
-        if self._told_round is None:
-            self._told_round = seconds
-        else:
-            self._told_round += FRAME_INTERVAL_SMOOTHING * (seconds - self._told_round)
+        self._told_round = _smoothed(self._told_round, seconds)
         return round(seconds * 1000)
+
+    def _mode_id(self) -> str:
+        """The session's mode id, the engine's default when it chose none ("" while warming)."""
+        return self.mode or (self.engine.modes[0].id if self.engine is not None else "")
 
     def _on_rendered(self, result: RenderResult) -> None:
         if result.jpeg is not None:

@@ -225,15 +225,14 @@ class Worker:
         """How long one round of the streaming sessions takes, each rendering one frame at what its latest
         frames cost, over the ready replicas (Admission.round_seconds); None when it cannot be told yet."""
         now = time.monotonic()
-        streams = [
-            (session.frame_cost, session.partial_turns_interval)
-            for session in self.sessions
-            if session.streaming(now)
-        ]
-        known = [(cost, interval) for cost, interval in streams if cost is not None]
-        if len(known) < len(streams):
-            return None
-        return self.admission.round_seconds(known)
+        streams = []
+        for session in self.sessions:
+            if session.streaming(now):
+                cost = session.frame_cost
+                if cost is None:
+                    return None
+                streams.append((cost, session.partial_turns_interval))
+        return self.admission.round_seconds(streams)
 
     def default_mode(self) -> str:
         return self.engine.modes[0].id if self.engine is not None else ""

@@ -46,9 +46,9 @@ const STYLE_FILE_TYPES = ["image/jpeg", "image/png", "image/webp"];
 const STYLE_SEND_SIDE = 512;
 const STYLE_SEND_QUALITY = 0.9;
 
-// When to send the next frame: one per service interval (the worker's round, which each `ack` says), timed
-// by how long the last rendered frame waited for the engine (the worker says so in the output's header). The algorithm and its parameters
-// are inference/pacing.py's (the reasoning is there and in docs/protocol.md; the same test holds the
+// When to send the next frame: one per service interval (the worker's round, which each `ack` says),
+// timed by how long the last rendered frame waited for the engine (the worker says so in the output's
+// header). The algorithm and its parameters are inference/pacing.py's (the reasoning is there and in docs/protocol.md; the same test holds the
 // parameters to it, in milliseconds where pacing.py has seconds). Times in milliseconds of
 // performance.now().
 const PACING = {

@@ -15,6 +15,7 @@ import pytest
 
 from inference.admission import Admission
 from inference.pacing import SETTLING_OUTPUTS, SETTLING_TIMEOUT, FramePacer
+from inference.session import MIN_OWN_COST_FRAMES, OWN_COST_FRAMES
 
 ONE_WAY = 0.0005  # loopback-like network delay, each way
 MODE = "exact"
@@ -77,7 +78,9 @@ def simulate(
             waiting[session] = (frame, now)
             # As the worker says it: each session at the median of its latest frames, once it has a few.
             costs = [
-                statistics.median(own[-5:]) if len(own) >= 3 else admission.frame_seconds(MODE)
+                statistics.median(own[-OWN_COST_FRAMES:])
+                if len(own) >= MIN_OWN_COST_FRAMES
+                else admission.frame_seconds(MODE)
                 for own in costs_of
             ]
             known = [(cost, None) for cost in costs if cost is not None]
