@@ -77,7 +77,14 @@ from inference.engines.base import FrameJob
 from inference.engines.flux2 import DEFAULT_MODEL, MODE_RECIPES, Flux2Config, Flux2Engine, ModeRecipe
 from inference.engines.flux2.compiled import COMPILE_SCOPES
 from inference.engines.flux2.decoders import random_decoder, save_decoder
-from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
+from inference.engines.flux2.klein_config import (
+    KLEIN_4B,
+    MAX_SEQUENCE_LENGTH,
+    TEXT_ENCODER_OUT_LAYERS,
+    TINY,
+    build_random_components,
+)
+from inference.engines.flux2.prompts import PromptEncoder
 from inference.protocol import MAX_CLIENT_FPS, OUTPUT_SIZE
 from inference.style_image import StyleImage, style_image_from_pixels
 
@@ -353,6 +360,7 @@ class Bench:
                         for i in range(batch)
                     ]
                     self._run(phase, "render", steps, batch, lambda jobs=jobs: engine.render(jobs))
+        self.measure_new_prompts(engine)
         if engine.cuda_graphs and self.device.type == "cuda":
             self.measure_launched(engine)
         if self.args.components:
@@ -386,6 +394,39 @@ class Bench:
             row = self._run(phase, "frames+style", steps, 1, call)
             if row.error is None:
                 row.max_abs, row.psnr_db = deviation(call(), self.style_references[steps])
+
+    def measure_new_prompts(self, engine: Flux2Engine) -> None:
+        """A prompt new to the engine, another each call: ``prompt_embeds`` as the engine runs it (the text
+        encoder cut to the layers the embedding reads, its pass replayed from a graph on CUDA), the same cut
+        encoder launched kernel by kernel, and the pipeline's own encoding through a whole text encoder of
+        the same architecture (with weights of its own: the engine's has been cut down)."""
+        architecture = TINY if self.base.config.tiny else KLEIN_4B
+        whole = build_random_components(architecture, device=self.device, dtype=engine.dtype)["text_encoder"]
+        pipe = engine.load()
+        launched = PromptEncoder(pipe.text_encoder, pipe.tokenizer, self.device, graph=False)
+        count = iter(range(1_000_000))
+
+        def new_prompt() -> str:
+            return f"{self.prompts[0]}, take {next(count)}"
+
+        def pipeline_call() -> torch.Tensor:
+            return Flux2KleinPipeline._get_qwen3_prompt_embeds(
+                text_encoder=whole,
+                tokenizer=pipe.tokenizer,
+                prompt=new_prompt(),
+                device=self.device,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                hidden_states_layers=TEXT_ENCODER_OUT_LAYERS,
+            )
+
+        with torch.no_grad():
+            self._run("new prompt", "pipeline", None, 1, pipeline_call)
+            self._run("new prompt", "launched", None, 1, lambda: launched(new_prompt()))
+            self._run("new prompt", "prompt_embeds", None, 1, lambda: engine.prompt_embeds(new_prompt()))
+            prompt = new_prompt()
+            difference = (engine.prompt_embeds(prompt).float() - launched(prompt).float()).abs().max().item()
+        self.system["new_prompt_replayed_vs_launched_max_abs"] = difference
+        print(f"  a new prompt replayed vs launched, max |difference|: {difference}", flush=True)
 
     def measure_launched(self, engine: Flux2Engine) -> None:
         """The CUDA-graph lever and its gate: each mode with its kernels launched one by one instead of

@@ -39,9 +39,10 @@ from inference.engines.flux2.config import Flux2Config
 from inference.engines.flux2.cuda_graphs import FrameGraphs, batch_rows
 from inference.engines.flux2.decoders import build_decoders, compile_decoder
 from inference.engines.flux2.frames import decode_jpegs, encode_jpegs, gradient_frame, resize
-from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS
+from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH
 from inference.engines.flux2.kv_reuse import ReferenceKV, merge, reference_kv, stack_kv
 from inference.engines.flux2.lora import load_adapters, prompt_with_trigger
+from inference.engines.flux2.prompts import PromptEncoder, keep_embedding_layers
 from inference.engines.flux2.recipes import ModeRecipe, offered_modes
 from inference.engines.flux2.style import StyleKV, StyleLatents, style_reference_ids
 from inference.engines.flux2.transformer import Transformers, predict
@@ -95,6 +96,7 @@ class Flux2Engine:
         self.decoders: dict[str, torch.nn.Module] = {}  # the small/tiny decoders the modes use, by name
         self._load_lock = threading.Lock()
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompt_encoder: PromptEncoder | None = None  # built with the text encoder's first prompt
         self._noise_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text_ids: dict[tuple[int, ...], torch.Tensor] = {}
@@ -130,6 +132,7 @@ class Flux2Engine:
             if self.text_encoder_load is not None:
                 self.text_encoder_load.attach_to(pipe)
                 self.text_encoder_load = None
+                keep_embedding_layers(pipe.text_encoder)
         return pipe
 
     def load_on_cpu(self) -> None:
@@ -145,7 +148,10 @@ class Flux2Engine:
 
     def _attach(self, pipe: Flux2KleinPipeline) -> None:
         pipe.set_progress_bar_config(disable=True)
+        if pipe.text_encoder is not None:
+            keep_embedding_layers(pipe.text_encoder)
         self.pipe = pipe
+        self._prompt_encoder = None
         self.device = pipe.transformer.device
         self.dtype = pipe.transformer.dtype
         self.styles = StyleLatents(self._encode_style, self.device)
@@ -217,12 +223,13 @@ class Flux2Engine:
 
         The text encoder may still be loading meanwhile (checkpoint.py): the throw-away frames then take a
         stand-in embedding of the right shape, since compiling and capturing depend on shapes only. The
-        warm-up returns once the text encoder is loaded too, so a worker whose text encoder cannot load
-        fails to start."""
+        warm-up returns once the text encoder is loaded and has encoded a prompt, so a worker whose text
+        encoder cannot load fails to start."""
         self.load()
         with self._warm_up_embedding():
             self.warm_up_mode(self.modes[0].id, batch_sizes=(1,))
-        self._with_text_encoder()
+        # A real prompt, so that its pass is captured (prompts.py) before a session's first prompt.
+        self.prompt_embeds(WARM_UP_PROMPT)
 
     @contextmanager
     def _warm_up_embedding(self) -> Iterator[None]:
@@ -536,14 +543,10 @@ class Flux2Engine:
         pipe = self._with_text_encoder()
         # Encoded alone, not batched with other new prompts, so a prompt's embedding never depends on
         # which other prompts arrived in the same batch.
-        embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            prompt=prompt,
-            device=self.device,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-            hidden_states_layers=TEXT_ENCODER_OUT_LAYERS,
-        )
+        if self._prompt_encoder is None:
+            graph = self.cuda_graphs and self.device.type == "cuda"
+            self._prompt_encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer, self.device, graph=graph)
+        embeds = self._prompt_encoder(prompt)
         self._prompt_cache[prompt] = embeds
         while len(self._prompt_cache) > self.config.prompt_cache_size:
             self._prompt_cache.popitem(last=False)

@@ -134,7 +134,7 @@ def test_render_is_decode_render_frames_encode(engine: Flux2Engine) -> None:
 
 def test_prompt_embeddings_are_computed_once_per_prompt(engine: Flux2Engine) -> None:
     calls: list[int] = []
-    hook = engine.pipe.text_encoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    hook = engine.pipe.text_encoder.model.register_forward_hook(lambda module, args, output: calls.append(1))
     try:
         jpeg = _jpeg(_frame(7))
         engine.render(
@@ -151,7 +151,7 @@ def test_prompt_cache_evicts_least_recently_used() -> None:
     engine = create_flux2_engine(tiny=True, device="cpu", prompt_cache_size=2)
     engine.load()
     calls: list[int] = []
-    engine.pipe.text_encoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    engine.pipe.text_encoder.model.register_forward_hook(lambda module, args, output: calls.append(1))
     for prompt in ["a", "b", "a", "c"]:  # "b" is the least recently used when "c" arrives
         engine.prompt_embeds(prompt)
     assert len(calls) == 3
