@@ -144,6 +144,7 @@ class Flux2Engine:
                 pipe, text = build_pipeline(self.config, torch.device("cpu"), self.dtype)
                 if text is not None:  # a snapshot holds all of it
                     text.attach_to(pipe)
+                keep_embedding_layers(pipe.text_encoder)  # and none of what a prompt embedding never reads
                 self._staged = pipe
 
     def _attach(self, pipe: Flux2KleinPipeline) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from PIL import Image
 
 from inference.engines.base import Engine, FrameJob
@@ -64,6 +65,20 @@ def _token_counts(transformer: torch.nn.Module) -> tuple[list[tuple[int, int]], 
     return calls, hook
 
 
+def pipeline_output(
+    pipe: Flux2KleinPipeline, image: Any, prompt: str, *, steps: int, seed: int
+) -> torch.Tensor:
+    """The reference the exact mode must match: ``pipe`` on the reference image(s) ``image``."""
+    return pipe(
+        image=image,
+        prompt=prompt,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        generator=torch.Generator(device="cpu").manual_seed(seed),
+        output_type="pt",
+    ).images
+
+
 def _decode(jpeg: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(jpeg)) as image:
         assert image.format == "JPEG"
@@ -110,14 +125,7 @@ def test_render_returns_one_512_jpeg_per_job(engine: Flux2Engine) -> None:
 def test_exact_mode_matches_flux2klein_pipeline(engine: Flux2Engine, steps: int) -> None:
     frame = _frame(5)
     ours = engine.render_frames(_as_tensor(frame), ["a clay sculpture"], steps=steps, seeds=[11])
-    reference = engine.pipe(
-        image=Image.fromarray(frame),
-        prompt="a clay sculpture",
-        num_inference_steps=steps,
-        guidance_scale=1.0,
-        generator=torch.Generator(device="cpu").manual_seed(11),
-        output_type="pt",
-    ).images
+    reference = pipeline_output(engine.pipe, Image.fromarray(frame), "a clay sculpture", steps=steps, seed=11)
     assert ours.shape == (1, 3, OUTPUT_SIZE, OUTPUT_SIZE)
     assert ours.std() > 0.01  # a real image, not a constant
     assert torch.equal(ours, reference)

@@ -22,6 +22,7 @@ from inference.engines.flux2.klein_config import TINY, build_random_components
 from inference.engines.flux2.lora import LoraLoadError, MultiLoraLinear, load_adapters
 from inference.protocol import OUTPUT_SIZE, STYLE_IMAGE_SIZE
 from inference.style_image import StyleImage, style_image_from_pixels
+from tests.inference.engines.flux2.test_engine import pipeline_output
 
 BATCH_TOLERANCE = 1e-3  # as test_engine.py: batched products sum in another order
 # Fused (W + s B A) against unfused (W x + s B (A x)) products: float32 rounding, far below a pixel level.
@@ -96,14 +97,7 @@ def _diffusers_pipeline(lora_files: dict[str, Path]) -> Flux2KleinPipeline:
 
 
 def _pipeline_output(pipe: Flux2KleinPipeline, frame: np.ndarray, prompt: str, seed: int) -> torch.Tensor:
-    return pipe(
-        image=Image.fromarray(frame),
-        prompt=prompt,
-        num_inference_steps=2,
-        guidance_scale=1.0,
-        generator=torch.Generator(device="cpu").manual_seed(seed),
-        output_type="pt",
-    ).images
+    return pipeline_output(pipe, Image.fromarray(frame), prompt, steps=2, seed=seed)
 
 
 def test_adapter_at_a_scale_matches_diffusers_set_adapters(

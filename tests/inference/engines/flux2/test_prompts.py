@@ -7,7 +7,6 @@ import copy
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline
@@ -16,7 +15,7 @@ from PIL import Image
 from inference.engines.flux2 import Flux2Config, Flux2Engine
 from inference.engines.flux2.klein_config import MAX_SEQUENCE_LENGTH, TINY, build_random_components
 from inference.engines.flux2.prompts import TEXT_ENCODER_LAYERS
-from inference.protocol import OUTPUT_SIZE
+from tests.inference.engines.flux2.test_engine import _as_tensor, _frame, pipeline_output
 
 DEEP = replace(TINY, name="tiny-36-layer-text", text_encoder={**TINY.text_encoder, "num_hidden_layers": 36})
 # Byte-level tokens: longer than MAX_SEQUENCE_LENGTH, so the pipeline truncates it and pads nothing.
@@ -63,20 +62,9 @@ def test_an_exact_frame_equals_the_pipelines_with_its_whole_text_encoder(compone
         pipeline=_pipeline(components, copy.deepcopy(components["text_encoder"])),
     )
     engine.load()
-    rng = np.random.default_rng(3)
-    coarse = rng.integers(0, 256, size=(OUTPUT_SIZE // 32 + 1, OUTPUT_SIZE // 32 + 1, 3), dtype=np.uint8)
-    frame = np.asarray(Image.fromarray(coarse).resize((OUTPUT_SIZE, OUTPUT_SIZE), Image.Resampling.BILINEAR))
-    ours = engine.render_frames(
-        torch.from_numpy(frame.copy()).permute(2, 0, 1)[None], ["a clay sculpture"], steps=2, seeds=[7]
-    )
-    reference = reference_pipe(
-        image=Image.fromarray(frame),
-        prompt="a clay sculpture",
-        num_inference_steps=2,
-        guidance_scale=1.0,
-        generator=torch.Generator(device="cpu").manual_seed(7),
-        output_type="pt",
-    ).images
+    frame = _frame(3)
+    ours = engine.render_frames(_as_tensor(frame), ["a clay sculpture"], steps=2, seeds=[7])
+    reference = pipeline_output(reference_pipe, Image.fromarray(frame), "a clay sculpture", steps=2, seed=7)
     assert len(reference_pipe.text_encoder.model.layers) == 36  # the reference ran all of its layers
     assert ours.std() > 0.01
     assert torch.equal(ours, reference)

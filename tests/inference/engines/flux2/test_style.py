@@ -16,7 +16,14 @@ from inference.engines.flux2.kv_reuse import ReferenceKV, reference_kv
 from inference.engines.flux2.recipes import MODE_RECIPES
 from inference.protocol import OUTPUT_SIZE, STYLE_IMAGE_SIZE
 from inference.style_image import StyleImage, style_image_from_pixels
-from tests.inference.engines.flux2.test_engine import BATCH_TOLERANCE, _as_tensor, _decode, _frame, _jpeg
+from tests.inference.engines.flux2.test_engine import (
+    BATCH_TOLERANCE,
+    _as_tensor,
+    _decode,
+    _frame,
+    _jpeg,
+    pipeline_output,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +69,9 @@ def test_exact_mode_with_a_style_image_matches_flux2klein_pipeline_with_two_imag
     frame = _frame(21)
     style = _style(1)
     ours = engine.render_frames(_as_tensor(frame), ["a clay sculpture"], steps=2, seeds=[7], styles=[style])
-    reference = engine.pipe(
-        image=[Image.fromarray(frame), style.image],
-        prompt="a clay sculpture",
-        num_inference_steps=2,
-        guidance_scale=1.0,
-        generator=torch.Generator(device="cpu").manual_seed(7),
-        output_type="pt",
-    ).images
+    reference = pipeline_output(
+        engine.pipe, [Image.fromarray(frame), style.image], "a clay sculpture", steps=2, seed=7
+    )
     assert ours.std() > 0.01
     assert torch.equal(ours, reference)
     # The style image is read: without it the same frame, prompt and seed render otherwise.
