@@ -45,10 +45,13 @@ def test_bench_runs_every_case_and_writes_its_record(tmp_path, capsys: pytest.Ca
             for mode in ("exact", "turbo")
             for case, batch in (("render_frames", 1), ("render", 1), ("render", 2))
         ),
+        # A new prompt each call: the pipeline's whole encoder, the engine's cut one launched and its own.
+        *(("new prompt", case, None, 1) for case in ("pipeline", "launched", "prompt_embeds")),
         ("compiled", "transformer", None, 1),
         ("compiled", "vae.encode", None, 1),
         ("compiled", "vae.decode", None, 1),
     }
+    assert saved["new_prompt_replayed_vs_launched_max_abs"] == 0.0
     for row in rows.values():
         assert row["error"] is None
         assert row["median_ms"] > 0
