@@ -165,6 +165,20 @@ def time_calls(
     return times, first
 
 
+def pipeline_prompt_embeds(
+    text_encoder: Any, tokenizer: Any, prompt: str, device: torch.device
+) -> torch.Tensor:
+    """``prompt``'s embedding as Flux2KleinPipeline encodes it, through ``text_encoder`` whole."""
+    return Flux2KleinPipeline._get_qwen3_prompt_embeds(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        prompt=prompt,
+        device=device,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        hidden_states_layers=TEXT_ENCODER_OUT_LAYERS,
+    )
+
+
 def webcam_frame(seed: int) -> np.ndarray:
     """A smooth random 512² RGB frame (H, W, 3): structured like a photo, unlike white noise."""
     rng = np.random.default_rng(seed)
@@ -361,7 +375,7 @@ class Bench:
                     ]
                     self._run(phase, "render", steps, batch, lambda jobs=jobs: engine.render(jobs))
         self.measure_new_prompts(engine)
-        if engine.cuda_graphs and self.device.type == "cuda":
+        if engine.replays_graphs:
             self.measure_launched(engine)
         if self.args.components:
             self.measure_components("compiled")
@@ -410,14 +424,7 @@ class Bench:
             return f"{self.prompts[0]}, take {next(count)}"
 
         def pipeline_call() -> torch.Tensor:
-            return Flux2KleinPipeline._get_qwen3_prompt_embeds(
-                text_encoder=whole,
-                tokenizer=pipe.tokenizer,
-                prompt=new_prompt(),
-                device=self.device,
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
-                hidden_states_layers=TEXT_ENCODER_OUT_LAYERS,
-            )
+            return pipeline_prompt_embeds(whole, pipe.tokenizer, new_prompt(), self.device)
 
         with torch.no_grad():
             self._run("new prompt", "pipeline", None, 1, pipeline_call)
@@ -503,13 +510,8 @@ class Bench:
                     "text_encoder",
                     None,
                     1,
-                    lambda: pipe._get_qwen3_prompt_embeds(
-                        text_encoder=pipe.text_encoder,
-                        tokenizer=pipe.tokenizer,
-                        prompt=self.prompts[1],
-                        device=device,
-                        max_sequence_length=MAX_SEQUENCE_LENGTH,
-                        hidden_states_layers=TEXT_ENCODER_OUT_LAYERS,
+                    lambda: pipeline_prompt_embeds(
+                        pipe.text_encoder, pipe.tokenizer, self.prompts[1], device
                     ),
                 )
 

@@ -132,7 +132,6 @@ class Flux2Engine:
             if self.text_encoder_load is not None:
                 self.text_encoder_load.attach_to(pipe)
                 self.text_encoder_load = None
-                keep_embedding_layers(pipe.text_encoder)
         return pipe
 
     def load_on_cpu(self) -> None:
@@ -144,13 +143,11 @@ class Flux2Engine:
                 pipe, text = build_pipeline(self.config, torch.device("cpu"), self.dtype)
                 if text is not None:  # a snapshot holds all of it
                     text.attach_to(pipe)
-                keep_embedding_layers(pipe.text_encoder)  # and none of what a prompt embedding never reads
+                keep_embedding_layers(pipe.text_encoder)  # a smaller snapshot: none of what no prompt reads
                 self._staged = pipe
 
     def _attach(self, pipe: Flux2KleinPipeline) -> None:
         pipe.set_progress_bar_config(disable=True)
-        if pipe.text_encoder is not None:
-            keep_embedding_layers(pipe.text_encoder)
         self.pipe = pipe
         self._prompt_encoder = None
         self.device = pipe.transformer.device
@@ -211,6 +208,11 @@ class Flux2Engine:
             )
             compile_vae(vae)
 
+    @property
+    def replays_graphs(self) -> bool:
+        """Whether GPU passes are captured and replayed as CUDA graphs (cuda_graphs.py) on this device."""
+        return self.cuda_graphs and self.device.type == "cuda"
+
     # ------------------------------------------------------------------ the Engine protocol
 
     def warm_up(self) -> None:
@@ -254,7 +256,7 @@ class Flux2Engine:
         per other step count of each mode, so that changing steps mid-stream does not wait for a capture."""
         cold = [mode.id for mode in self.modes if mode.id not in self._warm_modes]
         tasks = [partial(self.warm_up_mode, mode) for mode in cold]
-        if self.cuda_graphs and self.device.type == "cuda":
+        if self.replays_graphs:
             tasks += [
                 partial(self._capture_graph, mode.id, steps)
                 for mode in self.modes
@@ -383,7 +385,7 @@ class Flux2Engine:
                 conditioning = (*conditioning, self.style_kv.batch(styles, keys, compute))
             else:
                 conditioning = (*conditioning, self.styles.batch(styles, recipe.style_size))
-        if not (self.cuda_graphs and self.device.type == "cuda"):
+        if not self.replays_graphs:
             return self._denoise(frames, *conditioning, recipe=recipe, steps=steps)
         denoise = partial(self._denoise, recipe=recipe, steps=steps)
         # A batch whose rows take different adapters runs the low-rank branches: other kernels, another
@@ -545,8 +547,9 @@ class Flux2Engine:
         # Encoded alone, not batched with other new prompts, so a prompt's embedding never depends on
         # which other prompts arrived in the same batch.
         if self._prompt_encoder is None:
-            graph = self.cuda_graphs and self.device.type == "cuda"
-            self._prompt_encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer, self.device, graph=graph)
+            self._prompt_encoder = PromptEncoder(
+                pipe.text_encoder, pipe.tokenizer, self.device, graph=self.replays_graphs
+            )
         embeds = self._prompt_encoder(prompt)
         self._prompt_cache[prompt] = embeds
         while len(self._prompt_cache) > self.config.prompt_cache_size:

@@ -39,14 +39,15 @@ def keep_embedding_layers(text_encoder: Any) -> None:
 
 class PromptEncoder:
     """A prompt's (1, 512, joint_attention_dim) embedding as ``Flux2KleinPipeline._get_qwen3_prompt_embeds``
-    computes it (its tokenisation and stacking), from the decoder of ``text_encoder`` without its head.
-    With ``graph`` (CUDA), a padded prompt's pass is one replayed graph, captured on the first one."""
+    computes it (its tokenisation and stacking), from the decoder of ``text_encoder`` without its head;
+    ``text_encoder`` is cut to the layers that embedding reads (``keep_embedding_layers``). With ``graph``
+    (CUDA), a padded prompt's pass is one replayed graph, captured on the first one."""
 
     def __init__(self, text_encoder: Any, tokenizer: Any, device: torch.device, *, graph: bool) -> None:
+        keep_embedding_layers(text_encoder)
         self.decoder = text_encoder.model
         self.tokenizer = tokenizer
         self.device = device
-        self.dtype = text_encoder.dtype
         self.graph = graph
         self._captured: FrameGraph | None = None
 
@@ -84,5 +85,4 @@ class PromptEncoder:
         )
         states = torch.stack([output.hidden_states[k] for k in TEXT_ENCODER_OUT_LAYERS], dim=1)
         batch, layers, tokens, width = states.shape
-        embedding = states.to(self.dtype).permute(0, 2, 1, 3).reshape(batch, tokens, layers * width)
-        return embedding
+        return states.permute(0, 2, 1, 3).reshape(batch, tokens, layers * width)
