@@ -14,6 +14,8 @@ import torch
 from diffusers import AutoencoderKLFlux2
 from diffusers.models.attention_processor import AttnProcessor
 
+from inference.engines.flux2.group_norm import use_split_group_norm
+
 # "blocks": regional compilation (diffusers' compile_repeated_blocks): the double and the single block are
 # each compiled once and reused by every block of their kind. A warm start traces two blocks instead of 25:
 # the exact mode's warm-up from a warm cache takes 8-10 s instead of 15, and its frame is as fast (a frame is
@@ -55,17 +57,19 @@ def whole_graph(module: torch.nn.Module, *, backend: Backend = "inductor") -> to
 
 
 def compile_vae(vae: AutoencoderKLFlux2) -> None:
-    """Compile the VAE's encoder and decoder in place, with the layout and attention they compile best in.
+    """Compile the VAE's encoder and decoder in place, with the layout, normalisation and attention they
+    compile best in.
 
-    The VAE runs once per frame each way; GroupNorm at batch 1 is where eager PyTorch loses most (one
-    thread block per group), and a compiled reduction does not. Shapes are static: a dynamic graph would
-    serve the 256² reference frames of "turbo" too, but it is then also what the 512² frames run through
-    (dynamo tries its newest graph first), and its kernels are slower. The weights are made channels-last,
-    the layout the tensor-core convolutions read, so no layout copies sit between them; and the mid-block
-    attention (one head of 512 channels, which the flash kernels do not take) becomes plain matrix
-    products that inductor fuses. docs/performance.md has what each of these buys.
+    The VAE runs once per frame each way. Shapes are static: a dynamic graph would serve the 256² reference
+    frames of "turbo" too, but it is then also what the 512² frames run through (dynamo tries its newest
+    graph first), and its kernels are slower. The weights are made channels-last, the layout the tensor-core
+    convolutions read, so no layout copies sit between them; GroupNorm reduces its statistics in two parallel
+    stages (group_norm.py: at batch 1 a group is one long reduction); and the mid-block attention (one head
+    of 512 channels, which the flash kernels do not take) becomes plain matrix products that inductor fuses.
+    docs/performance.md has what each of these buys.
     """
     vae.to(memory_format=torch.channels_last)
+    use_split_group_norm(vae)
     vae.set_attn_processor(AttnProcessor())
     vae.encoder.compile(fullgraph=True, dynamic=False)
     vae.decoder.compile(fullgraph=True, dynamic=False)

@@ -33,6 +33,8 @@ from diffusers import AutoencoderKLFlux2, AutoencoderTiny, Flux2KleinPipeline
 from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
 from torch import nn
 
+from inference.engines.flux2.group_norm import use_split_group_norm
+
 logger = logging.getLogger(__name__)
 
 DECODERS: Final = ("full", "small", "tiny")
@@ -309,9 +311,10 @@ def build_decoders(
 
 
 def compile_decoder(module: nn.Module) -> None:
-    """Compile a small or tiny decoder in place, static shapes and channels-last, as compile_vae does for the
-    model's own (compiled.py says why)."""
+    """Compile a small or tiny decoder in place, static shapes, channels-last and two-stage GroupNorm, as
+    compile_vae does for the model's own (compiled.py says why)."""
     module.to(memory_format=torch.channels_last)
+    use_split_group_norm(module)
     if isinstance(module, SmallDecoder):
         from diffusers.models.attention_processor import AttnProcessor
 

@@ -18,6 +18,7 @@ from inference.engines.flux2.compiled import Backend, compile_transformers, whol
 from inference.engines.flux2.fp8 import quantized_copy
 from inference.engines.flux2.kv_reuse import use_kv_attention
 from inference.engines.flux2.lora import LoraBank, LoraSelection, MultiLoraLinear, apply_lora
+from inference.engines.flux2.noise_rows import computing_rows, use_noise_rows_attention
 from inference.engines.flux2.recipes import ModeRecipe
 
 
@@ -71,7 +72,10 @@ class Transformers:
     ) -> None:
         """Compile both copies in place by ``scope`` (compiled.COMPILE_SCOPES); the recipes in
         ``whole_graph_recipes`` denoise with their copy compiled as one graph besides (compiled.whole_graph),
-        which under the "full" scope it already is."""
+        which under the "full" scope it already is. The exact copy's last single block computes only the
+        rows a step's prediction reads (noise_rows.py), a rounding-level difference as compilation's, so
+        the uncompiled engine stays the pipeline's arithmetic to the bit."""
+        use_noise_rows_attention(self.exact)
         compile_transformers(self.exact, self.fp8, scope=scope, backend=backend)
         self._whole_graph.clear()
         if scope == "full":
@@ -113,9 +117,12 @@ def predict(
     """One step's prediction for the noise tokens, as Flux2KleinPipeline makes it: the reference frame's
     tokens appended after the noise tokens, attended to jointly. ``text`` is the rest of the transformer's
     keyword arguments."""
-    noise_pred = transformer(
-        hidden_states=torch.cat([latents, reference], dim=1).to(transformer.dtype),
-        img_ids=torch.cat([latent_ids, reference_ids], dim=1),
-        **text,
-    )[0]
+    # The joint sequence is the prompt's tokens, then these: its noise rows are the prediction.
+    text_tokens = text["encoder_hidden_states"].shape[1]
+    with computing_rows(transformer, text_tokens, text_tokens + latents.shape[1]):
+        noise_pred = transformer(
+            hidden_states=torch.cat([latents, reference], dim=1).to(transformer.dtype),
+            img_ids=torch.cat([latent_ids, reference_ids], dim=1),
+            **text,
+        )[0]
     return noise_pred[:, : latents.shape[1]]

@@ -1,0 +1,95 @@
+"""The compiled VAE's two-stage GroupNorm (group_norm.py): PyTorch's normalisation up to float rounding, in
+either memory layout, and the tiny VAE's images unchanged by it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference.engines.flux2.group_norm import SplitGroupNorm, split_group_norm, use_split_group_norm
+from inference.engines.flux2.klein_config import TINY, build_random_components
+
+# (B, C, H, W), groups: the VAE's shapes in small, one whose pixels do not split into equal 256-pixel
+# chunks (12 x 20), and TAEF2's 4 groups.
+SHAPES = [((1, 128, 32, 32), 32), ((2, 64, 12, 20), 32), ((1, 256, 16, 16), 4), ((1, 32, 3, 5), 8)]
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _input(shape: tuple[int, ...], *, mean: float = 0.5, std: float = 2.0, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float64) * std + mean
+
+
+@pytest.mark.parametrize(("shape", "groups"), SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float32_matches_group_norm_to_rounding(shape: tuple[int, ...], groups: int, layout: object) -> None:
+    x = _input(shape)
+    channels = shape[1]
+    weight, bias = torch.randn(channels, dtype=torch.float64), torch.randn(channels, dtype=torch.float64)
+    exact = F.group_norm(x, groups, weight, bias, 1e-6)
+    ours = split_group_norm(
+        x.float().contiguous(memory_format=layout), groups, weight.float(), bias.float(), 1e-6
+    )
+    assert ours.dtype == torch.float32
+    assert ours.is_contiguous(memory_format=layout)  # the VAE's next convolution reads it as it came
+    assert (ours.double() - exact).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bfloat16_rounds_as_pytorchs_own(layout: object) -> None:
+    """In bf16 both compute in float32 and round once: they differ from the float64 result alike."""
+    x = _input((1, 128, 32, 32)).to(torch.bfloat16).contiguous(memory_format=layout)
+    weight = torch.randn(128).to(torch.bfloat16)
+    bias = torch.randn(128).to(torch.bfloat16)
+    exact = F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6)
+    ours = split_group_norm(x, 32, weight, bias, 1e-6)
+    theirs = F.group_norm(x, 32, weight, bias, 1e-6)
+    assert ours.dtype == torch.bfloat16
+    assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max() * 1.01
+    assert (ours.float() != theirs.float()).float().mean() < 0.01  # all but a few values the same bits
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_large_offset_does_not_cancel_the_variance(layout: object) -> None:
+    """Activations far from zero, in float32: a variance taken as E[x²] - E[x]² loses all of it to
+    cancellation (it comes out negative: NaN); the chunks' own variances, combined, keep it as well as
+    PyTorch's float32 GroupNorm does."""
+    x = _input((1, 64, 32, 32), mean=3000.0, std=0.01).float()
+    exact = F.group_norm(x.double(), 32, None, None, 1e-6)  # of the same float32 values
+    ours = split_group_norm(x.contiguous(memory_format=layout), 32, None, None, 1e-6)
+    theirs = F.group_norm(x, 32, None, None, 1e-6)
+    assert torch.isfinite(ours).all()
+    assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max()
+
+
+def test_without_affine_parameters_and_for_other_ranks() -> None:
+    norm = nn.GroupNorm(4, 16, affine=False)
+    x = _input((2, 16, 6, 6)).float()
+    expected = norm(x)
+    norm.__class__ = SplitGroupNorm
+    assert (norm(x) - expected).abs().max() < 1e-5
+    sequence = _input((2, 16, 10)).float()  # not an image: PyTorch's own path
+    assert torch.equal(norm(sequence), F.group_norm(sequence, 4, None, None, norm.eps))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_vae_encodes_and_decodes_the_same_images(layout: object) -> None:
+    vae = build_random_components(TINY)["vae"]
+    norms = sum(1 for module in vae.modules() if type(module) is nn.GroupNorm)
+    split = copy.deepcopy(vae)
+    assert use_split_group_norm(split) == norms > 0
+    assert not any(type(module) is nn.GroupNorm for module in split.modules())
+    assert split.state_dict().keys() == vae.state_dict().keys()  # the same parameters, loaded the same way
+    vae.to(memory_format=layout)
+    split.to(memory_format=layout)
+    image = (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1).contiguous(
+        memory_format=layout
+    )
+    latent = vae.encode(image).latent_dist.mode()
+    assert (split.encode(image).latent_dist.mode() - latent).abs().max() < 1e-4
+    assert (split.decode(latent).sample - vae.decode(latent).sample).abs().max() < 1e-4
