@@ -35,9 +35,6 @@ class SplitGroupNorm(nn.GroupNorm):
         return split_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-# Dynamo records a call as one node instead of tracing its ~20 operations at each of the VAE's ~50
-# GroupNorms, which a warm start would otherwise retrace every time; inductor still gets (and fuses) them.
-@torch.compiler.allow_in_graph
 def split_group_norm(
     x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
