@@ -8,7 +8,7 @@ whole pixels in the channels-last layout the VAE runs in), combined exactly: a g
 its chunks' means, its variance the mean of the chunks' variances plus the variance of their means. The
 result is the same normalisation up to the order of the float32 sums, a rounding-level difference like
 compilation's own. On an H200, compiled, the 512² decode went from 6.96 to 5.61 ms and the 512² encode
-from 3.41 to 2.83 ms (docs/performance.md, "Levers").
+from 3.41 to 2.83 ms (docs/performance.md, "Two levers on exact's own arithmetic").
 """
 
 from __future__ import annotations
