@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -705,34 +705,61 @@ def _kill_group(process: subprocess.Popen[str]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def _ending_signals_held() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block is left, then deliver them.
+
+    The child is visible (and holding a session of its own) from the fork on, but its ``Popen`` exists only
+    once the fork's exec has been confirmed; a signal in between would end the bench with nobody left who
+    knows the child's pid. Only the main thread runs Python's signal handlers, so only there can they be held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGTERM, signal.SIGINT)
+    previous = {number: signal.signal(number, lambda signum, _: caught.append(signum)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for number in caught:
+            signal.raise_signal(number)
+
+
 def _spawn_cold_start_child(
     checkpoint: Path, options: dict[str, Any], env: dict[str, str], timeout_s: float
 ) -> dict[str, Any]:
     spawned_at = time.time()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.system",
-            "cold-start-child",
-            "--model",
-            str(checkpoint),
-            "--options",
-            json.dumps(options),
-            "--spawned-at",
-            repr(spawned_at),
-        ],
-        cwd=_REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # Its own process group: a timeout also ends the compile workers inductor forks.
-        start_new_session=True,
-    )
+    process: subprocess.Popen[str] | None = None
     try:
+        # Held signals are delivered on leaving the block, inside this try, once `process` is known.
+        with _ending_signals_held():
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.system",
+                    "cold-start-child",
+                    "--model",
+                    str(checkpoint),
+                    "--options",
+                    json.dumps(options),
+                    "--spawned-at",
+                    repr(spawned_at),
+                ],
+                cwd=_REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                # Its own process group: a timeout also ends the compile workers inductor forks.
+                start_new_session=True,
+            )
         stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        assert process is not None  # only communicate() times out
         _kill_group(process)
         stdout, stderr = process.communicate()
         return {
@@ -743,8 +770,9 @@ def _spawn_cold_start_child(
     except BaseException:
         # The bench itself is ending (SIGTERM from a time limit): the child, in a session of its own, would
         # otherwise go on holding the GPU after the bench has gone.
-        _kill_group(process)
-        process.wait()
+        if process is not None:
+            _kill_group(process)
+            process.wait()
         raise
     wall_s = round(time.time() - spawned_at, 2)
     lines = [line for line in stdout.splitlines() if line.startswith(COLD_START_MARKER)]

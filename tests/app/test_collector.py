@@ -30,9 +30,10 @@ def policy() -> Iterator[CollectorPolicy]:
 
 
 def _full_collection_ms() -> float:
-    started = time.perf_counter()
+    # The collecting thread's CPU time: what the collection costs, not how long the machine made it wait.
+    started = time.thread_time()
     gc.collect()
-    return (time.perf_counter() - started) * 1000
+    return (time.thread_time() - started) * 1000
 
 
 def test_a_full_collection_no_longer_scans_what_lives_long() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -135,21 +136,27 @@ def test_a_cold_start_cut_by_its_time_limit_keeps_the_starts_that_finished(tmp_p
     assert len(saved["cold_start"]["table"]) == 2  # the header and the finished start
 
 
+def _bench_spawning_a_cold_start(marker: Path, before_spawn: str = "") -> subprocess.Popen[bytes]:
+    """A process that, like the bench, ends on SIGTERM and spawns one cold-start child naming ``marker``."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, subprocess, sys\n"
+            "from pathlib import Path\n"
+            "from bench import system\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+            f"{before_spawn}"
+            f"system._spawn_cold_start_child(Path({str(marker)!r}), {{}}, dict(os.environ), 120)\n",
+        ]
+    )
+
+
 def test_a_bench_ended_while_a_cold_start_runs_ends_that_start_too(tmp_path) -> None:
     """The child runs in a session of its own (so that a timeout can end inductor's workers with it); when
     the bench is ended by SIGTERM, it must not go on holding the device."""
     marker = tmp_path / "checkpoint-of-this-test"
-    runner = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import os, signal, sys\n"
-            "from pathlib import Path\n"
-            "from bench import system\n"
-            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
-            f"system._spawn_cold_start_child(Path({str(marker)!r}), {{}}, dict(os.environ), 120)\n",
-        ]
-    )
+    runner = _bench_spawning_a_cold_start(marker)
     try:
         deadline = time.monotonic() + 60
         while not _cold_start_children(marker):
@@ -161,14 +168,42 @@ def test_a_bench_ended_while_a_cold_start_runs_ends_that_start_too(tmp_path) -> 
         assert not _cold_start_children(marker)
     finally:
         runner.kill()
+        _end_cold_start_children(marker)
 
 
-def _cold_start_children(marker: Path) -> list[str]:
-    """Command lines of running cold-start children whose arguments name ``marker``."""
-    found = []
+def test_a_bench_ended_as_its_cold_start_child_is_forked_still_ends_that_child(tmp_path) -> None:
+    """The SIGTERM lands after the fork, before ``Popen`` has handed the child to the bench: on a loaded
+    machine a likely moment to be ended in, and one with no pid yet to end the child by."""
+    marker = tmp_path / "checkpoint-of-this-test"
+    terminated_after_fork = (
+        "spawn = subprocess.Popen.__init__\n"
+        "def spawn_then_terminated(self, *args, **kwargs):\n"
+        "    spawn(self, *args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "subprocess.Popen.__init__ = spawn_then_terminated\n"
+    )
+    runner = _bench_spawning_a_cold_start(marker, terminated_after_fork)
+    try:
+        assert runner.wait(timeout=60) == 143
+        assert not _cold_start_children(marker)
+    finally:
+        runner.kill()
+        _end_cold_start_children(marker)
+
+
+def _cold_start_children(marker: Path) -> dict[int, str]:
+    """Running cold-start children whose arguments name ``marker``: their command lines by pid."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             argv = b" ".join(cmdline.read_bytes().split(b"\0"))
             if b"cold-start-child" in argv and str(marker).encode() in argv:
-                found.append(argv.decode())
+                found[int(cmdline.parent.name)] = argv.decode()
     return found
+
+
+def _end_cold_start_children(marker: Path) -> None:
+    """Ends what a failing test left running, so that it does not load the rest of the suite."""
+    for pid in _cold_start_children(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
