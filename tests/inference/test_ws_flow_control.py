@@ -155,7 +155,9 @@ def test_a_paced_session_gets_the_engine_rate_with_less_latency_than_at_camera_r
     # ...while a paced client sends one frame per render, timed to arrive just before the engine is free.
     assert paced["sent"] <= paced["delivered"] + 3, paced
     assert paced["wait_ms_p50"] < camera_rate["wait_ms_p50"], (paced, camera_rate)
-    assert paced["latency_p50_ms"] < camera_rate["latency_p50_ms"], (paced, camera_rate)
+    # Latency over each run's own render time: the two runs' renders differ by a few ms on a busy machine,
+    # as much as the wait that pacing saves.
+    assert paced["latency_over_render"] < camera_rate["latency_over_render"], (paced, camera_rate)
     assert paced["latency_p50_ms"] <= 1.3 * paced["render_ms_p50"], paced
 
 
