@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import pytest
 
 from bench.loadgen import run_load
+from inference.pacing import MAX_MARGIN
 from inference.protocol import Ack
 from tests.inference.helpers import (
     SECRET,
@@ -130,7 +131,7 @@ def test_a_worker_that_batches_sessions_says_no_round() -> None:
     assert [ack.round_ms for ack in client.messages(Ack)] == [0, 0, 0, 0]
 
 
-def test_a_paced_session_gets_the_engine_rate_with_less_latency_than_at_camera_rate() -> None:
+def test_a_paced_session_gets_the_engine_rate_one_frame_per_render_each_waiting_a_margin() -> None:
     # One frame per engine call (MAX_BATCH 1, the default): the worker's `ready` asks clients to pace.
     with running_worker(worker_config(preview_delay_seconds=RENDER_DELAY_SECONDS)) as running:
         paced, camera_rate = (
@@ -152,12 +153,13 @@ def test_a_paced_session_gets_the_engine_rate_with_less_latency_than_at_camera_r
     # of the render before it...
     assert camera_rate["sent"] >= 2 * camera_rate["delivered"], camera_rate
     assert camera_rate["latency_p50_ms"] <= 1.5 * camera_rate["render_ms_p50"], camera_rate
-    # ...while a paced client sends one frame per render, timed to arrive just before the engine is free.
+    # ...while a paced client sends one frame per render, timed to arrive just before the engine is free: it
+    # waits the pacer's margin at most, and its latency is about one render. (A camera-rate frame waits
+    # whatever the camera's phase against the renders leaves, 0-33 ms at 30 FPS, half an interval on
+    # average; but a render of about three camera intervals, as here on a busy machine, locks it to one phase
+    # for a whole run, so one run's camera-rate wait is no yardstick for the paced one.)
     assert paced["sent"] <= paced["delivered"] + 3, paced
-    assert paced["wait_ms_p50"] < camera_rate["wait_ms_p50"], (paced, camera_rate)
-    # Latency over each run's own render time: the two runs' renders differ by a few ms on a busy machine,
-    # as much as the wait that pacing saves.
-    assert paced["latency_over_render"] < camera_rate["latency_over_render"], (paced, camera_rate)
+    assert paced["wait_ms_p50"] <= 1000 * MAX_MARGIN, paced
     assert paced["latency_p50_ms"] <= 1.3 * paced["render_ms_p50"], paced
 
 
