@@ -23,20 +23,33 @@ def free_port() -> int:
 def serve(app: Any, port: int | None = None, *, lifespan: str = "on", **options: Any) -> Iterator[str]:
     """Serve `app` until the block ends; yields its base URL, e.g. "http://127.0.0.1:54321". `options` are
     further uvicorn settings."""
-    port = port or free_port()
+    # The socket is bound here and handed to uvicorn: a port picked first and bound later can be taken in
+    # between by another test's server (two workers, and the subprocesses they start).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart on the same port, as uvicorn does
+    try:
+        sock.bind(("127.0.0.1", port or 0))
+    except OSError:
+        sock.close()
+        raise
+    port = int(sock.getsockname()[1])
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan, **options
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"test server on port {port} did not start")
-        time.sleep(0.02)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True
+    )
     try:
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"test server on port {port} did not start")
+            time.sleep(0.02)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        if thread.is_alive():
+            thread.join(timeout=10)
+        sock.close()
