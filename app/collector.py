@@ -40,6 +40,20 @@ DEFAULT_SWEEP_SECONDS = 600.0
 OLD_GENERATION_THRESHOLD = 2
 
 
+def _collect_and_freeze() -> int:
+    """A full collection, its survivors frozen, then a second, near-empty one; what the first freed.
+
+    CPython runs a full collection only once the objects that reached the old generation since the last
+    one exceed a quarter of what that one left there, and freezing does not reset that count: right after
+    a freeze of the whole heap, the next full collection would wait for a quarter of the heap (a process of
+    2 million objects saw none while allocating 300,000). The second collection scans an old generation
+    that is empty but for what it promotes, and makes that its count."""
+    freed = gc.collect()
+    gc.freeze()
+    gc.collect()
+    return freed
+
+
 class CollectorPolicy:
     def __init__(self, *, sweep_seconds: float = DEFAULT_SWEEP_SECONDS) -> None:
         self.sweep_seconds = sweep_seconds
@@ -57,8 +71,7 @@ class CollectorPolicy:
             return
         young, middle, _ = self._thresholds = gc.get_threshold()
         gc.set_threshold(young, middle, OLD_GENERATION_THRESHOLD)
-        gc.collect()
-        gc.freeze()
+        _collect_and_freeze()
         gc.callbacks.append(self._after_collection)
         self._installed = True
         if background:
@@ -86,8 +99,7 @@ class CollectorPolicy:
         started = time.perf_counter()
         try:
             gc.unfreeze()
-            freed = gc.collect()
-            gc.freeze()
+            freed = _collect_and_freeze()
         finally:
             self._sweeping = False
         self.sweeps += 1

@@ -123,3 +123,22 @@ def test_full_collections_come_in_smaller_batches_and_the_default_returns_after(
         policy.uninstall()
     assert with_policy >= 2 * max(without, 1), (with_policy, without)
     assert gc.get_threshold() == before
+
+
+def test_a_process_holding_millions_of_objects_gets_the_smaller_batches_from_the_start() -> None:
+    # CPython waits for a quarter of what the last full collection left in the old generation before it
+    # runs another; a freeze of the whole heap must not leave that count at the heap's size.
+    long_lived = [[None] for _ in range(1_500_000)]
+    gc.collect()
+    without = _full_collections_while_allocating(300_000)
+    policy = CollectorPolicy()
+    policy.install(background=False)
+    try:
+        after_install = _full_collections_while_allocating(300_000)
+        policy.sweep()
+        after_sweep = _full_collections_while_allocating(300_000)
+    finally:
+        policy.uninstall()
+    assert len(long_lived) == 1_500_000
+    assert after_install >= 2 * max(without, 1), (after_install, without)
+    assert after_sweep >= 2 * max(without, 1), (after_sweep, without)
