@@ -120,35 +120,38 @@ class _WorkerContainer:
         """With a memory snapshot, what it captures: the imports, the engines built (one per GPU) and (CPU
         snapshot) their weights read into host memory, or (GPU snapshot) everything ``load`` does. Without
         one, the first half of the container's start."""
-        import msgspec
+        from inference.start_up_collection import collection_paused
 
-        from inference.config import load_worker_config
-        from inference.engines import create_engine, replica_devices
+        with collection_paused():
+            import msgspec
 
-        self.config = load_worker_config(
-            worker_id=os.environ.get("MODAL_TASK_ID", "modal"), min_session_fps=self.MIN_SESSION_FPS
-        )
-        if not self.config.device_list and self.config.device is None:
-            # Chosen now, not found: no GPU is attached while a CPU snapshot is taken, and the engine's
-            # dtype follows its device (bfloat16 on CUDA).
-            if self.GPUS > 1:
-                devices = ",".join(f"cuda:{index}" for index in range(self.GPUS))
-                self.config = msgspec.structs.replace(self.config, devices=devices)
-            elif MEMORY_SNAPSHOT:
-                self.config = msgspec.structs.replace(self.config, device="cuda")
-        self.devices = replica_devices(self.config)
-        self.engines = [create_engine(self.config, device) for device in self.devices]
-        self.loaded_on_cpu = False
-        if MEMORY_SNAPSHOT and not GPU_SNAPSHOT and all(hasattr(e, "load_on_cpu") for e in self.engines):
-            for engine in self.engines:
-                engine.load_on_cpu()
-            self.loaded_on_cpu = True
-        elif GPU_SNAPSHOT:
-            self._warm()
-        if MEMORY_SNAPSHOT:
-            from inference.readahead import settle
+            from inference.config import load_worker_config
+            from inference.engines import create_engine, replica_devices
 
-            settle()  # the snapshot is taken when this returns: no reader caught mid-read
+            self.config = load_worker_config(
+                worker_id=os.environ.get("MODAL_TASK_ID", "modal"), min_session_fps=self.MIN_SESSION_FPS
+            )
+            if not self.config.device_list and self.config.device is None:
+                # Chosen now, not found: no GPU is attached while a CPU snapshot is taken, and the engine's
+                # dtype follows its device (bfloat16 on CUDA).
+                if self.GPUS > 1:
+                    devices = ",".join(f"cuda:{index}" for index in range(self.GPUS))
+                    self.config = msgspec.structs.replace(self.config, devices=devices)
+                elif MEMORY_SNAPSHOT:
+                    self.config = msgspec.structs.replace(self.config, device="cuda")
+            self.devices = replica_devices(self.config)
+            self.engines = [create_engine(self.config, device) for device in self.devices]
+            self.loaded_on_cpu = False
+            if MEMORY_SNAPSHOT and not GPU_SNAPSHOT and all(hasattr(e, "load_on_cpu") for e in self.engines):
+                for engine in self.engines:
+                    engine.load_on_cpu()
+                self.loaded_on_cpu = True
+            elif GPU_SNAPSHOT:
+                self._warm()
+            if MEMORY_SNAPSHOT:
+                from inference.readahead import settle
+
+                settle()  # the snapshot is taken when this returns: no reader caught mid-read
 
     @modal.enter(snap=False)
     def load(self) -> None:
@@ -156,15 +159,18 @@ class _WorkerContainer:
         connection; the render loops warm the other modes while they are idle. Modal hands a socket to the
         app only after this returns: the studio fetches its ticket once the worker has admitted it, so
         however long this takes, no ticket expires while the socket waits."""
-        if not MEMORY_SNAPSHOT:
-            self.prepare()
-        task_id = os.environ.get("MODAL_TASK_ID")
-        if task_id and task_id != self.config.worker_id:  # restored from a snapshot another task took
-            import msgspec
+        from inference.start_up_collection import collection_paused
 
-            self.config = msgspec.structs.replace(self.config, worker_id=task_id)
-        if not GPU_SNAPSHOT:
-            self._warm()
+        with collection_paused():
+            if not MEMORY_SNAPSHOT:
+                self.prepare()
+            task_id = os.environ.get("MODAL_TASK_ID")
+            if task_id and task_id != self.config.worker_id:  # restored from a snapshot another task took
+                import msgspec
+
+                self.config = msgspec.structs.replace(self.config, worker_id=task_id)
+            if not GPU_SNAPSHOT:
+                self._warm()
 
     def _warm(self) -> None:
         from inference.engines import use_device

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import math
@@ -45,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Final
 from inference.preload import preload_on_gpu
 from inference.protocol import TYPICAL_CAMERA_FPS
 from inference.readahead import checkpoint_readahead
+from inference.start_up_collection import collection_paused, last_collection
 
 if TYPE_CHECKING:
     from inference.engines.base import Engine, FrameJob
@@ -64,8 +66,9 @@ MAX_COLD_START_WARM_S: Final = 20.0  # process start to first frame with a warm 
 COLD_START_MARKER: Final = "COLD_START_RESULT "
 # The cold starts measure_cold_start runs: "empty" after emptying the compile caches, "warm" reusing them,
 # "warm-no-readahead" as warm without reading the checkpoint ahead during the imports
-# (inference/readahead.py).
-COLD_START_RUNS: Final = ("empty", "warm", "warm-no-readahead")
+# (inference/readahead.py), "warm-collecting" as warm with Python's garbage collector left running through
+# the start (inference/start_up_collection.py).
+COLD_START_RUNS: Final = ("empty", "warm", "warm-no-readahead", "warm-collecting")
 COLD_START_STAGES: Final = (
     "python",  # interpreter start until this module runs
     "imports",  # torch, diffusers, transformers, the engine
@@ -815,7 +818,9 @@ def measure_cold_start(
     "cache_files_before", "cache_files_after", "cache_bytes_after", "marks" (seconds since spawn, per
     stage), "stages" (seconds per stage), "total_s", "first_frame_bytes", "device", "dtype", "torch",
     "peak_gpu_memory_gib", "readahead", "preload" (when each component's weights were on the GPU),
-    "text_encoder" (when its read began and ended), "wall_s", "error", "stderr_tail", "meets_target"}],
+    "text_encoder" (when its read began and ended), "collections" (the garbage collections until the end
+    of the warm-up: count and seconds), "start_up_collection" (the one that ended the collector's pause),
+    "wall_s", "error", "stderr_tail", "meets_target"}],
     "table", "notes", "error"}``. A run
     whose child fails has ``error`` and the tail of the child's stderr instead of its stages; ``error`` at
     the top is set only when the checkpoint could not be written."""
@@ -901,7 +906,11 @@ def measure_cold_start(
         if drop_page_cache:
             dropped = _evict_from_page_cache(checkpoint) and dropped
         before, _ = _tree_size(cache)
-        options = {**engine_options, "readahead": run != "warm-no-readahead"}
+        options = {
+            **engine_options,
+            "readahead": run != "warm-no-readahead",
+            "pause_collector": run != "warm-collecting",
+        }
         result = _spawn_cold_start_child(checkpoint, options, env, timeout_s)
         after, after_bytes = _tree_size(cache)
         result.update(
@@ -954,6 +963,8 @@ def _cold_start_table(results: Sequence[dict[str, Any]]) -> dict[str, list[str]]
             )
         if text := result.get("text_encoder"):
             note += f"; text encoder read {text['started']:.1f} -> {text['loaded']:.1f} s"
+        if collections := result.get("collections"):
+            note += f"; {collections['count']} garbage collections, {collections['seconds']:.2f} s"
         notes.append(note)
     return {"table": table, "notes": notes}
 
@@ -967,6 +978,22 @@ def _perf_since_spawn(perf: float, spawned_at: float) -> float:
     return (_STARTED_WALL - spawned_at) + (perf - _STARTED_PERF)
 
 
+class _CollectionTimer:
+    """A ``gc.callbacks`` entry adding up how many collections ran and how long they took."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._started
+
+
 def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | None) -> dict[str, Any]:
     """The child's side of ``measure_cold_start``: what a freshly started worker does before its first
     frame, with a timestamp (seconds since ``spawned_at``) after each stage."""
@@ -975,62 +1002,67 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
     options = dict(options)
     # As the worker does (inference.engines): the checkpoint read into the page cache during the imports.
     readahead = checkpoint_readahead(model) if options.pop("readahead", True) else None
+    collections = _CollectionTimer()
+    gc.callbacks.append(collections)
 
-    import torch
+    # As the worker's scheduler does: the collector paused from the imports to the end of the warm-up.
+    with collection_paused() if options.pop("pause_collector", True) else contextlib.nullcontext():
+        import torch
 
-    import_marks = {"torch": _since_spawn(spawned)}
-    # As the worker does (inference.engines): the weights read onto the GPU while diffusers is imported.
-    preload_started = _since_spawn(spawned)
-    preload = preload_on_gpu(model, options.get("device")) if readahead is not None else None
-    import transformers  # noqa: F401 (timed alone: the text encoder's library)
+        import_marks = {"torch": _since_spawn(spawned)}
+        # As the worker does (inference.engines): the weights read onto the GPU while diffusers is imported.
+        preload_started = _since_spawn(spawned)
+        preload = preload_on_gpu(model, options.get("device")) if readahead is not None else None
+        import transformers  # noqa: F401 (timed alone: the text encoder's library)
 
-    import_marks["transformers"] = _since_spawn(spawned)
-    from diffusers import Flux2KleinPipeline
+        import_marks["transformers"] = _since_spawn(spawned)
+        from diffusers import Flux2KleinPipeline
 
-    import_marks["diffusers"] = _since_spawn(spawned)
-    from bench.loadgen import PROMPTS
-    from inference.engines.base import FrameJob, deferred_warm_ups
-    from inference.engines.flux2 import create_flux2_engine
+        import_marks["diffusers"] = _since_spawn(spawned)
+        from bench.loadgen import PROMPTS
+        from inference.engines.base import FrameJob, deferred_warm_ups
+        from inference.engines.flux2 import create_flux2_engine
 
-    marks["imports"] = import_marks["engine"] = _since_spawn(spawned)
-    engine = create_flux2_engine(model=model, local_files_only=True, **options)
+        marks["imports"] = import_marks["engine"] = _since_spawn(spawned)
+        engine = create_flux2_engine(model=model, local_files_only=True, **options)
 
-    def sync() -> None:
+        def sync() -> None:
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize(engine.device)
+
         if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
+            torch.empty(1, device=engine.device)
+            sync()
+        marks["device_init"] = _since_spawn(spawned)
 
-    if engine.device.type == "cuda":
-        torch.empty(1, device=engine.device)
-        sync()
-    marks["device_init"] = _since_spawn(spawned)
+        # load() is one call (from_pretrained, then the engine's set-up); the loader is wrapped to note when
+        # its first half returns, so the engine's own loading code is what gets timed. The text encoder's
+        # from_pretrained, on a thread of its own beside the rest (checkpoint.py), is timed by the engine.
+        marks["from_pretrained"] = None
+        original = Flux2KleinPipeline.from_pretrained
+        own = Flux2KleinPipeline.__dict__.get("from_pretrained")
+        main_thread = threading.current_thread()
 
-    # load() is one call (from_pretrained, then the engine's set-up); the loader is wrapped to note when
-    # its first half returns, so the engine's own loading code is what gets timed. The text encoder's
-    # from_pretrained, on a thread of its own beside the rest (checkpoint.py), is timed by the engine.
-    marks["from_pretrained"] = None
-    original = Flux2KleinPipeline.from_pretrained
-    own = Flux2KleinPipeline.__dict__.get("from_pretrained")
-    main_thread = threading.current_thread()
+        def timed_from_pretrained(*args: Any, **kwargs: Any) -> Any:
+            pipe = original(*args, **kwargs)
+            if threading.current_thread() is main_thread:
+                marks["from_pretrained"] = _since_spawn(spawned)
+            return pipe
 
-    def timed_from_pretrained(*args: Any, **kwargs: Any) -> Any:
-        pipe = original(*args, **kwargs)
-        if threading.current_thread() is main_thread:
-            marks["from_pretrained"] = _since_spawn(spawned)
-        return pipe
-
-    Flux2KleinPipeline.from_pretrained = staticmethod(timed_from_pretrained)  # type: ignore[method-assign, assignment]
-    try:
-        engine.load()
-        sync()
-    finally:
-        if own is None:
-            del Flux2KleinPipeline.from_pretrained
-        else:
-            Flux2KleinPipeline.from_pretrained = own  # type: ignore[method-assign]
-    marks["to_device"] = _since_spawn(spawned)
-    text_encoder_load = engine.text_encoder_load
-    engine.warm_up()
+        Flux2KleinPipeline.from_pretrained = staticmethod(timed_from_pretrained)  # type: ignore[method-assign, assignment]
+        try:
+            engine.load()
+            sync()
+        finally:
+            if own is None:
+                del Flux2KleinPipeline.from_pretrained
+            else:
+                Flux2KleinPipeline.from_pretrained = own  # type: ignore[method-assign]
+        marks["to_device"] = _since_spawn(spawned)
+        text_encoder_load = engine.text_encoder_load
+        engine.warm_up()
     marks["warm_up"] = _since_spawn(spawned)
+    gc.callbacks.remove(collections)
     # A prompt warm_up() did not see: a user's first frame pays for encoding its prompt too.
     job = FrameJob("cold-start", 1, _camera_jpegs(1)[0], PROMPTS[0], engine.config.steps, 1)
     output = engine.render([job])[0]
@@ -1093,6 +1125,16 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
         else {
             "started": _round(_perf_since_spawn(text_encoder_load.started, spawned), 3),
             "loaded": _round(_perf_since_spawn(text_encoder_load.finished, spawned), 3),
+        },
+        # The garbage collections from the imports to the end of the warm-up (the one ending a paused
+        # collector among them), and that one alone.
+        "collections": {"count": collections.count, "seconds": round(collections.seconds, 3)},
+        "start_up_collection": None
+        if (collection := last_collection()) is None
+        else {
+            "seconds": round(collection.seconds, 3),
+            "freed": collection.freed,
+            "frozen": collection.frozen,
         },
         "readahead": None
         if readahead is None

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from inference.engines.base import Engine, FrameJob, deferred_warm_ups
+from inference.start_up_collection import collection_paused
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ class Scheduler:
         """Build and warm up the replica's engine; None (reported) when it could not."""
         assert self._hooks is not None
         try:
-            with self._compile_lock:
+            with self._compile_lock, collection_paused():
                 if self._stopping:
                     return None
                 engine = replica.factory()

@@ -128,6 +128,13 @@ def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
     assert run["marks"]["device_init"] <= text["started"] <= run["marks"]["from_pretrained"]
     assert text["started"] <= text["loaded"] <= run["marks"]["first_frame"]
     assert "text encoder read" in result["notes"][0]
+    # The collector was paused from the imports to the end of the warm-up, as in a worker: the collections
+    # then are the one that ended the pause and any a library asked for (a running collector makes over a
+    # thousand during these imports alone).
+    assert run["start_up_collection"]["frozen"] > 0
+    assert 1 <= run["collections"]["count"] < 50, run["collections"]
+    assert run["collections"]["seconds"] >= run["start_up_collection"]["seconds"]
+    assert "garbage collections" in result["notes"][0]
     # The checkpoint's weights were read ahead while the child imported its libraries, as a worker does.
     weights = list(checkpoint.glob("*/*.safetensors"))
     assert run["readahead"]["files"] == len(weights)
