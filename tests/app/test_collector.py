@@ -111,16 +111,24 @@ def _full_collections_while_allocating(count: int) -> int:
     return full
 
 
+def _full_collections_with_the_policy(count: int) -> tuple[int, int]:
+    """Full collections while allocating `count` cyclic objects right after the policy is installed, then
+    right after a sweep; the policy is uninstalled after."""
+    policy = CollectorPolicy()
+    policy.install(background=False)
+    try:
+        after_install = _full_collections_while_allocating(count)
+        policy.sweep()
+        return after_install, _full_collections_while_allocating(count)
+    finally:
+        policy.uninstall()
+
+
 def test_full_collections_come_in_smaller_batches_and_the_default_returns_after() -> None:
     before = gc.get_threshold()
     gc.collect()
     without = _full_collections_while_allocating(300_000)
-    policy = CollectorPolicy()
-    policy.install(background=False)
-    try:
-        with_policy = _full_collections_while_allocating(300_000)
-    finally:
-        policy.uninstall()
+    with_policy, _ = _full_collections_with_the_policy(300_000)
     assert with_policy >= 2 * max(without, 1), (with_policy, without)
     assert gc.get_threshold() == before
 
@@ -131,14 +139,7 @@ def test_a_process_holding_millions_of_objects_gets_the_smaller_batches_from_the
     long_lived = [[None] for _ in range(1_500_000)]
     gc.collect()
     without = _full_collections_while_allocating(300_000)
-    policy = CollectorPolicy()
-    policy.install(background=False)
-    try:
-        after_install = _full_collections_while_allocating(300_000)
-        policy.sweep()
-        after_sweep = _full_collections_while_allocating(300_000)
-    finally:
-        policy.uninstall()
+    after_install, after_sweep = _full_collections_with_the_policy(300_000)
     assert len(long_lived) == 1_500_000
     assert after_install >= 2 * max(without, 1), (after_install, without)
     assert after_sweep >= 2 * max(without, 1), (after_sweep, without)
