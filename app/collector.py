@@ -12,7 +12,8 @@ and every request in flight waits for it. Two things make those passes long and 
 Measured at 1,000 streams, full collections came about once a second and took 64 to 250 ms each: the tail
 of every endpoint. The policy here:
 
-* at start-up everything built so far is frozen (`gc.freeze`): it lives as long as the process;
+* at start-up everything built so far is frozen (`gc.freeze`, through `collect_and_freeze`, which also
+  resets CPython's count of the old generation): it lives as long as the process;
 * after every full collection its survivors are frozen too. They were just found reachable, so no
   garbage is frozen, and the next full collection scans only what reached the old generation since
   (the SDK's garbage among it), a few milliseconds instead of a pass over every connection;
@@ -33,25 +34,13 @@ import threading
 import time
 from typing import Any
 
+from inference.start_up_collection import collect_and_freeze
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SWEEP_SECONDS = 600.0
 # Collections of the middle generation between two full collections (CPython's default is 10).
 OLD_GENERATION_THRESHOLD = 2
-
-
-def _collect_and_freeze() -> int:
-    """A full collection, its survivors frozen, then a second, near-empty one; what the first freed.
-
-    CPython runs a full collection only once the objects that reached the old generation since the last
-    one exceed a quarter of what that one left there, and freezing does not reset that count: right after
-    a freeze of the whole heap, the next full collection would wait for a quarter of the heap (a process of
-    2 million objects saw none while allocating 300,000). The second collection scans an old generation
-    that is empty but for what it promotes, and makes that its count."""
-    freed = gc.collect()
-    gc.freeze()
-    gc.collect()
-    return freed
 
 
 class CollectorPolicy:
@@ -71,7 +60,7 @@ class CollectorPolicy:
             return
         young, middle, _ = self._thresholds = gc.get_threshold()
         gc.set_threshold(young, middle, OLD_GENERATION_THRESHOLD)
-        _collect_and_freeze()
+        collect_and_freeze()
         gc.callbacks.append(self._after_collection)
         self._installed = True
         if background:
@@ -99,7 +88,7 @@ class CollectorPolicy:
         started = time.perf_counter()
         try:
             gc.unfreeze()
-            freed = _collect_and_freeze()
+            freed = collect_and_freeze()
         finally:
             self._sweeping = False
         self.sweeps += 1

@@ -6,17 +6,12 @@ from __future__ import annotations
 import gc
 import time
 import weakref
-from collections import deque
 from collections.abc import Iterator
 
 import pytest
 
 from app.collector import CollectorPolicy
-
-
-class Node:
-    def __init__(self) -> None:
-        self.me = self  # a reference cycle: only the collector frees it
+from tests.collections_probe import Node, full_collections_while_allocating
 
 
 @pytest.fixture
@@ -91,35 +86,15 @@ def test_sweeps_run_in_the_background_until_uninstalled() -> None:
     assert gc.get_freeze_count() == 0
 
 
-def _full_collections_while_allocating(count: int) -> int:
-    full = 0
-
-    def seen(phase: str, info: dict[str, object]) -> None:
-        nonlocal full
-        if phase == "stop" and info["generation"] == 2:
-            full += 1
-
-    # Cyclic objects that outlive a few young collections before they die, as the SDK's per-call model
-    # classes do while their request awaits Clerk: they reach the old generation as garbage.
-    window: deque[Node] = deque(maxlen=20_000)
-    gc.callbacks.append(seen)
-    try:
-        for _ in range(count):
-            window.append(Node())
-    finally:
-        gc.callbacks.remove(seen)
-    return full
-
-
 def _full_collections_with_the_policy(count: int) -> tuple[int, int]:
     """Full collections while allocating `count` cyclic objects right after the policy is installed, then
     right after a sweep; the policy is uninstalled after."""
     policy = CollectorPolicy()
     policy.install(background=False)
     try:
-        after_install = _full_collections_while_allocating(count)
+        after_install = full_collections_while_allocating(count)
         policy.sweep()
-        return after_install, _full_collections_while_allocating(count)
+        return after_install, full_collections_while_allocating(count)
     finally:
         policy.uninstall()
 
@@ -127,7 +102,7 @@ def _full_collections_with_the_policy(count: int) -> tuple[int, int]:
 def test_full_collections_come_in_smaller_batches_and_the_default_returns_after() -> None:
     before = gc.get_threshold()
     gc.collect()
-    without = _full_collections_while_allocating(300_000)
+    without = full_collections_while_allocating(300_000)
     with_policy, _ = _full_collections_with_the_policy(300_000)
     assert with_policy >= 2 * max(without, 1), (with_policy, without)
     assert gc.get_threshold() == before
@@ -138,7 +113,7 @@ def test_a_process_holding_millions_of_objects_gets_the_smaller_batches_from_the
     # runs another; a freeze of the whole heap must not leave that count at the heap's size.
     long_lived = [[None] for _ in range(1_500_000)]
     gc.collect()
-    without = _full_collections_while_allocating(300_000)
+    without = full_collections_while_allocating(300_000)
     after_install, after_sweep = _full_collections_with_the_policy(300_000)
     assert len(long_lived) == 1_500_000
     assert after_install >= 2 * max(without, 1), (after_install, without)

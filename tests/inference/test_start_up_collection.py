@@ -15,11 +15,7 @@ import pytest
 from inference.engines.base import FrameJob
 from inference.scheduler import Scheduler, SchedulerHooks
 from inference.start_up_collection import collection_paused, last_collection
-
-
-class Node:
-    def __init__(self) -> None:
-        self.me = self  # a reference cycle: only the collector frees it
+from tests.collections_probe import Node, full_collections_while_allocating
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +48,8 @@ def test_no_collection_runs_inside_the_pause_and_what_died_in_it_is_freed_at_its
     finally:
         gc.callbacks.remove(seen)
     assert gone() is None
-    assert generation_two == [2]  # one full collection, at the end
+    # Full collections at the end only: the one that frees, then the near-empty one after the freeze.
+    assert generation_two == [2, 2]
     assert gc.isenabled()
 
 
@@ -70,6 +67,16 @@ def test_what_survives_the_start_is_frozen_and_later_collections_leave_it_alone(
     del made_after
     gc.collect()
     assert gone() is None  # garbage made after the start is still collected
+
+
+def test_after_the_start_of_a_large_process_full_collections_still_come() -> None:
+    # CPython waits for a quarter of what the last full collection left in the old generation; the freeze
+    # must not leave that at the size of everything the start built.
+    engine_state = [[None] for _ in range(1_500_000)]
+    with collection_paused():
+        pass
+    assert full_collections_while_allocating(300_000) >= 2
+    assert len(engine_state) == 1_500_000
 
 
 def test_an_error_in_the_start_still_collects_and_turns_the_collector_back_on() -> None:
