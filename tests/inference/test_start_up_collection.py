@@ -14,8 +14,11 @@ import pytest
 
 from inference.engines.base import FrameJob
 from inference.scheduler import Scheduler, SchedulerHooks
-from inference.start_up_collection import collection_paused, last_collection
+from inference.start_up_collection import MIN_OBJECTS_TO_COLLECT, collection_paused, last_collection
 from tests.collections_probe import Node, full_collections_while_allocating
+
+# As many new objects as an engine's start builds: enough for the collection at the end of the pause.
+ENGINE_START_OBJECTS = MIN_OBJECTS_TO_COLLECT + 50_000
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +43,7 @@ def test_no_collection_runs_inside_the_pause_and_what_died_in_it_is_freed_at_its
     try:
         with collection_paused():
             assert not gc.isenabled()
-            garbage = [Node() for _ in range(50_000)]  # far past the young generation's threshold
+            garbage = [Node() for _ in range(ENGINE_START_OBJECTS)]  # as much as an engine's start builds
             gone = weakref.ref(garbage[0])
             del garbage
             assert generation_two == []
@@ -55,7 +58,7 @@ def test_no_collection_runs_inside_the_pause_and_what_died_in_it_is_freed_at_its
 
 def test_what_survives_the_start_is_frozen_and_later_collections_leave_it_alone() -> None:
     with collection_paused():
-        engine_state = [Node() for _ in range(10_000)]
+        engine_state = [Node() for _ in range(ENGINE_START_OBJECTS)]
     collection = last_collection()
     assert collection is not None
     assert collection.frozen >= len(engine_state)
@@ -72,9 +75,8 @@ def test_what_survives_the_start_is_frozen_and_later_collections_leave_it_alone(
 def test_after_the_start_of_a_large_process_full_collections_still_come() -> None:
     # CPython waits for a quarter of what the last full collection left in the old generation; the freeze
     # must not leave that at the size of everything the start built.
-    engine_state = [[None] for _ in range(1_500_000)]
     with collection_paused():
-        pass
+        engine_state = [[None] for _ in range(1_500_000)]
     assert full_collections_while_allocating(300_000) >= 2
     assert len(engine_state) == 1_500_000
 
@@ -85,9 +87,9 @@ def test_an_error_in_the_start_still_collects_and_turns_the_collector_back_on() 
 
     def failing_start() -> None:
         with collection_paused():
-            node = Node()
-            gone.append(weakref.ref(node))
-            del node
+            built = [Node() for _ in range(ENGINE_START_OBJECTS)]
+            gone.append(weakref.ref(built[0]))
+            del built
             raise RuntimeError("no GPU")
 
     with pytest.raises(RuntimeError, match="no GPU"):
@@ -103,9 +105,11 @@ def test_overlapping_starts_keep_the_collector_off_until_the_last_one_ends() -> 
 
     def first() -> None:
         with collection_paused():
+            built = [Node() for _ in range(ENGINE_START_OBJECTS)]
             first_in.set()
             second_done.wait(5)
             seen_in_first.append(gc.isenabled())
+            del built
 
     thread = threading.Thread(target=first)
     thread.start()
@@ -120,6 +124,17 @@ def test_overlapping_starts_keep_the_collector_off_until_the_last_one_ends() -> 
     assert seen_in_first == [False]
     assert gc.isenabled()
     assert last_collection() is not before
+
+
+def test_a_start_that_builds_little_turns_the_collector_back_on_without_walking_the_heap() -> None:
+    before = last_collection()
+    with collection_paused():
+        preview_engine = [Node() for _ in range(1_000)]
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    assert last_collection() is before  # no collection ran
+    assert gc.get_freeze_count() == 0  # and nothing was frozen
+    assert len(preview_engine) == 1_000
 
 
 def test_a_collector_turned_off_before_stays_off_and_nothing_is_frozen_for_it() -> None:
@@ -141,9 +156,11 @@ class StartRecordingEngine:
 
     def __init__(self) -> None:
         self.collector_on_during_warm_up: bool | None = None
+        self.compiled: list[Node] = []
 
     def warm_up(self) -> None:
         self.collector_on_during_warm_up = gc.isenabled()
+        self.compiled = [Node() for _ in range(ENGINE_START_OBJECTS)]  # as a real engine's graphs
 
     def render(self, jobs: Sequence[FrameJob]) -> list[bytes]:
         return [b"frame" for _ in jobs]
