@@ -73,6 +73,14 @@ def collection_paused() -> Iterator[None]:
                 gc.enable()
 
 
+def collects_at_its_end() -> bool:
+    """Whether a pause is on that turns the collector back on at its end (it was on when the pause
+    began): garbage made meanwhile is freed then, by the pause's collection or by the collector's next
+    ones, so nothing needs to collect it sooner."""
+    with _lock:
+        return _depth > 0 and _resume
+
+
 def _start_up_collection() -> StartUpCollection:
     started = time.perf_counter()
     freed = collect_and_freeze()
@@ -110,5 +118,6 @@ __all__ = [
     "StartUpCollection",
     "collect_and_freeze",
     "collection_paused",
+    "collects_at_its_end",
     "last_collection",
 ]

@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from inference.engines.base import FrameJob
 from inference.engines.flux2.checkpoint import TextEncoderLoad, build_pipeline
-from inference.engines.flux2.compiled import compile_vae
+from inference.engines.flux2.compiled import compile_collections_left_to_the_pause, compile_vae
 from inference.engines.flux2.config import Flux2Config
 from inference.engines.flux2.cuda_graphs import FrameGraphs, batch_rows
 from inference.engines.flux2.decoders import build_decoders, compile_decoder
@@ -229,10 +229,11 @@ class Flux2Engine:
         warm-up returns once the text encoder is loaded and has encoded a prompt, so a worker whose text
         encoder cannot load fails to start."""
         self.load()
-        with self._warm_up_embedding():
-            self.warm_up_mode(self.modes[0].id, batch_sizes=(1,))
-        # A real prompt, so that its pass is captured (prompts.py) before a session's first prompt.
-        self.prompt_embeds(WARM_UP_PROMPT)
+        with compile_collections_left_to_the_pause():
+            with self._warm_up_embedding():
+                self.warm_up_mode(self.modes[0].id, batch_sizes=(1,))
+            # A real prompt, so that its pass is captured (prompts.py) before a session's first prompt.
+            self.prompt_embeds(WARM_UP_PROMPT)
 
     @contextmanager
     def _warm_up_embedding(self) -> Iterator[None]:
