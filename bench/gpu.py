@@ -556,6 +556,8 @@ class Bench:
                 options["dtype"] = args.dtype
             if args.device:
                 options["device"] = args.device
+            if not args.cold_start_deferred:
+                options["deferred_warm_ups"] = False
             workdir = Path(args.cold_start_dir)
             # The child loads a saved checkpoint, not random weights: the smaller decoders its modes use are
             # saved beside it (random weights, the published formats) unless paths were given.
@@ -827,6 +829,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=["empty", "warm"],
         help="the cold starts to run, in order: 'empty' empties the compile caches first, 'warm' reuses them "
         "(warm twice shows how much a start varies)",
+    )
+    parser.add_argument(
+        "--no-cold-start-deferred",
+        dest="cold_start_deferred",
+        action="store_false",
+        help="end each cold start at its first frame, without the deferred warm-ups of the other modes "
+        "(their time is then not reported; the first frame never waits for them)",
     )
     parser.add_argument("--no-components", dest="components", action="store_false")
     parser.add_argument("--profile", action="store_true", help="write a per-operator profile of each mode")

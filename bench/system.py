@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from bench.stack_sampler import StackSampler
 from inference.preload import preload_on_gpu
 from inference.protocol import TYPICAL_CAMERA_FPS
 from inference.readahead import checkpoint_readahead
@@ -68,7 +69,18 @@ COLD_START_MARKER: Final = "COLD_START_RESULT "
 # "warm-no-readahead" as warm without reading the checkpoint ahead during the imports
 # (inference/readahead.py), "warm-collecting" as warm with Python's garbage collector left running through
 # the start (inference/start_up_collection.py).
-COLD_START_RUNS: Final = ("empty", "warm", "warm-no-readahead", "warm-collecting")
+# "warm-one-mode": the engine offers its default mode alone, from the same cache (what the other modes'
+# copies and set-up add to a start). "warm-one-compile-thread": inductor without its pool of compile
+# worker processes (TORCHINDUCTOR_COMPILE_THREADS=1), which it otherwise starts at its first compilation
+# and loads cached kernels through.
+COLD_START_RUNS: Final = (
+    "empty",
+    "warm",
+    "warm-no-readahead",
+    "warm-collecting",
+    "warm-one-mode",
+    "warm-one-compile-thread",
+)
 COLD_START_STAGES: Final = (
     "python",  # interpreter start until this module runs
     "imports",  # torch, diffusers, transformers, the engine
@@ -396,20 +408,39 @@ def measure_sessions(
 
 
 def _engine_call_ms(
-    engine: Engine, batch: int, *, jpeg: bytes, prompts: Sequence[str], steps: int, mode: str, iters: int
+    engine: Engine,
+    batch: int,
+    *,
+    jpeg: bytes,
+    prompts: Sequence[str],
+    steps: int,
+    mode: str,
+    iters: int,
+    seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """Median wall time of ``engine.render`` on ``batch`` jobs, after one untimed call (which may compile).
-    ``render`` returns encoded bytes, so the device has finished by the time it returns."""
+    """Median wall time of ``engine.render`` on ``batch`` jobs, after one untimed call (which may compile):
+    ``iters`` calls back to back, and more until ``seconds`` have passed. A GPU held at its power limit
+    renders slower after a few seconds than just after a pause, so the rate a worker sustains through a
+    case is the rate of calls kept up for as long as the case; ``first_median_ms`` is the median of the
+    first ``iters`` calls alone. ``render`` returns encoded bytes, so the device has finished by the time
+    it returns."""
     jobs = [_frame_job(index, 0, jpeg, prompts[index % len(prompts)], steps, mode) for index in range(batch)]
     started = time.perf_counter()
     engine.render(jobs)
     first_ms = 1000 * (time.perf_counter() - started)
-    times = []
-    for _ in range(iters):
+    times: list[float] = []
+    timing_started = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - timing_started < seconds:
         started = time.perf_counter()
         engine.render(jobs)
         times.append(1000 * (time.perf_counter() - started))
-    return {"median_ms": statistics.median(times), "first_ms": first_ms, "times_ms": times}
+    return {
+        "median_ms": statistics.median(times),
+        "first_median_ms": statistics.median(times[:iters]),
+        "first_ms": first_ms,
+        "calls": len(times),
+        "times_ms": times,
+    }
 
 
 class _LoopbackServer:
@@ -456,6 +487,7 @@ def measure_websocket(
     steps: int = 2,
     fps: float = TYPICAL_CAMERA_FPS,
     engine_iters: int = 5,
+    engine_seconds: float | None = None,
     ready_timeout: float = 900.0,
     levers: bool = False,
 ) -> dict[str, Any]:
@@ -466,14 +498,16 @@ def measure_websocket(
     and against a server with per-message deflate on (``variant`` "camera-rate", "deflate"; the others
     are "shipped").
 
-    First the engine's own time per ``render()`` call is measured here (median of ``engine_iters`` calls
-    on the same 640x480 camera JPEGs, at batch 1 and at each batch size the runs can form): delivered FPS
-    is compared with batch 1's rate, and p50 latency with the call time at the batch size the run forms
-    (min(sessions, max_batch)): with N sessions batched, no frame can arrive sooner than its batch's call.
+    First the engine's own time per ``render()`` call is measured here (median of calls on the same
+    640x480 camera JPEGs kept up for ``engine_seconds``, a case's ``seconds`` unless given, and at least
+    ``engine_iters`` of them; at batch 1 and at each batch size the runs can form): delivered FPS is
+    compared with batch 1's sustained rate, the one a worker holds through a case, and p50 latency with
+    the call time at the batch size the run forms (min(sessions, max_batch)): with N sessions batched, no
+    frame can arrive sooner than its batch's call.
 
     Returns ``{"kind": "websocket", "mode", "steps", "camera_fps", "seconds", "engine",
-    "max_batch", "engine_ms": {batch: {"median_ms", "first_ms", "times_ms"}}, "engine_fps",
-    "server_ready_s", "targets", "runs": [{"sessions", "variant", "pacing", "aggregate_fps",
+    "max_batch", "engine_ms": {batch: {"median_ms", "first_median_ms", "first_ms", "calls", "times_ms"}},
+    "engine_fps", "server_ready_s", "targets", "runs": [{"sessions", "variant", "pacing", "aggregate_fps",
     "per_session_fps", "fairness", "latency_p50_ms", "latency_p95_ms", "wait_ms_p50", "render_ms_p50",
     "fps_vs_engine", "latency_vs_engine_frame", "latency_vs_engine_call", "meets_targets", "loadgen",
     "error"}], "table", "error"}``. Latency is pooled over every delivered frame of the run;
@@ -490,6 +524,7 @@ def measure_websocket(
             steps=steps,
             fps=fps,
             engine_iters=engine_iters,
+            engine_seconds=seconds if engine_seconds is None else engine_seconds,
             ready_timeout=ready_timeout,
             levers=levers,
         )
@@ -552,6 +587,7 @@ def _measure_websocket(
     steps: int,
     fps: float,
     engine_iters: int,
+    engine_seconds: float,
     ready_timeout: float,
     levers: bool,
 ) -> dict[str, Any]:
@@ -564,7 +600,14 @@ def _measure_websocket(
     sizes = sorted({1, *(min(count, engine.max_batch) for count in sessions)})
     engine_ms = {
         size: _engine_call_ms(
-            engine, size, jpeg=jpeg, prompts=loadgen.PROMPTS, steps=steps, mode=mode, iters=engine_iters
+            engine,
+            size,
+            jpeg=jpeg,
+            prompts=loadgen.PROMPTS,
+            steps=steps,
+            mode=mode,
+            iters=engine_iters,
+            seconds=engine_seconds,
         )
         for size in sizes
     }
@@ -631,7 +674,8 @@ def _measure_websocket(
     header = (
         f"{'sessions':>8s} {'variant':>11s} {'delivered fps':>13s} {'vs engine':>9s} {'p50 ms':>7s} "
         f"{'p95 ms':>7s} {'wait ms':>7s} {'p50/call':>8s} {'fairness':>8s}  "
-        f"(engine: {frame_ms:.1f} ms = {engine_fps:.2f} fps at batch 1)"
+        f"(engine: {frame_ms:.1f} ms = {engine_fps:.2f} fps at batch 1 over {engine_ms[1]['calls']} calls; "
+        f"its first {engine_iters}: {engine_ms[1]['first_median_ms']:.1f} ms)"
     )
     table = [header]
     for run in runs:
@@ -911,7 +955,10 @@ def measure_cold_start(
             "readahead": run != "warm-no-readahead",
             "pause_collector": run != "warm-collecting",
         }
-        result = _spawn_cold_start_child(checkpoint, options, env, timeout_s)
+        if run == "warm-one-mode":
+            options["one_mode"] = True
+        run_env = {**env, "TORCHINDUCTOR_COMPILE_THREADS": "1"} if run == "warm-one-compile-thread" else env
+        result = _spawn_cold_start_child(checkpoint, options, run_env, timeout_s)
         after, after_bytes = _tree_size(cache)
         result.update(
             cache=run,
@@ -1002,6 +1049,7 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
     options = dict(options)
     # As the worker does (inference.engines): the checkpoint read into the page cache during the imports.
     readahead = checkpoint_readahead(model) if options.pop("readahead", True) else None
+    run_deferred = options.pop("deferred_warm_ups", True)
     collections = _CollectionTimer()
     gc.callbacks.append(collections)
 
@@ -1024,6 +1072,10 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
         from inference.engines.flux2 import create_flux2_engine
 
         marks["imports"] = import_marks["engine"] = _since_spawn(spawned)
+        if options.pop("one_mode", False):
+            from inference.engines.flux2.recipes import DEFAULT_MODES
+
+            options["modes"] = list(options.get("modes") or DEFAULT_MODES)[:1]
         engine = create_flux2_engine(model=model, local_files_only=True, **options)
 
         def sync() -> None:
@@ -1060,7 +1112,12 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
                 Flux2KleinPipeline.from_pretrained = own  # type: ignore[method-assign]
         marks["to_device"] = _since_spawn(spawned)
         text_encoder_load = engine.text_encoder_load
-        engine.warm_up()
+        # Where the warm-up's wall time goes: CPU work on this thread (tracing, cache lookups, captures).
+        sampler = StackSampler(threading.current_thread()).start()
+        try:
+            engine.warm_up()
+        finally:
+            sampler.stop()
     marks["warm_up"] = _since_spawn(spawned)
     gc.callbacks.remove(collections)
     # A prompt warm_up() did not see: a user's first frame pays for encoding its prompt too.
@@ -1068,13 +1125,21 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
     output = engine.render([job])[0]
     sync()
     marks["first_frame"] = _since_spawn(spawned)
+    from torch._dynamo.utils import compile_times, counters
+
+    # The compile part of the cold start alone, before the deferred warm-ups add theirs: its time per
+    # phase, and how many frames dynamo compiled into how many graphs.
+    compiled_by_first_frame = compile_times(repr="str", aggregate=True)
+    dynamo_stats_by_first_frame = dict(counters["stats"])
     # What the worker does next while idle: warm the modes other than the default. After the first frame,
     # so it is reported beside the cold start rather than in it.
-    deferred_started = time.perf_counter()
-    for task in deferred_warm_ups(engine):
-        task()
-    sync()
-    deferred_s = time.perf_counter() - deferred_started
+    deferred_s: float | None = None
+    if run_deferred:
+        deferred_started = time.perf_counter()
+        for task in deferred_warm_ups(engine):
+            task()
+        sync()
+        deferred_s = time.perf_counter() - deferred_started
 
     stages: dict[str, float | None] = {}
     previous = 0.0
@@ -1086,8 +1151,6 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
         stages[stage] = round(mark - previous, 3)
         previous = mark
     peak = torch.cuda.max_memory_allocated(engine.device) / 2**30 if engine.device.type == "cuda" else None
-    from torch._dynamo.utils import compile_times
-
     # Where the compile part of the warm-up went, per dynamo phase (seconds in total and per call).
     compiled = compile_times(repr="str", aggregate=True)
     previous_import = marks["python"] or 0.0
@@ -1102,12 +1165,19 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
         "bytecode_cache": sys.pycache_prefix,
         "total_s": round(previous, 3),
         "first_frame_bytes": len(output),
-        "deferred_warm_up_s": round(deferred_s, 3),
+        "deferred_warm_up_s": _round(deferred_s, 3),
         "device": str(engine.device),
         "dtype": str(engine.dtype),
         "torch": torch.__version__,
         "peak_gpu_memory_gib": _round(peak),
         "compile_times": compiled,
+        "compile_times_by_first_frame": compiled_by_first_frame,
+        "dynamo_stats_by_first_frame": dynamo_stats_by_first_frame,
+        "modes": [mode.id for mode in engine.modes],
+        # How busy the machine was: the load averages (1, 5, 15 min) at the first frame, and the CPUs.
+        "load_average": [round(load, 2) for load in os.getloadavg()],
+        "cpus": os.cpu_count(),
+        "warm_up_stacks": sampler.result(),
         # When the weights' preload started, and when each component was on the device (seconds since spawn).
         "preload": None
         if preload is None

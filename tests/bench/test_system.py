@@ -4,6 +4,7 @@ real scheduler, the real worker on a loopback WebSocket, and a cold start in a c
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -47,7 +48,9 @@ def test_sessions_through_the_scheduler(engine: Flux2Engine) -> None:
 def test_websocket_on_loopback_with_its_levers(engine: Flux2Engine) -> None:
     engine.max_batch = 1  # as the bench's default --system-max-batch: the worker asks clients to pace
     try:
-        result = system.measure_websocket(engine, sessions=(1,), seconds=2.0, engine_iters=2, levers=True)
+        result = system.measure_websocket(
+            engine, sessions=(1,), seconds=2.0, engine_iters=2, engine_seconds=0.5, levers=True
+        )
     finally:
         engine.max_batch = 2
 
@@ -55,6 +58,12 @@ def test_websocket_on_loopback_with_its_levers(engine: Flux2Engine) -> None:
     assert result["error"] is None
     assert result["engine_ms"]["1"]["median_ms"] > 0
     assert result["engine_fps"] == pytest.approx(1000 / result["engine_ms"]["1"]["median_ms"])
+    # The engine's rate is the one it keeps up: calls for engine_seconds, at least engine_iters of them.
+    timing = result["engine_ms"]["1"]
+    assert timing["calls"] == len(timing["times_ms"]) >= 2
+    assert sum(timing["times_ms"]) >= 0.9 * 500  # the calls themselves, without the loop between them
+    assert timing["median_ms"] == pytest.approx(statistics.median(timing["times_ms"]))
+    assert timing["first_median_ms"] == pytest.approx(statistics.median(timing["times_ms"][:2]))
     assert [(run["variant"], run["pacing"]) for run in result["runs"]] == [
         ("shipped", True),
         ("camera-rate", False),
@@ -141,6 +150,18 @@ def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
     assert (
         run["readahead"]["bytes_read"] == run["readahead"]["bytes"] == sum(p.stat().st_size for p in weights)
     )
+    # The engine offered the production modes, and its warm-up's wall time was sampled: warm_up() was on
+    # the main thread's stack through all of it, the default mode's warm-up under it.
+    assert run["modes"] == ["exact", "fast", "turbo"]
+    stacks = run["warm_up_stacks"]
+    assert stacks["samples"] > 0
+    # The stage also holds the collection that ends the collector's pause, after warm_up() returned.
+    assert stacks["seconds"] == pytest.approx(
+        run["stages"]["warm_up"] - run["start_up_collection"]["seconds"], abs=0.25
+    )
+    inclusive = dict(stacks["inclusive_s"])
+    assert inclusive["inference/engines/flux2/engine.py:warm_up"] == pytest.approx(stacks["seconds"], rel=0.1)
+    assert 0 < inclusive["inference/engines/flux2/engine.py:warm_up_mode"] <= stacks["seconds"]
 
 
 def test_cold_start_refuses_options_that_would_not_load_the_checkpoint(engine: Flux2Engine, tmp_path) -> None:
