@@ -268,7 +268,7 @@ class Bench:
         for phase in ("eager", "compiled"):
             if phase == "compiled":
                 # The plain way to compile it: the whole transformer as one graph, the VAE eager.
-                transformer.compile(fullgraph=True)
+                transformer.compile(fullgraph=True, backend=self.args.baseline_compile_backend)
             for steps in self.args.steps:
                 row = self._run(phase, "baseline", steps, 1, lambda steps=steps: self.baseline_call(steps))
                 if row.error is None:
@@ -787,6 +787,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA yes"
     )
     parser.add_argument("--compile-scope", default="blocks", choices=COMPILE_SCOPES)
+    parser.add_argument(
+        "--baseline-compile-backend",
+        default="inductor",
+        help="torch.compile backend of the compiled baseline (a smoke run on a CPU can take 'aot_eager', "
+        "which traces the same graph without generating kernels)",
+    )
     parser.add_argument(
         "--whole-graph-modes",
         nargs="*",
