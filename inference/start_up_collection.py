@@ -9,7 +9,8 @@ is garbage (docs/performance.md, "Cold start"). Paused instead, the start ends w
 it lives as long as the process, so later collections, during streaming, no longer walk it.
 ``collect_and_freeze`` is that collection and freeze, shared with the web app's collector policy. A
 start that built little (the preview engine's) skips the collection: in a process that already holds
-much, walking it would cost more than the collections the pause skipped.
+much, walking it would cost more than the collections the pause skipped. What a start built is counted
+across any collection a library runs inside the pause (each resets the young generation's count).
 
 The pause is process-wide, as the collector is: nested or concurrent pauses (several replicas starting
 in one process) keep it off until the last one ends. A collector someone else turned off stays off, and
@@ -47,7 +48,16 @@ _lock = threading.Lock()
 _depth = 0
 _resume = False  # whether the collector was on when the outermost pause began
 _count_at_start = 0  # the young generation's count then: it goes on counting new objects while paused
+# The young generation's counts that collections inside the pause reset (a library's gc.collect()): what
+# the pause built is those, plus the count at its end, less the count at its start.
+_counted_before_collections = 0
 _last: StartUpCollection | None = None
+
+
+def _young_count_before_a_collection(phase: str, info: dict[str, int]) -> None:
+    global _counted_before_collections
+    if phase == "start":
+        _counted_before_collections += gc.get_count()[0]
 
 
 @contextmanager
@@ -55,22 +65,27 @@ def collection_paused() -> Iterator[None]:
     """The collector off for the block; when the outermost pause ends (exception or not), the collector
     on again, unless it was off before, after one full collection and a freeze of the survivors if the
     block built at least ``MIN_OBJECTS_TO_COLLECT`` objects."""
-    global _depth, _resume, _count_at_start, _last
+    global _depth, _resume, _count_at_start, _counted_before_collections, _last
     with _lock:
         if _depth == 0:
             _resume = gc.isenabled()
             gc.disable()
             _count_at_start = gc.get_count()[0]
+            _counted_before_collections = 0
+            gc.callbacks.append(_young_count_before_a_collection)
         _depth += 1
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0 and _resume:
-                if gc.get_count()[0] - _count_at_start >= MIN_OBJECTS_TO_COLLECT:
-                    _last = _start_up_collection()
-                gc.enable()
+            if _depth == 0:
+                gc.callbacks.remove(_young_count_before_a_collection)
+                built = _counted_before_collections + gc.get_count()[0] - _count_at_start
+                if _resume:
+                    if built >= MIN_OBJECTS_TO_COLLECT:
+                        _last = _start_up_collection()
+                    gc.enable()
 
 
 def collects_at_its_end() -> bool:

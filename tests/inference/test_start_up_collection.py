@@ -137,6 +137,34 @@ def test_a_start_that_builds_little_turns_the_collector_back_on_without_walking_
     assert len(preview_engine) == 1_000
 
 
+def test_a_library_collecting_inside_the_start_does_not_hide_what_the_start_built() -> None:
+    # torch.compile collected the young generations after each frame it compiled, and each collection
+    # resets the count of new objects: the start still built an engine's worth, and must end as one does.
+    before = last_collection()
+    with collection_paused():
+        engine_state = []
+        for _ in range(5):
+            engine_state += [Node() for _ in range(ENGINE_START_OBJECTS // 5)]
+            gc.collect(1)
+        assert gc.get_count()[0] < MIN_OBJECTS_TO_COLLECT
+    collection = last_collection()
+    assert collection is not before
+    assert collection is not None
+    assert collection.frozen >= len(engine_state)
+    assert gc.isenabled()
+
+
+def test_collections_inside_a_small_start_do_not_make_it_a_large_one() -> None:
+    before = last_collection()
+    with collection_paused():
+        preview_engine = [Node() for _ in range(1_000)]
+        gc.collect(1)
+        gc.collect(1)
+    assert last_collection() is before
+    assert gc.get_freeze_count() == 0
+    assert len(preview_engine) == 1_000
+
+
 def test_a_collector_turned_off_before_stays_off_and_nothing_is_frozen_for_it() -> None:
     gc.disable()
     before = last_collection()
