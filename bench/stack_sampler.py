@@ -67,12 +67,12 @@ class StackSampler:
             frame = sys._current_frames().get(self._ident)
             if frame is None:
                 continue
-            self._exclusive[frame_name(frame)] += 1
-            names: set[str] = set()
-            while frame is not None:  # recursion counts once per sample
-                names.add(frame_name(frame))
+            names: list[str] = []
+            while frame is not None:
+                names.append(frame_name(frame))
                 frame = frame.f_back
-            self._inclusive.update(names)
+            self._exclusive[names[0]] += 1
+            self._inclusive.update(set(names))  # recursion counts once per sample
             self._samples += 1
 
     def result(self, top: int = DEFAULT_TOP) -> dict[str, Any]:

@@ -954,9 +954,8 @@ def measure_cold_start(
             **engine_options,
             "readahead": run != "warm-no-readahead",
             "pause_collector": run != "warm-collecting",
+            "one_mode": run == "warm-one-mode",
         }
-        if run == "warm-one-mode":
-            options["one_mode"] = True
         run_env = {**env, "TORCHINDUCTOR_COMPILE_THREADS": "1"} if run == "warm-one-compile-thread" else env
         result = _spawn_cold_start_child(checkpoint, options, run_env, timeout_s)
         after, after_bytes = _tree_size(cache)
@@ -1131,6 +1130,7 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
     # phase, and how many frames dynamo compiled into how many graphs.
     compiled_by_first_frame = compile_times(repr="str", aggregate=True)
     dynamo_stats_by_first_frame = dict(counters["stats"])
+    load_by_first_frame = [round(load, 2) for load in os.getloadavg()]
     # What the worker does next while idle: warm the modes other than the default. After the first frame,
     # so it is reported beside the cold start rather than in it.
     deferred_s: float | None = None
@@ -1175,7 +1175,7 @@ def cold_start_child(model: str, options: dict[str, Any], spawned_at: float | No
         "dynamo_stats_by_first_frame": dynamo_stats_by_first_frame,
         "modes": [mode.id for mode in engine.modes],
         # How busy the machine was: the load averages (1, 5, 15 min) at the first frame, and the CPUs.
-        "load_average": [round(load, 2) for load in os.getloadavg()],
+        "load_average": load_by_first_frame,
         "cpus": os.cpu_count(),
         "warm_up_stacks": sampler.result(),
         # When the weights' preload started, and when each component was on the device (seconds since spawn).

@@ -47,17 +47,16 @@ MIN_OBJECTS_TO_COLLECT: Final = 200_000
 _lock = threading.Lock()
 _depth = 0
 _resume = False  # whether the collector was on when the outermost pause began
-_count_at_start = 0  # the young generation's count then: it goes on counting new objects while paused
-# The young generation's counts that collections inside the pause reset (a library's gc.collect()): what
-# the pause built is those, plus the count at its end, less the count at its start.
-_counted_before_collections = 0
+# What the outermost pause has built so far, but for the young generation's count now: less that count at
+# its start, plus the counts that collections inside it reset (a library's gc.collect()).
+_built_before_now = 0
 _last: StartUpCollection | None = None
 
 
 def _young_count_before_a_collection(phase: str, info: dict[str, int]) -> None:
-    global _counted_before_collections
+    global _built_before_now
     if phase == "start":
-        _counted_before_collections += gc.get_count()[0]
+        _built_before_now += gc.get_count()[0]
 
 
 @contextmanager
@@ -65,13 +64,12 @@ def collection_paused() -> Iterator[None]:
     """The collector off for the block; when the outermost pause ends (exception or not), the collector
     on again, unless it was off before, after one full collection and a freeze of the survivors if the
     block built at least ``MIN_OBJECTS_TO_COLLECT`` objects."""
-    global _depth, _resume, _count_at_start, _counted_before_collections, _last
+    global _depth, _resume, _built_before_now, _last
     with _lock:
         if _depth == 0:
             _resume = gc.isenabled()
             gc.disable()
-            _count_at_start = gc.get_count()[0]
-            _counted_before_collections = 0
+            _built_before_now = -gc.get_count()[0]
             gc.callbacks.append(_young_count_before_a_collection)
         _depth += 1
     try:
@@ -81,9 +79,8 @@ def collection_paused() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 gc.callbacks.remove(_young_count_before_a_collection)
-                built = _counted_before_collections + gc.get_count()[0] - _count_at_start
                 if _resume:
-                    if built >= MIN_OBJECTS_TO_COLLECT:
+                    if _built_before_now + gc.get_count()[0] >= MIN_OBJECTS_TO_COLLECT:
                         _last = _start_up_collection()
                     gc.enable()
 
