@@ -102,6 +102,9 @@ class SessionResult:
     errors: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     waits_ms: list[int] = field(default_factory=list)  # how long each rendered frame waited (worker's word)
+    # Per delivered output: whether its frame was sent while the pacer still sent one frame at a time (each
+    # such frame waits about a whole round by design, so the steady pace is judged without them).
+    sent_settling: list[bool] = field(default_factory=list)
     render_ms: list[int] = field(default_factory=list)
     received_at: list[float] = field(default_factory=list)  # perf_counter() of each delivered output
     max_unanswered: int = 0  # sent frames neither answered (output, error) nor superseded by a newer output
@@ -112,6 +115,10 @@ class SessionResult:
     pacing: bool = False  # whether this session paced its frames (else: camera rate)
     refused: int | None = None  # the close code when the worker did not admit the session (4503: full)
     started_at: float = 0.0  # perf_counter() when the session got `ready`
+
+    def _settled(self, per_output: list[float]) -> list[float]:
+        """A per-output figure without the outputs of frames sent while the pacer was settling."""
+        return [value for value, settling in zip(per_output, self.sent_settling, strict=True) if not settling]
 
     def summary(self, seconds: float) -> dict[str, object]:
         latency_p50 = _median(self.latencies_ms)
@@ -134,6 +141,10 @@ class SessionResult:
             "latency_p50_ms": latency_p50,
             "latency_p95_ms": _percentile(self.latencies_ms, 0.95),
             "wait_ms_p50": _median([float(ms) for ms in self.waits_ms]),
+            # The same two without the frames of a paced start's one-at-a-time outputs (how many: below).
+            "settling_outputs": sum(self.sent_settling),
+            "settled_wait_ms_p50": _median(self._settled([float(ms) for ms in self.waits_ms])),
+            "settled_latency_p50_ms": _median(self._settled(self.latencies_ms)),
             "render_ms_p50": render_p50,
             "render_ms_mean": statistics.fmean(self.render_ms) if self.render_ms else float("nan"),
             # Send-to-receive over the engine call's own time; 1.0 would be a frame that never waited.
@@ -165,6 +176,7 @@ async def run_session(
         stream_id=f"st_{int(time.time())}_{uuid.uuid4().hex[:12]}",
         allowance_seconds=int(seconds) + 3600,
     )
+    settling_frames: set[int] = set()  # frames sent while the pacer sent one at a time
     unacked: dict[int, float] = {}  # frame id -> when sent, until acked or answered with an error
     sent_at: dict[int, float] = {}  # frame id -> when sent, until its output or a newer one arrives
     news = asyncio.Event()  # set by every message from the worker: a send may be due now
@@ -219,6 +231,7 @@ async def run_session(
                     result.latencies_ms.append((now - sent_at[frame_id]) * 1000)
                     result.render_ms.append(render_ms)
                     result.received_at.append(now)
+                    result.sent_settling.append(frame_id in settling_frames)
                     result.delivered += 1
                 # Ids increase and the worker keeps only a session's latest frame: an output for `frame_id`
                 # means every older frame was either rendered or replaced, and will never come back.
@@ -251,6 +264,8 @@ async def run_session(
                     continue
                 sent = time.perf_counter()
                 camera_due = max(camera_due + interval, sent)
+                if result.pacing and pacer.settling:
+                    settling_frames.add(next_frame_id)
                 pacer.sent(next_frame_id, sent)
                 unacked[next_frame_id] = sent
                 sent_at[next_frame_id] = sent

@@ -117,9 +117,15 @@ class FramePacer:
         """An `ack` arrived; it says the worker's round (0: not known)."""
         self.round = round_ms / 1000
 
+    @property
+    def settling(self) -> bool:
+        """Whether frames still go one at a time (the next when the last comes back): each such frame
+        waits about a whole round, since the interval is not known yet."""
+        return self.outputs < SETTLING_OUTPUTS
+
     def due(self) -> float:
         """When the next frame should be sent (-inf: now). Ask again after each output: it moves."""
-        if self.outputs < SETTLING_OUTPUTS:
+        if self.settling:
             if self._last_sent_id > self._last_output_id:  # one frame at a time
                 return self._last_sent_at + SETTLING_TIMEOUT
             return self._camera_due

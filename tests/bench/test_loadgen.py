@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.loadgen import main, run_arrivals, run_load
+from inference.pacing import SETTLING_OUTPUTS
 from tests.inference.helpers import SECRET, running_worker, worker_config
 
 
@@ -31,6 +32,11 @@ def test_load_generator_measures_a_real_worker_with_studio_flow_control() -> Non
         assert 50 <= session["latency_p50_ms"] < 1000  # at least the engine's 50 ms, and no backlog
         assert session["render_ms_p50"] >= 50
         assert session["latency_p95_ms"] >= session["latency_p50_ms"]
+        # Paced (the worker renders one frame per call): its first outputs came one frame at a time, and
+        # the settled figures are those of the rest.
+        assert session["pacing"] is True
+        assert session["settling_outputs"] == SETTLING_OUTPUTS, session
+        assert session["settled_latency_p50_ms"] >= session["render_ms_p50"], session
     assert result["aggregate_fps"] <= 2 * 30
     assert sum(session["delivered"] for session in sessions) <= renders
     assert sum(session["sent"] for session in sessions) <= frames_in

@@ -129,6 +129,23 @@ def test_until_outputs_come_back_one_frame_is_on_its_way_at_a_time() -> None:
     assert pacer.due() == 10.0 + 1 / 30.0  # the next one may go now, a camera interval after the first
 
 
+def test_a_pacer_settles_after_its_first_outputs_and_a_lost_frame_does_not_end_it() -> None:
+    pacer = FramePacer(30.0)
+    at = 10.0
+    for frame in range(1, SETTLING_OUTPUTS + 1):
+        assert pacer.settling  # one at a time: this frame will wait about a whole round
+        pacer.sent(frame, at)
+        at += SETTLING_TIMEOUT  # unanswered: the timeout lets the next one go, still one at a time
+    assert pacer.settling
+    for frame in range(SETTLING_OUTPUTS + 1, 2 * SETTLING_OUTPUTS + 1):
+        assert pacer.settling
+        pacer.sent(frame, at)
+        pacer.rendered(frame, waited_ms=60, at=at + 0.07)
+        at += 0.07
+    assert not pacer.settling  # paced from now on: due() times frames to their turn
+    assert pacer.due() != at + SETTLING_TIMEOUT
+
+
 def test_a_slow_engine_gets_one_frame_per_render_that_waits_only_the_margin() -> None:
     run = simulate(render_seconds=0.070)
     settled = run.waits[SETTLING_OUTPUTS + 5 :]

@@ -158,9 +158,14 @@ def test_a_paced_session_gets_the_engine_rate_one_frame_per_render_each_waiting_
     # whatever the camera's phase against the renders leaves, 0-33 ms at 30 FPS, half an interval on
     # average; but a render of about three camera intervals, as here on a busy machine, locks it to one phase
     # for a whole run, so one run's camera-rate wait is no yardstick for the paced one.)
+    # (Its first outputs come one frame at a time, each waiting about a render by design: "settled" leaves
+    # them out, and the camera-rate client, never settling, keeps every frame in its settled figures.)
     assert paced["sent"] <= paced["delivered"] + 3, paced
-    assert paced["wait_ms_p50"] <= 1000 * MAX_MARGIN, paced
-    assert paced["latency_p50_ms"] <= 1.3 * paced["render_ms_p50"], paced
+    assert paced["settled_wait_ms_p50"] <= 1000 * MAX_MARGIN, paced
+    assert paced["settled_latency_p50_ms"] <= 1.3 * paced["render_ms_p50"], paced
+    assert paced["settling_outputs"] >= 1, paced
+    assert camera_rate["settling_outputs"] == 0, camera_rate
+    assert camera_rate["settled_wait_ms_p50"] == camera_rate["wait_ms_p50"], camera_rate
 
 
 def test_four_paced_sessions_take_turns_at_about_one_render_of_latency() -> None:
@@ -175,11 +180,14 @@ def test_four_paced_sessions_take_turns_at_about_one_render_of_latency() -> None
         assert session["delivered"] >= 5
         # One frame per turn, hardly any replaced unrendered...
         assert session["sent"] <= 1.2 * session["delivered"] + 3, session
-        # ...each timed to its turn: it waits a margin, not a render of another session's frame in front of
-        # it (which would make the latency two renders). The margin and the way back (the socket, the
-        # client's decode) come on top of the render: 1.55x in a clean-clone run with both cores busy.
-        assert session["wait_ms_p50"] <= 0.5 * session["render_ms_p50"], session
-        assert session["latency_p50_ms"] <= 1.75 * session["render_ms_p50"], session
+        # ...each timed to its turn once the pacer has settled: it waits a margin, not a render of another
+        # session's frame in front of it (which would make the latency two renders). A session's first
+        # outputs go one frame at a time and each waits about a round by design; in a 5-second run they are
+        # a quarter of its 8-14 outputs, enough to move a median, so these figures leave them out. The
+        # margin and the way back (the socket, the client's decode) come on top of the render: settled
+        # waits of 0.12-0.43 renders and latencies of 1.14-1.46 renders in eight runs with both cores busy.
+        assert session["settled_wait_ms_p50"] <= 0.5 * session["render_ms_p50"], session
+        assert session["settled_latency_p50_ms"] <= 1.75 * session["render_ms_p50"], session
 
 
 def test_four_sessions_each_get_a_fair_share_of_the_engine() -> None:
