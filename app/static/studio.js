@@ -35,7 +35,10 @@ const CLOSE_NORMAL = 1000;
 
 // The studio's own choices.
 const DEFAULT_CAMERA_FPS = 30; // when the browser does not say how fast the camera runs
-const CAPTURE_SLACK_MS = 4; // display frames are not exactly 1/60 s apart: 2 of them still count as 1/30 s
+// An unpaced capture may start this much before a camera interval after the last one: a timer or display
+// frame that fires a little late does not cost the next frame its slot (captures still average no more than
+// the camera's rate, since each slot is a camera interval after the one before).
+const CAPTURE_SLACK_MS = 4;
 const JPEG_QUALITY = 0.8;
 const PARAMS_DEBOUNCE_MS = 250;
 const STALE_FRAME_MS = 4000; // an unacknowledged frame older than this no longer counts (a lost ack)
@@ -206,7 +209,7 @@ const session = {
   modes: [], // the engine's render modes, from `ready`; the first is the default
   adapters: [], // the LoRA adapters the worker serves, from `ready` (name, scale, trigger)
   adapter: null, // the adapter the chosen preset names, while the worker serves it; null: none
-  lastCaptureAt: 0,
+  captureDue: 0, // unpaced: when the next capture may start (a camera interval after the last one's slot)
   capturing: false,
   pace: false, // the worker's `ready` asked for paced frames
   cameraFps: DEFAULT_CAMERA_FPS, // the camera's frame rate, as its track reports it
@@ -320,15 +323,23 @@ function forgetFrames() {
   session.unacked.clear();
   session.sentAt.clear();
   session.pacer = new Pacer(session.cameraFps);
+  session.captureDue = 0;
   clearTimeout(session.captureTimer);
 }
 
-// Paced frames are captured on a timer at the pacer's due time (display frames are too coarse for it);
-// the timer is set again whenever the worker's news moves that time.
+// When the next capture may start: paced, the pacer's due time; otherwise the camera's next slot.
+function captureDue() {
+  return session.pace ? session.pacer.due() : session.captureDue;
+}
+
+// Frames are captured on a timer at their due time as well as on display frames: display frames are too
+// coarse for the pacer, and a capture whose encoding outlasts one display frame would otherwise wait for the
+// next, halving a 60 FPS camera's rate on a 60 Hz display. The timer is set again after each capture and
+// whenever the worker's news moves the due time.
 function armCaptureTimer() {
   clearTimeout(session.captureTimer);
-  if (!session.pace || !session.ready) return;
-  session.captureTimer = setTimeout(maybeCapture, Math.max(0, session.pacer.due() - performance.now()));
+  if (!session.ready) return;
+  session.captureTimer = setTimeout(maybeCapture, Math.max(0, captureDue() - performance.now()));
 }
 
 function maybeCapture() {
@@ -338,14 +349,13 @@ function maybeCapture() {
   const now = performance.now();
   forgetStaleFrames(now);
   if (session.unacked.size >= MAX_UNACKED) return;
-  if (session.pace) {
-    if (now < session.pacer.due()) return armCaptureTimer();
-  } else if (now - session.lastCaptureAt < 1000 / session.cameraFps - CAPTURE_SLACK_MS) {
-    return;
-  }
+  if (now < captureDue()) return armCaptureTimer();
   if (!drawCameraSquare()) return;
   session.capturing = true;
-  session.lastCaptureAt = now;
+  if (!session.pace) {
+    const interval = 1000 / session.cameraFps;
+    session.captureDue = Math.max(session.captureDue + interval, now + interval - CAPTURE_SLACK_MS);
+  }
   const capturedAt = now;
   capture.toBlob(
     async (blob) => {
@@ -374,8 +384,8 @@ function maybeCapture() {
   );
 }
 
-// Capture is driven by the display (and, when paced, by the capture timer), the camera rate cap and the
-// flow control; a hidden tab sends nothing and is not billed.
+// Capture is driven by the display and the capture timer, the camera rate cap (or the pacer) and the flow
+// control; a hidden tab sends nothing and is not billed.
 function captureLoop() {
   if (!session.wanted) return;
   maybeCapture();

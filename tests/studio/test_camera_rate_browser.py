@@ -39,7 +39,9 @@ def test_the_studio_sends_frames_as_fast_as_its_camera_makes_them(
     rate = _sent_per_second(wire, page)
     # Never more frames than the camera made (a repeated frame would cost the GPU for nothing)...
     assert rate <= camera_fps * 1.05, rate
-    # ...and all of them from a slow camera; from a camera faster than the usual 30, more than 30 (the
-    # ceiling before), as many as headless Chromium encodes on a busy 2-core machine (35-36 a second).
-    assert rate >= (0.75 * camera_fps if camera_fps <= 30 else 32), rate
+    # ...and all of them from a slow camera; from a camera faster than the usual 30, well over 30: a capture
+    # whose encoding outlasts a display frame starts the next one on its timer, not a display frame later
+    # (which held a 60 FPS camera to 30 a second). Headless Chromium on the 2-core machine: 50.6-56.7 a
+    # second, 55.9 with both cores busy.
+    assert rate >= (0.75 * camera_fps if camera_fps <= 30 else 40), rate
     assert wire.max_unacked <= 2
