@@ -10,12 +10,15 @@ result is the same normalisation up to the order of the float32 sums, a rounding
 compilation's own. On an H200, compiled, the 512² decode went from 6.96 to 5.61 ms and the 512² encode
 from 3.41 to 2.83 ms (docs/performance.md, "Two levers on exact's own arithmetic").
 
-The module calls it as one operator of its own with a CompositeImplicitAutograd kernel: dynamo puts one node
-per norm in its graph instead of tracing ~20 operations at each of the VAE's norms on every start, and AOT
-autograd expands the node into the same ATen operations, so inductor compiles the same kernels and AOT
-autograd's cache still takes the graphs (it takes operators, not functions dynamo was told to leave alone).
-That cache is keyed on dynamo's graph, which names the operator and not its kernel, so the name carries a
-digest of the kernel's source: a changed kernel is never served an older compilation.
+The module calls it as one operator of its own: dynamo puts one node per norm in its graph instead of tracing
+~20 operations at each of the VAE's norms on every start, and AOT autograd's cache still takes the graphs (it
+takes operators, not functions dynamo was told to leave alone). The operator has a fake kernel (its output's
+shape and layout), so dynamo's fake propagation does not run the two stages at each norm either, and a
+decomposition in inductor's table, so AOT autograd expands each node into the same ATen operations as if
+they had been traced one by one and inductor compiles the same kernels; eager calls run the two stages. On
+a warm start AOT autograd's cache answers for the graphs, so the stages are not traced at all. That cache is
+keyed on dynamo's graph, which names the operator and not its kernels, so the name carries a digest of
+their source: a changed kernel is never served an older compilation.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Final
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._inductor.decomposition import register_decomposition
 
 # Pixels per first-stage chunk (one statistic per channel): enough to amortise a reduction, few enough that
 # the VAE's large resolutions have thousands of them; of 256, 1,024 and 4,096, the fastest on an H200.
@@ -74,6 +78,18 @@ def split_group_norm(
     return normed.to(x.dtype).permute(0, 3, 1, 2)
 
 
+def split_group_norm_layout(
+    x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """An empty tensor of ``split_group_norm``'s result: its shape, dtype and memory format (the fake kernel
+    that dynamo's fake propagation runs instead of the two stages)."""
+    channels_last = (
+        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    )
+    layout = torch.channels_last if channels_last and not x.shape[1] % groups else torch.contiguous_format
+    return torch.empty_like(x, memory_format=layout)
+
+
 def _chunk(total: int, target: int) -> int:
     """The largest divisor of ``total`` no greater than ``target`` (equal chunks keep the combination
     exact)."""
@@ -89,17 +105,18 @@ def operator_name(kernel_source: str) -> str:
 
 
 def _kernel_source() -> str:
-    return "\n".join(
-        [inspect.getsource(split_group_norm), inspect.getsource(_chunk), f"CHUNK_PIXELS = {CHUNK_PIXELS}"]
-    )
+    kernels = (split_group_norm, split_group_norm_layout, _chunk)
+    return "\n".join([*(inspect.getsource(kernel) for kernel in kernels), f"CHUNK_PIXELS = {CHUNK_PIXELS}"])
 
 
 _LIBRARY = torch.library.Library("stylecast", "FRAGMENT")
 _OPERATOR = operator_name(_kernel_source())
 _LIBRARY.define(f"{_OPERATOR}(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps) -> Tensor")
-_LIBRARY.impl(_OPERATOR, split_group_norm, "CompositeImplicitAutograd")
+_LIBRARY.impl(_OPERATOR, split_group_norm, "CompositeExplicitAutograd")
 # split_group_norm as one operator (what SplitGroupNorm calls).
 SPLIT_GROUP_NORM_OP: Final = getattr(torch.ops.stylecast, _OPERATOR)
+torch.library.register_fake(SPLIT_GROUP_NORM_OP.default, lib=_LIBRARY)(split_group_norm_layout)
+register_decomposition(SPLIT_GROUP_NORM_OP.default)(split_group_norm)
 
 
 def use_split_group_norm(module: nn.Module) -> int:

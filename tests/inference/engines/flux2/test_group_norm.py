@@ -111,8 +111,10 @@ class TracedSplitGroupNorm(nn.GroupNorm):
 def _decoder_graphs(
     norm: type[nn.GroupNorm] = SplitGroupNorm,
 ) -> tuple[nn.Module, list[torch.fx.GraphModule], list[torch.fx.GraphModule]]:
-    """The tiny VAE's decoder with its norms made ``norm``, compiled: dynamo's graphs and AOT autograd's."""
+    """The tiny VAE's decoder with its norms made ``norm``, compiled: dynamo's graphs and AOT autograd's
+    (with inductor's decompositions, as inductor calls it)."""
     from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._inductor.decomposition import select_decomp_table
 
     vae = build_random_components(TINY)["vae"].to(memory_format=torch.channels_last)
     use_split_group_norm(vae)
@@ -129,7 +131,9 @@ def _decoder_graphs(
             aten_graphs.append(aten)
             return aten.forward
 
-        return aot_module_simplified(graph, inputs, fw_compiler=forward_compiler)
+        return aot_module_simplified(
+            graph, inputs, fw_compiler=forward_compiler, decompositions=select_decomp_table()
+        )
 
     torch._dynamo.reset()
     decoder = torch.compile(vae.decoder, fullgraph=True, dynamic=False, backend=backend)
@@ -173,3 +177,47 @@ def test_a_changed_kernel_gets_an_operator_of_another_name() -> None:
     assert SPLIT_GROUP_NORM_OP.default.name().startswith("stylecast::split_group_norm_")
     assert operator_name(source) == operator_name(source)
     assert operator_name(source) != operator_name(source.replace("correction=0", "correction=1"))
+
+
+@pytest.mark.parametrize(("shape", "groups"), [*SHAPES, ((1, 30, 8, 8), 4)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fake_kernel_gives_the_real_results_shape_dtype_and_layout(
+    shape: tuple[int, ...], groups: int, layout: object, dtype: torch.dtype
+) -> None:
+    # Inductor compiles for the strides the fake kernel says: a wrong layout would compile wrong code.
+    x = _input(shape).to(dtype).contiguous(memory_format=layout)
+    weight, bias = torch.ones(shape[1], dtype=dtype), torch.zeros(shape[1], dtype=dtype)
+    if shape[1] % groups:  # PyTorch's own refuses it, and so does the operator, on either kernel
+        with pytest.raises(RuntimeError):
+            SPLIT_GROUP_NORM_OP(x, groups, weight, bias, 1e-6)
+        return
+    real = SPLIT_GROUP_NORM_OP(x, groups, weight, bias, 1e-6)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = SPLIT_GROUP_NORM_OP(mode.from_tensor(x), groups, mode.from_tensor(weight), None, 1e-6)
+    assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride())
+
+
+def test_fake_propagation_runs_one_operation_per_norm_not_the_two_stages() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Operations(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = _input((1, 128, 32, 32)).float().contiguous(memory_format=torch.channels_last)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake_x = mode.from_tensor(x)
+        with Operations() as operator_ops:
+            SPLIT_GROUP_NORM_OP(fake_x, 32, None, None, 1e-6)
+        with Operations() as function_ops:
+            split_group_norm(fake_x, 32, None, None, 1e-6)
+    assert operator_ops.seen == [str(SPLIT_GROUP_NORM_OP.default)]
+    # What each norm cost dynamo's fake propagation before: the two stages, operation by operation.
+    assert len(function_ops.seen) >= 10
+    assert any("var_mean" in name for name in function_ops.seen)
