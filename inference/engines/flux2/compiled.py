@@ -7,6 +7,7 @@ a compiled Flux2KleinPipeline do.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -26,6 +27,33 @@ from inference.start_up_collection import collects_at_its_end
 COMPILE_SCOPES: Final = ("blocks", "full")
 # torch.compile's backend name, or a backend callable (tests count graphs with one that runs them eagerly).
 Backend = str | Callable[..., Any]
+
+
+def prefetch_compile_keys(*, wait: bool = False) -> threading.Thread | None:
+    """Compute the keys inductor's caches are looked up by before the first compilation needs them: hashes
+    of Triton's sources and its 500 MB compiler library, and of torch's own sources (0.6-0.7 s of an H200
+    machine's warm start, in the middle of the warm-up). The hashing releases the GIL, so on a thread of its
+    own it runs beside the loading and dynamo's tracing. The modules are imported here on the calling
+    thread (the warm-up imports them anyway): two threads importing the same circle of modules can deadlock.
+    A torch whose key caches can prefetch does it itself, once; on one whose caches cannot, a compilation
+    that asks before the thread is done computes its key as it would have, so nothing waits for the thread.
+    ``wait``: compute them now, on this thread (before a memory snapshot, which then holds them). The
+    thread, or None."""
+    from torch._inductor import codecache
+    from torch._inductor.runtime import triton_compat  # noqa: F401 (imports Triton, when present)
+
+    keys = (codecache.triton_key, codecache.torch_key)
+    if wait:
+        for key in keys:
+            key()
+        return None
+    if all(hasattr(key, "prefetch") for key in keys):
+        for key in keys:
+            key.prefetch()  # type: ignore[attr-defined]
+        return None
+    thread = threading.Thread(target=lambda: [key() for key in keys], name="compile-keys", daemon=True)
+    thread.start()
+    return thread
 
 
 @contextmanager

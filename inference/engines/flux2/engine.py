@@ -34,7 +34,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from inference.engines.base import FrameJob
 from inference.engines.flux2.checkpoint import TextEncoderLoad, build_pipeline
-from inference.engines.flux2.compiled import compile_collections_left_to_the_pause, compile_vae
+from inference.engines.flux2.compiled import (
+    compile_collections_left_to_the_pause,
+    compile_vae,
+    prefetch_compile_keys,
+)
 from inference.engines.flux2.config import Flux2Config
 from inference.engines.flux2.cuda_graphs import FrameGraphs, batch_rows
 from inference.engines.flux2.decoders import build_decoders, compile_decoder
@@ -116,6 +120,8 @@ class Flux2Engine:
         weights already in host memory are moved there instead."""
         with self._load_lock:
             if self.pipe is None:
+                if self.compile:
+                    prefetch_compile_keys()  # beside the loading and the warm-up's tracing
                 staged, self._staged = self._staged, None
                 if staged is not None:
                     self._attach(staged.to(self.device))
@@ -140,6 +146,8 @@ class Flux2Engine:
         taken."""
         with self._load_lock:
             if self.pipe is None and self._staged is None:
+                if self.compile:
+                    prefetch_compile_keys(wait=True)  # the snapshot holds them too
                 pipe, text = build_pipeline(self.config, torch.device("cpu"), self.dtype)
                 if text is not None:  # a snapshot holds all of it
                     text.attach_to(pipe)

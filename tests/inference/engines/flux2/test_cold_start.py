@@ -214,3 +214,51 @@ def test_a_transformer_the_preload_could_not_read_fails_the_load_with_the_loader
     # diffusers' loader reads it again and names the file that is broken.
     with pytest.raises(OSError, match=r"transformer/diffusion_pytorch_model\.safetensors"):
         _checkpoint_engine(broken).load()
+
+
+# ------------------------------------------------------------------ inductor's cache keys before the warm-up
+
+
+def _compile_keys() -> tuple[Any, ...]:
+    from torch._inductor import codecache
+
+    return (codecache.triton_key, codecache.torch_key)
+
+
+def _forget(key: Any) -> None:
+    (key.clear if hasattr(key, "clear") else key.cache_clear)()
+
+
+def _is_cached(key: Any) -> bool:
+    """Whether torch's cache of this key holds its value (an lru_cache, or a cache that can prefetch)."""
+    if hasattr(key, "cache_info"):
+        return bool(key.cache_info().currsize)
+    cells = dict(zip(key.__code__.co_freevars, key.__closure__ or (), strict=True))
+    return cells["_cache"].cell_contents is not key.__globals__["_cache_sentinel"]
+
+
+def test_a_compiled_engine_read_into_host_memory_holds_inductors_cache_keys() -> None:
+    # What a memory snapshot captures then includes the keys: a restored worker does not hash again.
+    for key in _compile_keys():
+        _forget(key)
+    Flux2Engine(Flux2Config(tiny=True, device="cpu", modes=("exact",), compile=True)).load_on_cpu()
+    assert all(_is_cached(key) for key in _compile_keys())
+    for key in _compile_keys():
+        _forget(key)
+    Flux2Engine(Flux2Config(tiny=True, device="cpu", modes=("exact",), compile=False)).load_on_cpu()
+    assert not any(_is_cached(key) for key in _compile_keys())  # an engine that never compiles: no keys
+
+
+def test_keys_computed_ahead_are_those_a_compilation_computes() -> None:
+    from inference.engines.flux2.compiled import prefetch_compile_keys
+
+    fresh = []
+    for key in _compile_keys():
+        _forget(key)
+        fresh.append(key())
+        _forget(key)
+    thread = prefetch_compile_keys()
+    if thread is not None:
+        thread.join(60)
+    assert [key() for key in _compile_keys()] == fresh
+    assert fresh[1]  # torch's source hash: never empty
