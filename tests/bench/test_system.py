@@ -93,36 +93,40 @@ def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
         engine,
         workdir=tmp_path,
         engine_options={"compile": False, "device": "cpu", "max_batch": 1},
-        runs=("empty",),
+        runs=("empty", "warm-restored"),
         release=lambda: released.append(True),
         on_run=reported.append,
     )
 
     json.dumps(result)
     assert released == [True]
-    # The caller was given the record as it stood after the start: what it keeps if it is cut short.
-    assert reported == [result]
+    # The caller was given the record as it stood after each start: what it keeps if it is cut short.
+    assert len(reported) == 2
+    assert reported[-1] == result
+    assert reported[0]["runs"] == result["runs"][:1]
     checkpoint = tmp_path / "checkpoint"
     assert result["checkpoint"] == str(checkpoint)
     assert (checkpoint / "model_index.json").is_file()
     for component in ("transformer", "vae", "text_encoder"):
         assert list((checkpoint / component).glob("*.safetensors")), component
     assert result["checkpoint_bytes"] > 0
-    (run,) = result["runs"]
+    run, restored = result["runs"]
     assert run["error"] is None, run["stderr_tail"]
     assert run["cache"] == "empty"
     assert run["cache_files_before"] == 0
     assert run["first_frame_bytes"] > 0
     assert run["device"] == "cpu"
-    marks = [run["marks"][stage] for stage in system.COLD_START_STAGES]
+    assert run["marks"]["snapshot"] is None  # no snapshot in this start
+    assert run["after_snapshot_s"] is None
+    marks = [run["marks"][stage] for stage in system.COLD_START_STAGES if stage != "snapshot"]
     assert all(mark is not None for mark in marks)
     assert marks == sorted(marks)
     assert marks[0] >= 0
     assert run["total_s"] == pytest.approx(marks[-1], abs=1e-3)
-    assert sum(run["stages"].values()) == pytest.approx(run["total_s"], abs=0.01)
+    assert sum(filter(None, run["stages"].values())) == pytest.approx(run["total_s"], abs=0.01)
     assert run["wall_s"] >= run["total_s"]
     assert run["meets_target"] is None  # the target is for a warm compile cache
-    assert len(result["table"]) == 2
+    assert len(result["table"]) == 3
     # The child wrote its bytecode beside the compile caches (whatever this process's environment says),
     # so a warm run imports compiled modules instead of compiling torch, diffusers and transformers anew.
     pycache = tmp_path / "compile-cache" / "pycache"
@@ -162,6 +166,25 @@ def test_cold_start_in_a_child_process(engine: Flux2Engine, tmp_path) -> None:
     inclusive = dict(stacks["inclusive_s"])
     assert inclusive["inference/engines/flux2/engine.py:warm_up"] == pytest.approx(stacks["seconds"], rel=0.1)
     assert 0 < inclusive["inference/engines/flux2/engine.py:warm_up_mode"] <= stacks["seconds"]
+    # A start from a CPU memory snapshot: first what the snapshot holds (the imports, the weights read into
+    # host memory, nothing preloaded onto a device, the start-up pause ended with its collection), then the
+    # local part of a restored container's start, timed from the snapshot.
+    assert restored["error"] is None, restored["stderr_tail"]
+    assert restored["cache"] == "warm-restored"
+    marks = [restored["marks"][stage] for stage in system.COLD_START_STAGES if stage != "from_pretrained"]
+    assert all(mark is not None for mark in marks), restored["marks"]
+    assert marks == sorted(marks), restored["marks"]
+    assert restored["marks"]["imports"] < restored["marks"]["snapshot"] < restored["marks"]["to_device"]
+    assert restored["marks"]["from_pretrained"] is None  # the weights were read before the snapshot
+    assert restored["after_snapshot_s"] == pytest.approx(
+        restored["total_s"] - restored["marks"]["snapshot"],
+        abs=2e-3,  # each of the three rounded to 1 ms
+    )
+    assert 0 < restored["after_snapshot_s"] < restored["total_s"]
+    assert restored["preload"] is None
+    assert restored["meets_target"] is None  # Modal's restore is not in it: no figure to judge
+    assert restored["first_frame_bytes"] > 0
+    assert "from the snapshot" in result["notes"][1]
 
 
 def test_cold_start_refuses_options_that_would_not_load_the_checkpoint(engine: Flux2Engine, tmp_path) -> None:
