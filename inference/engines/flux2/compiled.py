@@ -29,20 +29,29 @@ COMPILE_SCOPES: Final = ("blocks", "full")
 Backend = str | Callable[..., Any]
 
 
-def prefetch_compile_keys(*, wait: bool = False) -> threading.Thread | None:
-    """Compute the keys inductor's caches are looked up by before the first compilation needs them: hashes
-    of Triton's sources and its 500 MB compiler library, and of torch's own sources (0.6-0.7 s of an H200
-    machine's warm start, in the middle of the warm-up). The hashing releases the GIL, so on a thread of its
-    own it runs beside the loading and dynamo's tracing. The modules are imported here on the calling
-    thread (the warm-up imports them anyway): two threads importing the same circle of modules can deadlock.
-    A torch whose key caches can prefetch does it itself, once; on one whose caches cannot, a compilation
-    that asks before the thread is done computes its key as it would have, so nothing waits for the thread.
-    ``wait``: compute them now, on this thread (before a memory snapshot, which then holds them). The
-    thread, or None."""
+def compile_keys() -> list[Callable[[], object]]:
+    """The cached functions that compute the keys inductor's caches are looked up by: Triton's hash of its
+    sources and compiler library (behind inductor's own cache of it on a torch that has one) and torch's
+    hash of its sources. Importing them imports Triton."""
     from torch._inductor import codecache
-    from torch._inductor.runtime import triton_compat  # noqa: F401 (imports Triton, when present)
+    from torch._inductor.runtime import triton_compat
 
-    keys = (codecache.triton_key, codecache.torch_key)
+    triton_key = getattr(codecache, "triton_key", None)
+    if triton_key is None and triton_compat.HAS_TRITON:
+        triton_key = triton_compat.triton_key  # Triton's own, cached by Triton
+    return [key for key in (triton_key, codecache.torch_key) if key is not None]
+
+
+def prefetch_compile_keys(*, wait: bool = False) -> threading.Thread | None:
+    """Compute the keys of ``compile_keys()`` before the first compilation needs them (0.6-0.7 s of Triton's
+    hashing alone in a warm start on the GPU machines, in the middle of the warm-up). The hashing releases
+    the GIL, so on a thread of its own it runs beside the loading and dynamo's tracing. The modules are
+    imported here, on the calling thread (the warm-up imports them anyway): two threads importing the same
+    circle of modules can deadlock. A torch whose key caches can prefetch does it itself, once; on one whose
+    caches cannot, a compilation that asks before the thread is done computes its key as it would have, so
+    nothing waits for the thread. ``wait``: compute them now, on this thread (before a memory snapshot,
+    which then holds them). The thread, or None."""
+    keys = compile_keys()
     if wait:
         for key in keys:
             key()

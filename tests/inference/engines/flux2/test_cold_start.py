@@ -219,10 +219,12 @@ def test_a_transformer_the_preload_could_not_read_fails_the_load_with_the_loader
 # ------------------------------------------------------------------ inductor's cache keys before the warm-up
 
 
-def _compile_keys() -> tuple[Any, ...]:
-    from torch._inductor import codecache
+def _compile_keys() -> list[Any]:
+    from inference.engines.flux2.compiled import compile_keys
 
-    return (codecache.triton_key, codecache.torch_key)
+    keys = compile_keys()
+    assert len(keys) == 2  # Triton is installed here: its key and torch's
+    return keys
 
 
 def _forget(key: Any) -> None:
