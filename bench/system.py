@@ -867,8 +867,9 @@ def measure_cold_start(
     "cache_files_before", "cache_files_after", "cache_bytes_after", "marks" (seconds since spawn, per
     stage), "stages" (seconds per stage), "total_s", "first_frame_bytes", "device", "dtype", "torch",
     "peak_gpu_memory_gib", "readahead", "preload" (when each component's weights were on the GPU),
-    "text_encoder" (when its read began and ended), "collections" (the garbage collections until the end
-    of the warm-up: count and seconds), "start_up_collection" (the one that ended the collector's pause),
+    "text_encoder" (when its read, or after a snapshot its move to the device, began and ended),
+    "collections" (the garbage collections until the end of the warm-up: count and seconds),
+    "start_up_collection" (the one that ended the collector's pause),
     "wall_s", "error", "stderr_tail", "meets_target"}],
     "table", "notes", "error"}``. A run
     whose child fails has ``error`` and the tail of the child's stderr instead of its stages; ``error`` at
@@ -1016,7 +1017,8 @@ def _cold_start_table(results: Sequence[dict[str, Any]]) -> dict[str, list[str]]
                 f"{name} {mark:.1f} s" for name, mark in preload["on_device"].items()
             )
         if text := result.get("text_encoder"):
-            note += f"; text encoder read {text['started']:.1f} -> {text['loaded']:.1f} s"
+            arrived = "moved to the device" if result["marks"].get("snapshot") is not None else "read"
+            note += f"; text encoder {arrived} {text['started']:.1f} -> {text['loaded']:.1f} s"
         if collections := result.get("collections"):
             note += f"; {collections['count']} garbage collections, {collections['seconds']:.2f} s"
         if (after := result.get("after_snapshot_s")) is not None:

@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import diffusers
 import torch
@@ -127,6 +127,18 @@ def _load_components(
     return pipe.to(device)
 
 
+class PendingTextEncoder(Protocol):
+    """A text encoder on its way to the device beside the warm-up: ``TextEncoderLoad`` from a checkpoint,
+    ``TextEncoderMove`` from host memory."""
+
+    started: float  # perf_counter() when it set off
+    finished: float | None  # perf_counter() when its thread's part ended, either way
+
+    def done(self) -> bool: ...
+
+    def attach_to(self, pipe: Flux2KleinPipeline) -> None: ...
+
+
 class TextEncoderLoad:
     """A checkpoint's text encoder and tokenizer. A thread of their own, started when this is made, reads
     the text encoder's weights into device memory (or takes them from a preload) and loads the tokenizer;
@@ -220,3 +232,46 @@ def download_checkpoint(
     )
     logger.info("%s is at %s", model, path)
     return Path(path)
+
+
+class TextEncoderMove:
+    """A pipeline's text encoder, in host memory (``Flux2Engine.load_on_cpu``, what a memory snapshot holds),
+    taken off the pipeline and moved to ``device`` on a thread and a CUDA stream of its own, so that its
+    half of the bytes crosses to the device while the warm-up compiles instead of before it. Moving
+    parameters changes no process-wide state, and the warm-up captures its graphs in thread-local mode, so
+    this thread's copies do not disturb a capture."""
+
+    def __init__(self, pipe: Flux2KleinPipeline, device: torch.device) -> None:
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+        self.device = torch.device(device_name(device))
+        self._model = pipe.text_encoder
+        pipe.register_modules(text_encoder=None)
+        self._moved: Future[Any] = Future()
+        threading.Thread(target=self._move, name="text-encoder-move", daemon=True).start()
+
+    def _move(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+                stream = torch.cuda.Stream(self.device)
+                with torch.cuda.stream(stream):
+                    model = self._model.to(self.device)
+                stream.synchronize()
+            else:
+                model = self._model.to(self.device)
+        except BaseException as error:  # handed to whoever waits, on their thread
+            self.finished = time.perf_counter()
+            self._moved.set_exception(error)
+        else:
+            self.finished = time.perf_counter()
+            self._moved.set_result(model)
+        finally:
+            self._model = None
+
+    def done(self) -> bool:
+        return self._moved.done()
+
+    def attach_to(self, pipe: Flux2KleinPipeline) -> None:
+        """Give ``pipe`` the text encoder once it is on the device (waiting for it)."""
+        pipe.register_modules(text_encoder=self._moved.result())

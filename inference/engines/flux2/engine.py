@@ -33,7 +33,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu,
 from diffusers.utils.torch_utils import randn_tensor
 
 from inference.engines.base import FrameJob
-from inference.engines.flux2.checkpoint import TextEncoderLoad, build_pipeline
+from inference.engines.flux2.checkpoint import PendingTextEncoder, TextEncoderMove, build_pipeline
 from inference.engines.flux2.compiled import (
     compile_collections_left_to_the_pause,
     compile_vae,
@@ -93,7 +93,7 @@ class Flux2Engine:
         self.pipe: Flux2KleinPipeline | None = None
         self._staged: Flux2KleinPipeline | None = None  # weights read by load_on_cpu(), not yet moved
         # The text encoder of a checkpoint, still loading beside the rest (checkpoint.py); None once joined.
-        self.text_encoder_load: TextEncoderLoad | None = None
+        self.text_encoder_load: PendingTextEncoder | None = None
         self.transformers: Transformers | None = None
         # The LoRA adapters sessions may choose (loaded with the weights; the worker's `ready` lists them).
         self.adapters = tuple(spec.info() for spec in config.loras)
@@ -124,7 +124,10 @@ class Flux2Engine:
                     prefetch_compile_keys()  # beside the loading and the warm-up's tracing
                 staged, self._staged = self._staged, None
                 if staged is not None:
+                    # The text encoder crosses beside the warm-up, as a checkpoint's is read beside it.
+                    moving = TextEncoderMove(staged, self.device) if staged.text_encoder is not None else None
                     self._attach(staged.to(self.device))
+                    self.text_encoder_load = moving
                 else:
                     pipe, self.text_encoder_load = build_pipeline(self.config, self.device, self.dtype)
                     self._attach(pipe)

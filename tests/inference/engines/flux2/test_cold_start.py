@@ -64,6 +64,77 @@ def test_weights_read_on_the_cpu_first_are_moved_to_the_device_by_load() -> None
     assert engine.load() is pipe
 
 
+@contextmanager
+def _move_held(
+    engine: Flux2Engine, release: threading.Event, error: Exception | None = None
+) -> Iterator[list[str]]:
+    """Hold the staged text encoder's move to the device (torch's ``Module.to`` on that one model) until
+    ``release`` is set, then move it, or raise ``error`` as a failed copy would; yields the names of the
+    threads that moved it."""
+    assert engine._staged is not None
+    model = engine._staged.text_encoder
+    movers: list[str] = []
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        movers.append(threading.current_thread().name)
+        assert release.wait(60), "the text encoder was never released"
+        if error is not None:
+            raise error
+        return type(model).to(model, *args, **kwargs)
+
+    model.to = held
+    try:
+        yield movers
+    finally:
+        del model.to
+
+
+def test_a_staged_text_encoder_moves_beside_the_warm_up_and_renders_as_one_loaded_directly() -> None:
+    config = Flux2Config(tiny=True, device="cpu", modes=("exact",))
+    engine = Flux2Engine(config)
+    engine.load_on_cpu()
+    release = threading.Event()
+    seen: list[tuple[bool, float]] = []  # per transformer call: text encoder there?, largest |embedding|
+    with _move_held(engine, release) as movers:
+        pipe = engine.load()
+        assert pipe.text_encoder is None  # still on its way, on its own thread
+        assert engine.transformers is not None
+
+        def record(_module: object, _args: object, kwargs: dict[str, Any], _output: object) -> None:
+            seen.append((pipe.text_encoder is not None, kwargs["encoder_hidden_states"].abs().max().item()))
+            release.set()
+
+        hook = engine.transformers.exact.register_forward_hook(record, with_kwargs=True)
+        try:
+            engine.warm_up()
+        finally:
+            hook.remove()
+    assert movers == ["text-encoder-move"]
+    assert seen[0] == (False, 0.0)  # the first transformer call ran on the stand-in embedding
+    assert engine.text_encoder_load is None
+    assert pipe.text_encoder is not None
+    direct = Flux2Engine(config)
+    frame = torch.full((1, 3, 512, 512), 70, dtype=torch.uint8)
+    frame[:, 2, 200:] = 180
+    for prompt in ("ink", "warm-up"):  # the warm-up's prompt is a real one afterwards
+        ours = engine.render_frames(frame, [prompt], steps=2, seeds=[3])
+        assert torch.equal(ours, direct.render_frames(frame, [prompt], steps=2, seeds=[3])), prompt
+
+
+def test_a_staged_text_encoder_that_cannot_move_fails_the_warm_up_and_each_prompt_with_its_error() -> None:
+    engine = Flux2Engine(Flux2Config(tiny=True, device="cpu", modes=("exact",)))
+    engine.load_on_cpu()
+    release = threading.Event()
+    release.set()
+    with _move_held(engine, release, RuntimeError("CUDA error: out of memory")):
+        engine.load()
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.warm_up()
+    # Not a None encoder later on: the next prompt gets the same error.
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.prompt_embeds("ink")
+
+
 # ------------------------------------------------------------------ a checkpoint loaded in two halves
 
 
