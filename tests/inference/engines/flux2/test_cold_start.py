@@ -34,6 +34,25 @@ def _batch_sizes(engine: Flux2Engine) -> tuple[list[int], object]:
     return seen, hook
 
 
+def _warm_up_recording(engine: Flux2Engine, release: threading.Event) -> list[tuple[bool, float]]:
+    """Warm ``engine`` up; per transformer call, whether its text encoder had arrived and the largest
+    |embedding| the call got. The first call sets ``release``, letting a held text encoder go on."""
+    assert engine.transformers is not None
+    seen: list[tuple[bool, float]] = []
+
+    def record(_module: object, _args: object, kwargs: dict[str, Any], _output: object) -> None:
+        load = engine.text_encoder_load
+        seen.append((load is None or load.done(), kwargs["encoder_hidden_states"].abs().max().item()))
+        release.set()  # the warm-up got this far without the text encoder: let it finish arriving
+
+    hook = engine.transformers.exact.register_forward_hook(record, with_kwargs=True)
+    try:
+        engine.warm_up()
+    finally:
+        hook.remove()
+    return seen
+
+
 def test_the_first_frame_waits_for_batch_size_one_of_the_default_mode_only() -> None:
     engine = Flux2Engine(Flux2Config(tiny=True, device="cpu", modes=("exact",), max_batch=2, compile=False))
     engine.load()
@@ -94,21 +113,12 @@ def test_a_staged_text_encoder_moves_beside_the_warm_up_and_renders_as_one_loade
     engine = Flux2Engine(config)
     engine.load_on_cpu()
     release = threading.Event()
-    seen: list[tuple[bool, float]] = []  # per transformer call: text encoder there?, largest |embedding|
     with _move_held(engine, release) as movers:
         pipe = engine.load()
         assert pipe.text_encoder is None  # still on its way, on its own thread
         assert engine.transformers is not None
 
-        def record(_module: object, _args: object, kwargs: dict[str, Any], _output: object) -> None:
-            seen.append((pipe.text_encoder is not None, kwargs["encoder_hidden_states"].abs().max().item()))
-            release.set()
-
-        hook = engine.transformers.exact.register_forward_hook(record, with_kwargs=True)
-        try:
-            engine.warm_up()
-        finally:
-            hook.remove()
+        seen = _warm_up_recording(engine, release)
     assert movers == ["text-encoder-move"]
     assert seen[0] == (False, 0.0)  # the first transformer call ran on the stand-in embedding
     assert engine.text_encoder_load is None
@@ -210,23 +220,13 @@ def test_a_checkpoint_renders_the_same_frames_as_the_pipeline_loaded_whole(check
 def test_the_warm_up_compiles_while_the_text_encoder_is_still_loading(checkpoint: Path) -> None:
     engine = _checkpoint_engine(checkpoint)
     release = threading.Event()
-    seen: list[tuple[bool, float]] = []  # per transformer call: text encoder loaded?, largest |embedding|
     with _text_encoder_held(checkpoint, release) as loaders:
         engine.load()
         assert engine.transformers is not None
         assert engine.pipe is not None
         assert engine.pipe.text_encoder is None  # still loading, on its own thread
 
-        def record(_module: object, _args: object, kwargs: dict[str, Any], _output: object) -> None:
-            load = engine.text_encoder_load
-            seen.append((load is None or load.done(), kwargs["encoder_hidden_states"].abs().max().item()))
-            release.set()  # the warm-up got this far without the text encoder: let it finish loading
-
-        hook = engine.transformers.exact.register_forward_hook(record, with_kwargs=True)
-        try:
-            engine.warm_up()
-        finally:
-            hook.remove()
+        seen = _warm_up_recording(engine, release)
     assert loaders == ["text-encoder-load"]
     # The first transformer call ran before the text encoder had loaded, on a stand-in embedding.
     assert seen[0] == (False, 0.0)
