@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import diffusers
 import torch
@@ -127,22 +127,48 @@ def _load_components(
     return pipe.to(device)
 
 
-class PendingTextEncoder(Protocol):
-    """A text encoder on its way to the device beside the warm-up: ``TextEncoderLoad`` from a checkpoint,
-    ``TextEncoderMove`` from host memory."""
+class PendingTextEncoder:
+    """A text encoder on its way to the device beside the warm-up, its slow part on a thread of its own that
+    starts when this is made: ``TextEncoderLoad`` from a checkpoint, ``TextEncoderMove`` from host memory.
+    What the thread returns, or raises, is handed to whoever waits (``_result()``), on their thread."""
 
-    started: float  # perf_counter() when it set off
-    finished: float | None  # perf_counter() when its thread's part ended, either way
+    def __init__(self, device: torch.device, thread_name: str) -> None:
+        self.started = time.perf_counter()
+        self.finished: float | None = None  # perf_counter() when the thread's part ended, either way
+        # "cuda" means the calling thread's current device; the new thread's would be device 0.
+        self.device = torch.device(device_name(device))
+        self._outcome: Future[Any] = Future()
+        threading.Thread(target=self._run, name=thread_name, daemon=True).start()
 
-    def done(self) -> bool: ...
+    def _work(self) -> Any:
+        """The thread's part."""
+        raise NotImplementedError
 
-    def attach_to(self, pipe: Flux2KleinPipeline) -> None: ...
+    def _run(self) -> None:
+        try:
+            outcome = self._work()
+        except BaseException as error:
+            self.finished = time.perf_counter()
+            self._outcome.set_exception(error)
+        else:
+            self.finished = time.perf_counter()
+            self._outcome.set_result(outcome)
+
+    def _result(self) -> Any:
+        return self._outcome.result()
+
+    def done(self) -> bool:
+        return self._outcome.done()
+
+    def attach_to(self, pipe: Flux2KleinPipeline) -> None:
+        """Give ``pipe`` the text encoder (waiting for it)."""
+        raise NotImplementedError
 
 
-class TextEncoderLoad:
-    """A checkpoint's text encoder and tokenizer. A thread of their own, started when this is made, reads
-    the text encoder's weights into device memory (or takes them from a preload) and loads the tokenizer;
-    ``result()`` then builds the model around those tensors on the calling thread.
+class TextEncoderLoad(PendingTextEncoder):
+    """A checkpoint's text encoder and tokenizer. The thread reads the text encoder's weights into device
+    memory (or takes them from a preload) and loads the tokenizer; ``result()`` then builds the model around
+    those tensors on the calling thread.
 
     Only tensors (and the tokenizer, which builds no model) are read off the calling thread: diffusers' and
     transformers' loaders change process-wide state while they build a model (the default dtype, patched
@@ -151,36 +177,22 @@ class TextEncoderLoad:
 
     def __init__(self, path: Path, index: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
         """``index``: the checkpoint's model_index.json."""
-        self.started = time.perf_counter()
-        self.finished: float | None = None  # perf_counter() when the thread's part ended, either way
         self.path = path
         self.dtype = dtype
-        # "cuda" means the calling thread's current device; the loading thread's would be device 0.
-        self.device = torch.device(device_name(device))
         self._index = index
-        self._read: Future[tuple[dict[str, torch.Tensor] | None, Any]] = Future()
         self._built: tuple[Any, Any] | None = None
-        threading.Thread(target=self._load, name="text-encoder-load", daemon=True).start()
+        super().__init__(device, "text-encoder-load")
 
-    def _load(self) -> None:
-        try:
-            folder = self.path / "text_encoder"
-            state = take_preloaded(folder, self.device) or DeviceReader(self.device).read_component(folder)
-            tokenizer = _component_class(self._index, "tokenizer").from_pretrained(self.path / "tokenizer")
-        except BaseException as error:  # handed to whoever waits, on their thread
-            self.finished = time.perf_counter()
-            self._read.set_exception(error)
-        else:
-            self.finished = time.perf_counter()
-            self._read.set_result((state, tokenizer))
-
-    def done(self) -> bool:
-        return self._read.done()
+    def _work(self) -> tuple[dict[str, torch.Tensor] | None, Any]:
+        folder = self.path / "text_encoder"
+        state = take_preloaded(folder, self.device) or DeviceReader(self.device).read_component(folder)
+        tokenizer = _component_class(self._index, "tokenizer").from_pretrained(self.path / "tokenizer")
+        return state, tokenizer
 
     def result(self) -> tuple[Any, Any]:
         """(text encoder, tokenizer): waits for the thread, then builds the model (once)."""
         if self._built is None:
-            state, tokenizer = self._read.result()
+            state, tokenizer = self._result()
             cls = _component_class(self._index, "text_encoder")
             folder = self.path / "text_encoder"
             device_map = str(self.device) if self.device.type == "cuda" else None
@@ -234,44 +246,28 @@ def download_checkpoint(
     return Path(path)
 
 
-class TextEncoderMove:
+class TextEncoderMove(PendingTextEncoder):
     """A pipeline's text encoder, in host memory (``Flux2Engine.load_on_cpu``, what a memory snapshot holds),
-    taken off the pipeline and moved to ``device`` on a thread and a CUDA stream of its own, so that its
+    taken off the pipeline and moved to the device on the thread and on a CUDA stream of its own, so that its
     half of the bytes crosses to the device while the warm-up compiles instead of before it. Moving
     parameters changes no process-wide state, and the warm-up captures its graphs in thread-local mode, so
     this thread's copies do not disturb a capture."""
 
     def __init__(self, pipe: Flux2KleinPipeline, device: torch.device) -> None:
-        self.started = time.perf_counter()
-        self.finished: float | None = None
-        self.device = torch.device(device_name(device))
         self._model = pipe.text_encoder
         pipe.register_modules(text_encoder=None)
-        self._moved: Future[Any] = Future()
-        threading.Thread(target=self._move, name="text-encoder-move", daemon=True).start()
+        super().__init__(device, "text-encoder-move")
 
-    def _move(self) -> None:
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-                stream = torch.cuda.Stream(self.device)
-                with torch.cuda.stream(stream):
-                    model = self._model.to(self.device)
-                stream.synchronize()
-            else:
-                model = self._model.to(self.device)
-        except BaseException as error:  # handed to whoever waits, on their thread
-            self.finished = time.perf_counter()
-            self._moved.set_exception(error)
-        else:
-            self.finished = time.perf_counter()
-            self._moved.set_result(model)
-        finally:
-            self._model = None
-
-    def done(self) -> bool:
-        return self._moved.done()
+    def _work(self) -> Any:
+        model, self._model = self._model, None
+        if self.device.type != "cuda":
+            return model.to(self.device)
+        torch.cuda.set_device(self.device)
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            model = model.to(self.device)
+        stream.synchronize()
+        return model
 
     def attach_to(self, pipe: Flux2KleinPipeline) -> None:
-        """Give ``pipe`` the text encoder once it is on the device (waiting for it)."""
-        pipe.register_modules(text_encoder=self._moved.result())
+        pipe.register_modules(text_encoder=self._result())

@@ -92,7 +92,7 @@ class Flux2Engine:
 
         self.pipe: Flux2KleinPipeline | None = None
         self._staged: Flux2KleinPipeline | None = None  # weights read by load_on_cpu(), not yet moved
-        # The text encoder of a checkpoint, still loading beside the rest (checkpoint.py); None once joined.
+        # The text encoder still on its way beside the rest (checkpoint.py); None once joined.
         self.text_encoder_load: PendingTextEncoder | None = None
         self.transformers: Transformers | None = None
         # The LoRA adapters sessions may choose (loaded with the weights; the worker's `ready` lists them).
@@ -124,10 +124,11 @@ class Flux2Engine:
                     prefetch_compile_keys()  # beside the loading and the warm-up's tracing
                 staged, self._staged = self._staged, None
                 if staged is not None:
-                    # The text encoder crosses beside the warm-up, as a checkpoint's is read beside it.
-                    moving = TextEncoderMove(staged, self.device) if staged.text_encoder is not None else None
+                    if (
+                        staged.text_encoder is not None
+                    ):  # it crosses beside the warm-up, as a checkpoint's is read
+                        self.text_encoder_load = TextEncoderMove(staged, self.device)
                     self._attach(staged.to(self.device))
-                    self.text_encoder_load = moving
                 else:
                     pipe, self.text_encoder_load = build_pipeline(self.config, self.device, self.dtype)
                     self._attach(pipe)
