@@ -11,6 +11,7 @@ tensors rather than read again."""
 
 from __future__ import annotations
 
+import abc
 import importlib
 import json
 import logging
@@ -127,7 +128,7 @@ def _load_components(
     return pipe.to(device)
 
 
-class PendingTextEncoder:
+class PendingTextEncoder(abc.ABC):
     """A text encoder on its way to the device beside the warm-up, its slow part on a thread of its own that
     starts when this is made: ``TextEncoderLoad`` from a checkpoint, ``TextEncoderMove`` from host memory.
     What the thread returns, or raises, is handed to whoever waits (``_result()``), on their thread."""
@@ -140,9 +141,9 @@ class PendingTextEncoder:
         self._outcome: Future[Any] = Future()
         threading.Thread(target=self._run, name=thread_name, daemon=True).start()
 
+    @abc.abstractmethod
     def _work(self) -> Any:
         """The thread's part."""
-        raise NotImplementedError
 
     def _run(self) -> None:
         try:
@@ -160,9 +161,9 @@ class PendingTextEncoder:
     def done(self) -> bool:
         return self._outcome.done()
 
+    @abc.abstractmethod
     def attach_to(self, pipe: Flux2KleinPipeline) -> None:
         """Give ``pipe`` the text encoder (waiting for it)."""
-        raise NotImplementedError
 
 
 class TextEncoderLoad(PendingTextEncoder):

@@ -124,9 +124,8 @@ class Flux2Engine:
                     prefetch_compile_keys()  # beside the loading and the warm-up's tracing
                 staged, self._staged = self._staged, None
                 if staged is not None:
-                    if (
-                        staged.text_encoder is not None
-                    ):  # it crosses beside the warm-up, as a checkpoint's is read
+                    # The text encoder crosses beside the warm-up, as a checkpoint's is read beside it.
+                    if staged.text_encoder is not None:
                         self.text_encoder_load = TextEncoderMove(staged, self.device)
                     self._attach(staged.to(self.device))
                 else:
