@@ -250,7 +250,7 @@ def download_checkpoint(
 class TextEncoderMove(PendingTextEncoder):
     """A pipeline's text encoder, in host memory (``Flux2Engine.load_on_cpu``, what a memory snapshot holds),
     taken off the pipeline and moved to the device on the thread and on a CUDA stream of its own, so that its
-    half of the bytes crosses to the device while the warm-up compiles instead of before it. Moving
+    half of the bytes crosses beside the other weights' copy and the warm-up instead of before them. Moving
     parameters changes no process-wide state, and the warm-up captures its graphs in thread-local mode, so
     this thread's copies do not disturb a capture."""
 
