@@ -1,39 +1,81 @@
-"""Host-to-device copies of pageable host memory: one model-sized set of tensors alone, and two at once on
-two threads with a CUDA stream each (what TextEncoderMove does beside the transformer's move)."""
-import threading, time, torch
+"""Host-to-device copies from pageable host memory: one model-sized set of tensors alone, two at once on two
+threads with a CUDA stream each (what the text encoder's move beside the other weights' did), and one after
+the other. Run AY's log is beside this file: `python3 20261206T1959-host-to-device-copies.py`."""
 
-GB = 1 << 30
-def tensors(total_gb: float, each_mb: int = 48) -> list[torch.Tensor]:
-    n = int(total_gb * GB / (each_mb << 20))
-    return [torch.empty((each_mb << 20) // 2, dtype=torch.bfloat16).fill_(1.0) for _ in range(n)]
+import threading
+import time
 
-def move(ts, out, key, t0, stream=None):
-    if stream is not None:
+import torch
+
+GIB = 1 << 30
+EACH_MIB = 48  # about one of klein-4B's larger weight matrices
+SET_GIB = 7.5  # about the transformer's bytes in bf16, and about the cut text encoder's
+
+
+def host_tensors(total_gib: float) -> list[torch.Tensor]:
+    count = int(total_gib * GIB / (EACH_MIB << 20))
+    return [torch.empty((EACH_MIB << 20) // 2, dtype=torch.bfloat16).fill_(1.0) for _ in range(count)]
+
+
+def move(
+    tensors: list[torch.Tensor],
+    finished: dict[str, float],
+    key: str,
+    started: float,
+    stream: torch.cuda.Stream | None = None,
+) -> None:
+    """Copy ``tensors`` to the GPU and record when the last byte arrived, seconds after ``started``."""
+    if stream is None:
+        copies = [tensor.to("cuda") for tensor in tensors]
+        torch.cuda.synchronize()
+    else:
         torch.cuda.set_device(0)
         with torch.cuda.stream(stream):
-            r = [t.to("cuda") for t in ts]
+            copies = [tensor.to("cuda") for tensor in tensors]
         stream.synchronize()
-    else:
-        r = [t.to("cuda") for t in ts]
-        torch.cuda.synchronize()
-    out[key] = time.perf_counter() - t0
-    del r
+    finished[key] = time.perf_counter() - started
+    del copies
 
-torch.cuda.init(); torch.empty(1, device="cuda")
-a = tensors(7.5); b = tensors(7.5)
-print("host tensors ready", flush=True)
-for trial in range(3):
-    out = {}
-    t0 = time.perf_counter(); move(a, out, "a", t0); torch.cuda.empty_cache()
-    print(f"trial {trial}: A alone 7.5 GB {out['a']:.2f} s ({7.5/out['a']:.1f} GB/s)", flush=True)
-    out = {}
-    t0 = time.perf_counter(); move(b, out, "b", t0, torch.cuda.Stream()); torch.cuda.empty_cache()
-    print(f"trial {trial}: B alone on its own stream {out['b']:.2f} s", flush=True)
-    out = {}
-    t0 = time.perf_counter()
-    th = threading.Thread(target=move, args=(b, out, "b", t0, torch.cuda.Stream()))
-    th.start(); move(a, out, "a", t0); th.join(); torch.cuda.empty_cache()
-    print(f"trial {trial}: together: A done {out['a']:.2f} s, B done {out['b']:.2f} s (15 GB, {15/max(out.values()):.1f} GB/s)", flush=True)
-    out = {}
-    t0 = time.perf_counter(); move(a, out, "a", t0); move(b, out, "b", t0, torch.cuda.Stream()); torch.cuda.empty_cache()
-    print(f"trial {trial}: one after the other: A done {out['a']:.2f} s, B done {out['b']:.2f} s", flush=True)
+
+def main() -> None:
+    torch.empty(1, device="cuda")
+    first, second = host_tensors(SET_GIB), host_tensors(SET_GIB)
+    print("host tensors ready", flush=True)
+    for trial in range(3):
+        done: dict[str, float] = {}
+        move(first, done, "a", time.perf_counter())
+        torch.cuda.empty_cache()
+        print(f"trial {trial}: A alone 7.5 GB {done['a']:.2f} s ({SET_GIB / done['a']:.1f} GB/s)", flush=True)
+
+        done = {}
+        move(second, done, "b", time.perf_counter(), torch.cuda.Stream())
+        torch.cuda.empty_cache()
+        print(f"trial {trial}: B alone on its own stream {done['b']:.2f} s", flush=True)
+
+        done = {}
+        started = time.perf_counter()
+        beside = threading.Thread(target=move, args=(second, done, "b", started, torch.cuda.Stream()))
+        beside.start()
+        move(first, done, "a", started)
+        beside.join()
+        torch.cuda.empty_cache()
+        rate = 2 * SET_GIB / max(done.values())
+        print(
+            f"trial {trial}: together: A done {done['a']:.2f} s, B done {done['b']:.2f} s"
+            f" (15 GB, {rate:.1f} GB/s)",
+            flush=True,
+        )
+
+        done = {}
+        started = time.perf_counter()
+        move(first, done, "a", started)
+        move(second, done, "b", started, torch.cuda.Stream())
+        torch.cuda.empty_cache()
+        print(
+            f"trial {trial}: one after the other: A done {done['a']:.2f} s, B done {done['b']:.2f} s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

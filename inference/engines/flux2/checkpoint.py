@@ -248,19 +248,18 @@ def download_checkpoint(
 
 
 class TextEncoderMove(PendingTextEncoder):
-    """A pipeline's text encoder, in host memory (``Flux2Engine.load_on_cpu``, what a memory snapshot holds),
-    taken off the pipeline and moved to the device on the thread and on a CUDA stream of its own, so that its
-    half of the bytes crosses beside the other weights' copy and the warm-up instead of before them. Moving
-    parameters changes no process-wide state, and the warm-up captures its graphs in thread-local mode, so
-    this thread's copies do not disturb a capture."""
+    """A text encoder in host memory (``Flux2Engine.load_on_cpu``, what a memory snapshot holds), moved to the
+    device on the thread and on a CUDA stream of its own, so that its half of the bytes crosses while the
+    warm-up runs instead of before it. Moving parameters changes no process-wide state, and the warm-up
+    captures its graphs in thread-local mode, so this thread's copies do not disturb a capture."""
 
-    def __init__(self, pipe: Flux2KleinPipeline, device: torch.device) -> None:
-        self._model = pipe.text_encoder
-        pipe.register_modules(text_encoder=None)
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self._model: torch.nn.Module | None = model
         super().__init__(device, "text-encoder-move")
 
-    def _work(self) -> Any:
+    def _work(self) -> torch.nn.Module:
         model, self._model = self._model, None
+        assert model is not None, "moved once"
         if self.device.type != "cuda":
             return model.to(self.device)
         torch.cuda.set_device(self.device)

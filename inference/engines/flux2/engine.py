@@ -124,10 +124,14 @@ class Flux2Engine:
                     prefetch_compile_keys()  # beside the loading and the warm-up's tracing
                 staged, self._staged = self._staged, None
                 if staged is not None:
-                    # The text encoder crosses beside the warm-up, as a checkpoint's is read beside it.
-                    if staged.text_encoder is not None:
-                        self.text_encoder_load = TextEncoderMove(staged, self.device)
+                    # The text encoder crosses beside the warm-up, as a checkpoint's is read beside it, and
+                    # only once the other weights are there: copies from pageable host memory share one
+                    # link, so crossing beside them would delay the transformer the warm-up starts with.
+                    text_encoder = staged.text_encoder
+                    staged.register_modules(text_encoder=None)
                     self._attach(staged.to(self.device))
+                    if text_encoder is not None:
+                        self.text_encoder_load = TextEncoderMove(text_encoder, self.device)
                 else:
                     pipe, self.text_encoder_load = build_pipeline(self.config, self.device, self.dtype)
                     self._attach(pipe)

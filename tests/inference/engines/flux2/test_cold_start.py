@@ -131,6 +131,52 @@ def test_a_staged_text_encoder_moves_beside_the_warm_up_and_renders_as_one_loade
         assert torch.equal(ours, direct.render_frames(frame, [prompt], steps=2, seeds=[3])), prompt
 
 
+def test_a_staged_text_encoder_starts_moving_only_once_the_other_weights_are_on_the_device() -> None:
+    """Copies from pageable host memory share one link: a text encoder crossing beside the transformer would
+    make the warm-up, which starts with the transformer, wait for both."""
+    engine = Flux2Engine(Flux2Config(tiny=True, device="cpu", modes=("exact",)))
+    engine.load_on_cpu()
+    assert engine._staged is not None
+    text_encoder_moving = threading.Event()
+    during: dict[str, bool] = {}
+    moved: list[str] = []
+    components = {"transformer": engine._staged.transformer, "vae": engine._staged.vae}
+
+    def slow_copy(name: str, module: torch.nn.Module) -> Any:
+        def to(*args: Any, **kwargs: Any) -> Any:
+            # As long as a real copy takes: time enough for a text encoder moving beside it to start.
+            during[name] = text_encoder_moving.wait(0.5)
+            moved.append(name)
+            return type(module).to(module, *args, **kwargs)
+
+        return to
+
+    for name, module in components.items():
+        module.to = slow_copy(name, module)
+    release = threading.Event()
+    try:
+        with _move_held(engine, release) as movers:
+            text_encoder = engine._staged.text_encoder
+            held = text_encoder.to
+
+            def text_encoder_to(*args: Any, **kwargs: Any) -> Any:
+                moved.append("text_encoder")
+                text_encoder_moving.set()
+                return held(*args, **kwargs)
+
+            text_encoder.to = text_encoder_to
+            engine.load()
+            release.set()
+            engine._with_text_encoder()
+    finally:
+        for module in components.values():
+            del module.to
+    assert movers == ["text-encoder-move"]
+    assert during == {"transformer": False, "vae": False}
+    assert moved[-1] == "text_encoder"
+    assert set(moved) == {"transformer", "vae", "text_encoder"}
+
+
 def test_a_staged_text_encoder_that_cannot_move_fails_the_warm_up_and_each_prompt_with_its_error() -> None:
     engine = Flux2Engine(Flux2Config(tiny=True, device="cpu", modes=("exact",)))
     engine.load_on_cpu()
