@@ -254,20 +254,19 @@ class TextEncoderMove(PendingTextEncoder):
     captures its graphs in thread-local mode, so this thread's copies do not disturb a capture."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        self._model: torch.nn.Module | None = model
+        self._model = model
         super().__init__(device, "text-encoder-move")
 
     def _work(self) -> torch.nn.Module:
-        model, self._model = self._model, None
-        assert model is not None, "moved once"
+        # Module.to moves the parameters in place: the host copies are freed as they cross.
         if self.device.type != "cuda":
-            return model.to(self.device)
+            return self._model.to(self.device)
         torch.cuda.set_device(self.device)
         stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
-            model = model.to(self.device)
+            self._model.to(self.device)
         stream.synchronize()
-        return model
+        return self._model
 
     def attach_to(self, pipe: Flux2KleinPipeline) -> None:
         pipe.register_modules(text_encoder=self._result())
